@@ -1,0 +1,191 @@
+"""The `multitune` command. Each subcommand is a plain typed function; the work lives in the modules below."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from multitune.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune an open chat LLM on several tasks at once.")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. train.epochs=1")] = None,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="start over instead of resuming from the newest checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a finished run in run_dir")] = False,
+) -> None:
+    """Train on the config's tasks; relaunching the same command resumes from the newest checkpoint."""
+    from multitune.config import load_config
+    from multitune.train import train as run_training
+
+    run_training(load_config(config, overrides or []), resume=not no_resume, overwrite=overwrite)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `train`")],
+    mode: Annotated[str | None, typer.Option(help="likelihood or generate (default: the run's eval.mode)")] = None,
+    max_rows: Annotated[int | None, typer.Option(help="score at most this many validation rows per task")] = None,
+) -> None:
+    """Score a trained run on its recorded validation split; writes metrics.json and report.md."""
+    from multitune.data import load_tasks
+    from multitune.evaluate import evaluate_tasks, format_table, write_results
+    from multitune.formatting import Formatter
+    from multitune.model import load_for_inference, load_tokenizer
+    from multitune.run import RunDir
+
+    run = RunDir(run_dir)
+    run.require_finished()
+    cfg = run.load_config()
+    mode = mode or cfg.eval.mode
+    if mode not in ("likelihood", "generate"):
+        raise UserError(f"--mode {mode!r}: choose likelihood or generate")
+    data = load_tasks(cfg, run.splits, create=False)
+    formatter = Formatter(load_tokenizer(cfg.model, None, source=str(run.final)), cfg.model.max_length)
+    results = evaluate_tasks(load_for_inference(cfg, run.final), formatter, data, mode=mode, batch_size=cfg.eval.batch_size,
+                             max_rows=max_rows, seed=cfg.seed)
+    write_results(run.root, results, f"multitune validation ({mode}): {cfg.model.name_or_path} ({cfg.peft.method})")
+    print(format_table(results))
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `train`")],
+    text: Annotated[list[str] | None, typer.Argument(help="input text(s)")] = None,
+    task: Annotated[str, typer.Option(help="which trained task to apply")] = ...,
+    input: Annotated[Path | None, typer.Option("--input", help="JSON lines: rows in the task's schema, or strings")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="write predictions here as JSON lines")] = None,
+) -> None:
+    """Predict labels (with their probability among the labels) or chat replies."""
+    from multitune.predict import predict as run_predict, read_inputs
+
+    inputs: list = list(text or [])
+    if input is not None:
+        inputs += read_inputs(input)
+    if not inputs:
+        raise UserError("nothing to predict: give text arguments or --input FILE.jsonl")
+    preds = run_predict(run_dir, task, inputs)
+    lines = [json.dumps(p) for p in preds]
+    if output is not None:
+        output.write_text("\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} predictions to {output}")
+    else:
+        for src, p in zip(inputs, preds, strict=True):
+            shown = src if isinstance(src, str) else json.dumps(src)[:80]
+            print(f"{p.get('label', p.get('response'))}\t{p.get('score', '')}\t{shown}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the built-in tasks."""
+    from multitune.tasks import BUILTIN
+
+    for name, spec in BUILTIN.items():
+        print(f"{name:16s} {spec['type']:16s} {spec.get('dataset') or '(set tasks.chat.dataset)'}")
+
+
+@app.command()
+def validate(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides")] = None,
+) -> None:
+    """Validate a config (with overrides) and print it fully resolved."""
+    from multitune.config import dump_config, load_config
+    from multitune.tasks import resolve_tasks
+
+    print(dump_config(resolve_tasks(load_config(config, overrides or []))), end="")
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="where to save the model and tokenizer")],
+    config: Annotated[Path | None, typer.Option(help="train the tokenizer on this config's task texts (default: generated data)")] = None,
+    hidden: int = 128,
+    layers: int = 4,
+    vocab_size: int = 4096,
+) -> None:
+    """Build a tiny Llama-architecture model with a BPE tokenizer trained on task texts (HF format)."""
+    from multitune import tiny
+
+    if config is not None:
+        from multitune.config import load_config
+        from multitune.hub import mirror_root
+        from multitune.tasks import build_task
+
+        cfg = load_config(config)
+        texts = []
+        for tcfg in cfg.tasks:
+            task = build_task(tcfg)
+            texts += tiny.dataset_texts(task.load(mirror_root(cfg.hub_mirror)), task.label_names)
+    else:
+        texts = tiny.corpus(tiny.synthetic_datasets(out_dir / "generated-data"))
+    tiny.make_tiny_model(out_dir, texts, vocab_size=vocab_size, hidden=hidden, layers=layers)
+    print(f"saved a tiny model to {out_dir}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the demo writes data, model and run")] = Path("runs/demo"),
+    offline: Annotated[bool | None, typer.Option("--offline/--online", help="force a mode (default: detect)")] = None,
+) -> None:
+    """Run the main job on an embedded default and print the per-task table."""
+    from multitune.demo import demo_config
+    from multitune.train import train as run_training
+
+    cfg = demo_config(workdir, offline)
+    run_training(cfg, overwrite=True)
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    repo_id: Annotated[str | None, typer.Option(help="Hub repo (default: the run's hub.repo_id)")] = None,
+    private: Annotated[bool, typer.Option(help="create the repo private")] = True,
+) -> None:
+    """Upload a finished run's adapter, tokenizer, metrics and model card to the Hugging Face Hub."""
+    from multitune.publish import push as run_push
+    from multitune.run import RunDir
+
+    run = RunDir(run_dir)
+    run.require_finished()
+    cfg = run.load_config()
+    hub = cfg.hub.model_copy(update={"repo_id": repo_id or cfg.hub.repo_id, "private": private})
+    if not hub.repo_id:
+        raise UserError("no repo to push to: pass --repo-id me/name or set hub.repo_id in the config")
+    results = json.loads(run.metrics.read_text()) if run.metrics.exists() else {}
+    run_push(run, cfg.model_copy(update={"hub": hub}), results)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("MULTITUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

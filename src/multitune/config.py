@@ -1,0 +1,242 @@
+"""Typed configuration: one YAML file, validated by pydantic, plus dotted ``key=value`` overrides.
+
+The validated :class:`Config` object is what every other layer receives; nothing downstream
+looks at raw dicts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from multitune.errors import UserError
+
+PeftMethod = Literal["lora", "qlora", "dora", "rslora", "prompt_tuning", "prefix_tuning", "ia3", "full"]
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(description="Hub id or local directory of a causal LM with a chat template")
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    max_length: int = Field(512, gt=8, description="prompt + completion tokens; prompts are cut from the left")
+    trust_remote_code: bool = False
+
+
+class PeftConfig(_Strict):
+    method: PeftMethod = "lora"
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["attention", "mlp", "all-linear"] | list[str] = "all-linear"
+    layers: list[int] | None = Field(None, description="adapt only these decoder layers")
+    last_n_layers: int | None = Field(None, gt=0, description="adapt only the last N decoder layers")
+    num_virtual_tokens: int = Field(20, gt=0, description="prompt/prefix tuning length")
+    prompt_init_text: str | None = Field(None, description="initialise a soft prompt from this text")
+
+    @model_validator(mode="after")
+    def _one_layer_selector(self) -> PeftConfig:
+        if self.layers is not None and self.last_n_layers is not None:
+            raise ValueError("set either peft.layers or peft.last_n_layers, not both")
+        return self
+
+
+class TaskConfig(_Strict):
+    """A task in the mixture. Built-in tasks need only ``name``; any field overrides their default.
+
+    A task declared from YAML alone sets ``type`` and ``dataset`` plus the columns it needs.
+    """
+
+    name: str
+    type: Literal["classification", "multiple_choice", "chat"] | None = None
+    dataset: str | None = Field(None, description="Hub id or local path (dir, .csv, .json(l), .parquet)")
+    subset: str | None = None
+    split: str = "train"
+    # classification
+    text_column: str | None = None
+    label_column: str | None = None
+    labels: list[str] | None = Field(None, description="label names; default: the ClassLabel names or sorted values")
+    # multiple choice
+    question_column: str | None = None
+    choices_column: str | None = None
+    answer_column: str | None = None
+    # chat
+    messages_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    # prompt wording ("hard prompts")
+    template: str = "default"
+    system_prompt: str | None = None
+    instruction: str | None = None
+    # mixture
+    weight: float = Field(1.0, gt=0, description="multiplies this task's share of the training stream")
+    max_rows: int | None = Field(None, gt=0, description="stratified cap on rows used before the split")
+    max_eval_rows: int | None = Field(None, gt=0, description="cap on validation rows scored by `eval`")
+
+
+class DataConfig(_Strict):
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 6
+
+
+class WandbConfig(_Strict):
+    project: str = "multitune"
+    run_name: str | None = None
+    tags: list[str] = []
+    entity: str | None = None
+
+
+class TrainConfig(_Strict):
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float = 1.0
+    max_steps: int = Field(-1, description="-1: run the epochs")
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="None: evaluate at each epoch end")
+    eval_rows_during_training: int = Field(200, ge=0, description="validation rows scored per task per eval")
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int = Field(3, gt=0)
+    bf16: Literal["auto", True, False] = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    padding_free: bool = False
+    dataloader_workers: int = Field(0, ge=0)
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    wandb: WandbConfig = WandbConfig()
+
+
+class EvalConfig(_Strict):
+    mode: Literal["likelihood", "generate"] = "likelihood"
+    batch_size: int = Field(16, gt=0)
+
+
+class HubConfig(_Strict):
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = True
+
+    @model_validator(mode="after")
+    def _repo_when_pushing(self) -> HubConfig:
+        if self.push and not self.repo_id:
+            raise ValueError("hub.push needs hub.repo_id (e.g. hub.repo_id=me/llama3-multitask)")
+        return self
+
+
+class Config(_Strict):
+    run_dir: Path = Path("runs/default")
+    seed: int = 6
+    hub_mirror: Path | None = Field(None, description="local Hub-shaped mirror; also MULTITUNE_HUB_MIRROR")
+    model: ModelConfig
+    peft: PeftConfig = PeftConfig()
+    tasks: list[TaskConfig] = Field(min_length=1)
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    hub: HubConfig = HubConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique, repeated: {dupes}")
+        if self.peft.method in PROMPT_LEARNING and (self.train.packing or self.train.padding_free):
+            raise ValueError(f"peft.method={self.peft.method} cannot be combined with packing or padding_free")
+        if self.train.padding_free and not self.train.packing and self.model.attn_implementation != "flash_attention_2":
+            raise ValueError("train.padding_free without packing needs model.attn_implementation=flash_attention_2")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; `multitune validate` prints every valid key)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"invalid config at {where}: {msg}{more}"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = tree
+    parts = dotted.split(".")
+    for i, key in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise UserError(f"override {dotted!r}: {'.'.join(parts[:i])} has no item {key}")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise UserError(f"override {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"override {dotted!r}: no list item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings; values are parsed as YAML (so ``1e-4``, ``true``, ``[a, b]`` work).
+
+    A task can be addressed by name: ``tasks.banking77.max_rows=500``.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value (e.g. train.epochs=1)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if key.startswith("tasks.") and not key.split(".")[1].isdigit():
+            task_name = key.split(".")[1]
+            idx = [i for i, t in enumerate(tree.get("tasks", [])) if t.get("name") == task_name]
+            if not idx:
+                raise UserError(f"override {item!r}: no task named {task_name!r} in the config")
+            key = ".".join(["tasks", str(idx[0]), *key.split(".")[2:]])
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path} must hold a mapping of config keys")
+    return config_from_dict(apply_overrides(tree, overrides or []))
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_format_validation_error(e)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

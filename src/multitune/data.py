@@ -1,0 +1,161 @@
+"""Per-task data: load, turn rows into examples, split 80/20 (stratified, recorded), and mix for training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from sklearn.model_selection import train_test_split
+
+from multitune.config import Config
+from multitune.errors import UserError
+from multitune.formatting import Formatter, check_supervision
+from multitune.hub import mirror_root
+from multitune.tasks import Example, Task, build_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    task: Task
+    train: list[Example]
+    val: list[Example]
+    split: dict  # row indices of train and val in the loaded dataset, and the task's bound state
+
+
+def _examples(task: Task, ds: datasets.Dataset) -> list[Example]:
+    if len(ds) == 0:
+        raise UserError(f"task {task.name}: the dataset is empty")
+    return [task.example(row) for row in ds]
+
+
+def _dedupe(examples: list[Example]) -> list[int]:
+    """Indices of the first occurrence of each distinct prompt, so no prompt lands in both splits."""
+    seen: set[str] = set()
+    keep = []
+    for i, ex in enumerate(examples):
+        key = json.dumps(ex.messages, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+def _stratified_take(idx: list[int], keys: list, n: int, seed: int) -> list[int]:
+    if n >= len(idx):
+        return idx
+    strat = keys if all(k is not None for k in keys) and min(Counter(keys).values()) >= 2 else None
+    taken, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=strat)
+    return sorted(taken)
+
+
+def make_split(task: Task, examples: list[Example], val_fraction: float, seed: int, max_rows: int | None) -> dict:
+    """A stratified train/validation split over row indices of the loaded dataset."""
+    idx = _dedupe(examples)
+    keys = [task.stratify_key(examples[i]) for i in idx]
+    if max_rows:
+        idx = _stratified_take(idx, keys, max_rows, seed)
+        keys = [task.stratify_key(examples[i]) for i in idx]
+    if len(idx) < 2:
+        raise UserError(f"task {task.name}: only {len(idx)} usable row(s); need at least 2 to split")
+    stratify = keys if all(k is not None for k in keys) else None
+    if stratify is not None:
+        counts = Counter(stratify)
+        n_val = math.ceil(len(idx) * val_fraction)
+        rare = [task.label_names[k] for k, c in counts.items() if c < 2]
+        if rare or n_val < len(counts):
+            detail = f"class(es) {rare[:5]} have a single row" if rare else f"{len(counts)} classes but {n_val} validation rows"
+            raise UserError(
+                f"task {task.name}: the {val_fraction:.0%} split leaves a class without validation rows ({detail}); "
+                f"raise tasks.{task.name}.max_rows or data.val_fraction, or drop those rows"
+            )
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=stratify)
+    return {"n_rows": len(examples), "train": sorted(train_idx), "val": sorted(val_idx)}
+
+
+def check_split(name: str, split: dict) -> None:
+    overlap = set(split["train"]) & set(split["val"])
+    if overlap:
+        raise AssertionError(f"task {name}: train and validation share rows {sorted(overlap)[:5]}")
+
+
+def load_tasks(cfg: Config, split_dir: Path | None, *, create: bool) -> list[TaskData]:
+    """Load every task and its split: read back from ``split_dir`` when recorded there, else (with
+    ``create``) made in memory; :func:`save_splits` records it once the run directory is ready."""
+    mirror = mirror_root(cfg.hub_mirror)
+    out = []
+    for tcfg in cfg.tasks:
+        task = build_task(tcfg)
+        ds = task.load(mirror)
+        examples = _examples(task, ds)
+        path = split_dir / f"{task.name}.json" if split_dir else None
+        if path is not None and path.exists():
+            split = json.loads(path.read_text())
+            if split["n_rows"] != len(examples):
+                raise UserError(
+                    f"task {task.name}: the dataset now has {len(examples)} rows but the recorded split was made on "
+                    f"{split['n_rows']}; the data changed since this run started"
+                )
+        elif create:
+            split = make_split(task, examples, cfg.data.val_fraction, cfg.data.split_seed, task.cfg.max_rows)
+            split["task_state"] = task.state()
+        else:
+            raise UserError(f"no recorded split for task {task.name} in {split_dir}")
+        check_split(task.name, split)
+        out.append(TaskData(task, [examples[i] for i in split["train"]], [examples[i] for i in split["val"]], split))
+        log.info("task %s: %d train / %d validation rows", task.name, len(out[-1].train), len(out[-1].val))
+    return out
+
+
+def save_splits(data: list[TaskData], split_dir: Path) -> None:
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for td in data:
+        path = split_dir / f"{td.task.name}.json"
+        if not path.exists():
+            path.write_text(json.dumps(td.split))
+
+
+def _weighted(rows: list, weight: float, seed: int) -> list:
+    if weight == 1.0:
+        return rows
+    n = max(1, round(len(rows) * weight))
+    rng = random.Random(seed)
+    whole, part = divmod(n, len(rows))
+    return rows * whole + rng.sample(rows, part)
+
+
+def training_dataset(data: list[TaskData], formatter: Formatter, seed: int) -> datasets.Dataset:
+    """One stream of tokenised training examples from all tasks, each task scaled by its weight."""
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "task": []}
+    for td in data:
+        enc = formatter.encode(td.train)
+        check_supervision(td.task.name, enc, formatter)
+        rows = _weighted(list(zip(enc["input_ids"], enc["labels"], strict=True)), td.task.cfg.weight, seed)
+        columns["input_ids"] += [r[0] for r in rows]
+        columns["labels"] += [r[1] for r in rows]
+        columns["task"] += [td.task.name] * len(rows)
+    return datasets.Dataset.from_dict(columns)
+
+
+def subsample(rows: list, n: int | None, seed: int) -> list:
+    """A fixed random subset (rows are stored in dataset order, which is often sorted by label)."""
+    if not n or n >= len(rows):
+        return rows
+    return random.Random(seed).sample(rows, n)
+
+
+def validation_datasets(data: list[TaskData], formatter: Formatter, max_rows: int | None, seed: int) -> dict[str, datasets.Dataset]:
+    """Per-task tokenised validation sets, for the validation loss reported during training."""
+    out = {}
+    for td in data:
+        rows = subsample(td.val, max_rows, seed)
+        if rows:
+            out[td.task.name] = datasets.Dataset.from_dict(formatter.encode(rows))
+    return out

@@ -1,0 +1,83 @@
+"""`multitune demo`: the main job on an embedded default, online or offline.
+
+Offline it generates small datasets in the three seed tasks' schemas plus a chat set, builds a tiny
+Llama-architecture model, and trains all four tasks jointly. With the Hub reachable it trains a small
+real instruct model on samples of the real datasets instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from multitune import tiny
+from multitune.config import Config, config_from_dict
+
+ONLINE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def offline_config(workdir: Path) -> dict[str, Any]:
+    """The offline demo recipe; configs/demo-cpu.yaml is this dict with workdir=runs/demo (a test checks)."""
+    data = workdir / "data"
+    return {
+        "run_dir": str(workdir / "run"),
+        "seed": 6,
+        "model": {"name_or_path": str(workdir / "tiny-model"), "max_length": 256},
+        "peft": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "tasks": [
+            {"name": "claims", "dataset": str(data / "claims")},
+            {"name": "banking77", "dataset": str(data / "banking77")},
+            {"name": "commonsense_qa", "dataset": str(data / "commonsense_qa")},
+            {"name": "chat", "dataset": str(data / "chat"), "weight": 0.5},
+        ],
+        "train": {
+            "epochs": 2, "learning_rate": 2e-3, "batch_size": 16, "logging_steps": 10,
+            "eval_rows_during_training": 64, "save_steps": 25, "save_total_limit": 2,
+        },
+        "eval": {"batch_size": 32},
+    }
+
+
+def online_config(workdir: Path) -> dict[str, Any]:
+    return {
+        "run_dir": str(workdir / "run-online"),
+        "model": {"name_or_path": ONLINE_MODEL, "max_length": 384},
+        "tasks": [
+            {"name": "claims"},
+            {"name": "banking77", "max_rows": 1540},
+            {"name": "commonsense_qa", "max_rows": 1000},
+        ],
+        "train": {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "save_steps": 50, "eval_rows_during_training": 100},
+    }
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def prepare_offline(workdir: Path) -> Config:
+    """Generate the data and the tiny model (once), and return the offline demo config."""
+    paths = tiny.synthetic_datasets(workdir / "data")
+    model_dir = workdir / "tiny-model"
+    if not (model_dir / "config.json").exists():
+        print(f"building a tiny Llama-architecture model in {model_dir}")
+        tiny.make_tiny_model(model_dir, tiny.corpus(paths))
+    return config_from_dict(offline_config(workdir))
+
+
+def demo_config(workdir: Path, offline: bool | None = None) -> Config:
+    online = hub_reachable() if offline is None else not offline
+    if online:
+        print(f"demo: the Hub is reachable: training {ONLINE_MODEL} on samples of the real seed datasets")
+        return config_from_dict(online_config(workdir))
+    print("demo: OFFLINE: training a tiny generated model on generated data in the seed tasks' schemas "
+          "(numbers show the pipeline works, not what a real model reaches)")
+    return prepare_offline(workdir)

@@ -1,0 +1,106 @@
+"""Where datasets and models come from: a local path, a local Hub-shaped mirror, or the Hub itself.
+
+All loading goes through the real ``datasets.load_dataset`` / ``from_pretrained`` code paths; this
+module only decides *what* to pass them and turns their failures into one-line user errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import datasets
+
+from multitune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MIRROR_ENV = "MULTITUNE_HUB_MIRROR"
+PARQUET_REVISION = "refs/convert/parquet"
+_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def mirror_root(configured: Path | str | None) -> Path | None:
+    root = configured or os.environ.get(MIRROR_ENV)
+    return Path(root).expanduser() if root else None
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in _FILE_BUILDERS or ref.count("/") > 1
+
+
+def resolve(ref: str, kind: str, mirror: Path | None) -> str:
+    """Map a Hub id to a local directory when one exists (the path itself, or ``MIRROR/<kind>s/<id>``)."""
+    local = Path(ref).expanduser()
+    if local.exists():
+        return str(local)
+    if mirror is not None:
+        mirrored = mirror / f"{kind}s" / ref
+        if mirrored.exists():
+            return str(mirrored)
+    if _looks_like_path(ref):
+        where = f" (nor under the mirror {mirror}/{kind}s/)" if mirror else ""
+        raise UserError(f"{kind} path not found: {ref}{where}; check the path or use a Hub id like org/name")
+    return ref
+
+
+def load_rows(ref: str, *, subset: str | None, split: str, mirror: Path | None) -> datasets.Dataset:
+    """Load one split of a dataset as a ``datasets.Dataset``."""
+    source = resolve(ref, "dataset", mirror)
+    path = Path(source)
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise UserError(f"unsupported dataset file {path}; use .csv, .json, .jsonl or .parquet")
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+        if path.is_dir():
+            return datasets.load_dataset(str(path), subset, split=split)
+        return _load_from_hub(source, subset, split)
+    except UserError:
+        raise
+    except ValueError as e:
+        if "corresponds to no data" in str(e):
+            raise UserError(f"dataset {ref} is empty (split {split!r} has no rows)") from None
+        if "split" in str(e).lower():
+            raise UserError(f"dataset {ref} has no split {split!r}: {str(e).splitlines()[0]}") from None
+        raise
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise UserError(
+            f"cannot load dataset {ref}: {str(e).splitlines()[0]}; pass a local path, set hub_mirror "
+            f"(or {MIRROR_ENV}), or check the id and your network"
+        ) from None
+
+
+def _load_from_hub(repo_id: str, subset: str | None, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(repo_id, subset, split=split)
+    except RuntimeError as e:
+        # datasets >= 4 refuses legacy loading scripts (PolyAI/banking77 is one); the Hub keeps an automatic
+        # parquet conversion of every public dataset on a separate revision, which loads without the script.
+        if "Dataset scripts are no longer supported" not in str(e):
+            raise
+        log.warning("%s is a legacy loading-script repo; loading its parquet conversion (%s)", repo_id, PARQUET_REVISION)
+        print(f"notice: {repo_id} is a loading-script repo; using its {PARQUET_REVISION} revision")
+        return datasets.load_dataset(repo_id, subset or "default", split=split, revision=PARQUET_REVISION)
+
+
+def explain_model_load_error(ref: str, err: Exception) -> UserError | None:
+    """Turn the Hub's gated / missing-repo failures into actionable messages; None if it is something else."""
+    text = f"{type(err).__name__}: {err}"
+    if "gated" in text.lower() or "GatedRepoError" in text:
+        has_token = bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
+        step = (
+            "your token has no access yet" if has_token else "no Hugging Face token was found: export HF_TOKEN=... or run `hf auth login`"
+        )
+        return UserError(
+            f"model {ref} is gated: {step}, and accept its licence at https://huggingface.co/{ref}"
+        )
+    if "RepositoryNotFoundError" in text or "is not a local folder and is not a valid model identifier" in text:
+        return UserError(f"model {ref} not found: not a local directory and not a Hub model id you can access")
+    if "offline" in text.lower() or "couldn't connect" in text.lower() or "LocalEntryNotFoundError" in text:
+        return UserError(
+            f"cannot download model {ref} (offline or no network); pass a local directory or set hub_mirror"
+        )
+    return None

@@ -1,0 +1,154 @@
+"""Loading the base model and tokenizer, and wrapping the model with the chosen PEFT method."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from multitune import hub
+from multitune.config import Config, ModelConfig, PeftConfig
+from multitune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TARGET_PRESETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "all-linear": "all-linear",  # PEFT's own preset: every linear layer but the output head
+}
+IA3_PRESETS = {  # (IA)^3 scales keys, values and the MLP input of down_proj
+    "attention": (["k_proj", "v_proj"], []),
+    "mlp": (["down_proj"], ["down_proj"]),
+    "all-linear": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def _from_pretrained(loader, ref: str, mcfg: ModelConfig, mirror: Path | None, **kwargs):
+    source = hub.resolve(ref, "model", mirror)
+    try:
+        return loader.from_pretrained(
+            source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        explained = hub.explain_model_load_error(ref, e)
+        if explained is not None:
+            raise explained from None
+        raise
+
+
+def load_tokenizer(mcfg: ModelConfig, mirror: Path | None, source: str | None = None) -> PreTrainedTokenizerBase:
+    tok = _from_pretrained(AutoTokenizer, source or mcfg.name_or_path, mcfg, mirror)
+    if tok.pad_token is None:
+        # Llama 3 ships a reserved pad token; otherwise padding positions are masked anyway, so EOS is safe.
+        pad = "<|finetune_right_pad_id|>"
+        tok.pad_token = pad if pad in tok.get_vocab() else tok.eos_token
+    return tok
+
+
+def load_model(cfg: Config, *, quantize: bool | None = None):
+    """The base causal LM: bf16 on a bf16-capable GPU, fp32 on CPU, SDPA attention; 4-bit NF4 for QLoRA."""
+    mcfg = cfg.model
+    dtype = resolve_dtype(mcfg.dtype)
+    kwargs = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation}
+    if quantize if quantize is not None else cfg.peft.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,  # FSDP flattens params of one dtype: storage must match compute
+        )
+    model = _from_pretrained(AutoModelForCausalLM, mcfg.name_or_path, mcfg, hub.mirror_root(cfg.hub_mirror), **kwargs)
+    log.info("loaded %s (%s, %.1fM params)", mcfg.name_or_path, dtype, model.num_parameters() / 1e6)
+    return model
+
+
+def _layers(pcfg: PeftConfig, n_layers: int) -> list[int] | None:
+    if pcfg.last_n_layers:
+        if pcfg.last_n_layers > n_layers:
+            raise UserError(f"peft.last_n_layers={pcfg.last_n_layers} but the model has {n_layers} layers")
+        return list(range(n_layers - pcfg.last_n_layers, n_layers))
+    if pcfg.layers is not None:
+        bad = [i for i in pcfg.layers if not 0 <= i < n_layers]
+        if bad:
+            raise UserError(f"peft.layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+        return pcfg.layers
+    return None
+
+
+def peft_config(pcfg: PeftConfig, model, tokenizer_path: str | None = None):
+    """The PEFT library config for the chosen method (None for full fine-tuning)."""
+    import peft
+
+    n_layers = model.config.num_hidden_layers
+    layers = _layers(pcfg, n_layers)
+    targets = TARGET_PRESETS.get(pcfg.target_modules, pcfg.target_modules) if isinstance(pcfg.target_modules, str) else pcfg.target_modules
+    method = pcfg.method
+    if method in ("lora", "qlora", "dora", "rslora"):
+        if layers is not None and targets == "all-linear":
+            targets = TARGET_PRESETS["attention"] + TARGET_PRESETS["mlp"]  # layer selection needs explicit names
+        return peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=pcfg.r,
+            lora_alpha=pcfg.alpha,
+            lora_dropout=pcfg.dropout,
+            target_modules=targets,
+            layers_to_transform=layers,
+            use_dora=method == "dora",
+            use_rslora=method == "rslora",
+        )
+    if method == "ia3":
+        preset = pcfg.target_modules if isinstance(pcfg.target_modules, str) else None
+        tm, ff = IA3_PRESETS[preset] if preset else (pcfg.target_modules, [])
+        return peft.IA3Config(task_type="CAUSAL_LM", target_modules=tm, feedforward_modules=ff, layers_to_transform=layers)
+    if method == "prompt_tuning":
+        init = {"prompt_tuning_init": "RANDOM"}
+        if pcfg.prompt_init_text:
+            init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": pcfg.prompt_init_text, "tokenizer_name_or_path": tokenizer_path}
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=pcfg.num_virtual_tokens, **init)
+    if method == "prefix_tuning":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=pcfg.num_virtual_tokens)
+    return None
+
+
+def apply_peft(model, cfg: Config, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with the configured adapter. Call ``set_seed`` first: adapter init draws random numbers."""
+    import peft
+
+    if cfg.peft.method == "qlora":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    pc = peft_config(cfg.peft, model, tokenizer_path=hub.resolve(cfg.model.name_or_path, "model", hub.mirror_root(cfg.hub_mirror)))
+    if pc is None:
+        return model
+    model = peft.get_peft_model(model, pc)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("%s: %d trainable of %d parameters (%.3f%%)", cfg.peft.method, trainable, total, 100 * trainable / total)
+    return model
+
+
+def load_for_inference(cfg: Config, weights_dir: Path):
+    """Base model + trained adapter (or the fully fine-tuned weights) from a run, in eval mode on the device."""
+    if cfg.peft.method == "full":
+        full_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(weights_dir)})})
+        model = load_model(full_cfg)
+    else:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(load_model(cfg), str(weights_dir))
+    if cfg.peft.method != "qlora":
+        model.to(device())
+    return model.eval()

@@ -1,0 +1,262 @@
+"""The three kinds of task. A task says how to load its rows, how one row becomes a chat prompt plus a
+target completion, what its label space is, and how predictions are scored.
+
+Built-in tasks (one short module each) and tasks declared in YAML are both instances of these
+classes, configured by a :class:`~multitune.config.TaskConfig`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+from multitune import hub
+from multitune.config import TaskConfig
+from multitune.errors import UserError
+from multitune.tasks import templates
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: list[dict[str, str]]  # system + user turns: the prompt
+    target: str  # the assistant's answer text (a label name, a letter, or a free response)
+    label: int  # index into Task.label_names, or -1 for chat
+
+
+class Task:
+    kind: str = ""
+    STATE: tuple[str, ...] = ("label_names",)  # what bind() resolves; saved with the run for `predict`
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.template = templates.get(self.kind, cfg.template)
+        self.label_names: list[str] = []
+
+    # -- loading
+    def load(self, mirror: Path | None) -> datasets.Dataset:
+        if not self.cfg.dataset:
+            raise UserError(f"task {self.name}: no dataset set (tasks.{self.name}.dataset=org/name or a path)")
+        ds = hub.load_rows(self.cfg.dataset, subset=self.cfg.subset, split=self.cfg.split, mirror=mirror)
+        self.bind(ds)
+        return ds
+
+    def bind(self, ds: datasets.Dataset) -> None:
+        """Resolve columns and the label space from the loaded data (raises UserError when impossible)."""
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Rebind from a saved :meth:`state`, without loading the dataset (used by `predict`)."""
+        for k in self.STATE:
+            setattr(self, k, state[k])
+
+    def _require(self, ds: datasets.Dataset, *columns: str | None) -> None:
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing:
+            raise UserError(
+                f"task {self.name}: column(s) {missing} not in dataset {self.cfg.dataset}; "
+                f"columns found: {ds.column_names}"
+            )
+
+    # -- formatting
+    def system(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+
+    def example(self, row: dict[str, Any]) -> Example:
+        raise NotImplementedError
+
+    def stratify_key(self, ex: Example) -> Any:
+        return ex.label
+
+    def example_from_input(self, value: str | dict[str, Any]) -> Example:
+        """An example from user input for `predict`: a row in the dataset's schema, or plain text."""
+        if isinstance(value, dict):
+            return self.example(value)
+        return self.example_from_text(value)
+
+    def example_from_text(self, text: str) -> Example:
+        raise UserError(f"task {self.name} ({self.kind}) needs JSON rows in its dataset's schema, not plain text")
+
+    # -- scoring
+    def score(self, gold: list[int], pred: list[int]) -> dict[str, Any]:
+        """Accuracy, macro-F1, per-class report and confusion matrix over the label space (scikit-learn)."""
+        ids = list(range(len(self.label_names)))
+        present = sorted(set(gold) | set(p for p in pred if p >= 0))
+        names = [self.label_names[i] for i in present]
+        return {
+            "n": len(gold),
+            "accuracy": float(accuracy_score(gold, pred)),
+            "macro_f1": float(f1_score(gold, pred, labels=present, average="macro", zero_division=0)),
+            "chance": 1.0 / max(len(ids), 1),
+            "per_class": classification_report(
+                gold, pred, labels=present, target_names=names, output_dict=True, zero_division=0
+            ),
+            "confusion_matrix": {"labels": names, "matrix": confusion_matrix(gold, pred, labels=present).tolist()},
+        }
+
+
+def _norm(value: Any) -> str:
+    return re.sub(r"[\s_\-]+", " ", str(value)).strip().lower()
+
+
+class ClassificationTask(Task):
+    kind = "classification"
+    STATE = ("label_names", "text_col", "label_col", "_ids_to_names")
+    TEXT_NAMES = ("text", "sentence", "description", "claim_text", "content", "query", "utterance", "input")
+    LABEL_NAMES = ("label", "labels", "category", "class", "intent", "target", "is_claim")
+
+    def bind(self, ds: datasets.Dataset) -> None:
+        cols = ds.column_names
+        self.label_col = self.cfg.label_column or self._detect_label(ds)
+        self.text_col = self.cfg.text_column or self._detect_text(ds, exclude=self.label_col)
+        self._require(ds, self.text_col, self.label_col)
+        feature = ds.features[self.label_col]
+        if isinstance(feature, datasets.ClassLabel):
+            self._ids_to_names = list(feature.names)
+            self.label_names = list(self.cfg.labels or feature.names)
+        else:
+            self._ids_to_names = None
+            values = sorted({str(v) for v in ds.unique(self.label_col)})
+            self.label_names = list(self.cfg.labels or values)
+        if len(self.label_names) < 2:
+            raise UserError(f"task {self.name}: needs at least 2 labels, found {self.label_names} in {cols}")
+
+    def example_from_text(self, text: str) -> Example:
+        return self.example({self.text_col: text})
+
+    def _detect_label(self, ds: datasets.Dataset) -> str:
+        cols = ds.column_names
+        for c in cols:
+            if isinstance(ds.features[c], datasets.ClassLabel):
+                return c
+        if self.cfg.labels:  # the column whose values are all known labels
+            wanted = {_norm(x) for x in self.cfg.labels}
+            for c in cols:
+                sample = {_norm(v) for v in ds.select(range(min(len(ds), 200)))[c]}
+                if sample and sample <= wanted:
+                    return c
+        for c in cols:
+            if c.lower() in self.LABEL_NAMES:
+                return c
+        raise UserError(
+            f"task {self.name}: cannot detect the label column in {self.cfg.dataset}; columns found: {cols}; "
+            f"set tasks.{self.name}.label_column"
+        )
+
+    def _detect_text(self, ds: datasets.Dataset, exclude: str) -> str:
+        cols = [c for c in ds.column_names if c != exclude]
+        for c in cols:
+            if c.lower() in self.TEXT_NAMES:
+                return c
+        sample = ds.select(range(min(len(ds), 200)))
+        strings = {c: np.mean([len(str(v)) for v in sample[c]]) for c in cols if ds.features[c].dtype in ("string", "large_string")}
+        if strings and max(strings.values()) >= 15:
+            return max(strings, key=strings.get)
+        raise UserError(
+            f"task {self.name}: cannot detect the text column in {self.cfg.dataset}; columns found: {ds.column_names}; "
+            f"set tasks.{self.name}.text_column"
+        )
+
+    def label_index(self, raw: Any) -> int:
+        name = self._ids_to_names[raw] if self._ids_to_names is not None and isinstance(raw, int) else raw
+        if getattr(self, "_lookup_for", None) is not self.label_names:
+            self._lookup = {_norm(n): i for i, n in enumerate(self.label_names)}
+            self._lookup_for = self.label_names
+        idx = self._lookup.get(_norm(name))
+        if idx is None:
+            raise UserError(
+                f"task {self.name}: label {name!r} is not in the label space {self.label_names[:10]}"
+                f"{'...' if len(self.label_names) > 10 else ''}; fix the data or set tasks.{self.name}.labels"
+            )
+        return idx
+
+    def example(self, row: dict[str, Any]) -> Example:
+        label = self.label_index(row[self.label_col]) if row.get(self.label_col) is not None else -1
+        instruction = self.cfg.instruction or "Classify the text."
+        user = self.template(instruction, str(row[self.text_col]), self.label_names)
+        target = self.label_names[label] if label >= 0 else ""
+        return Example(self.system() + [{"role": "user", "content": user}], target, label)
+
+
+class MultipleChoiceTask(Task):
+    kind = "multiple_choice"
+    STATE = ("label_names", "q_col", "c_col", "a_col")
+    LETTERS = "ABCDEFGHIJ"
+
+    def bind(self, ds: datasets.Dataset) -> None:
+        self.q_col = self.cfg.question_column or "question"
+        self.c_col = self.cfg.choices_column or "choices"
+        self.a_col = self.cfg.answer_column or "answerKey"
+        self._require(ds, self.q_col, self.c_col, self.a_col)
+        first = self._choices(ds[0])
+        self.label_names = list(self.cfg.labels or [letter for letter, _ in first])
+
+    def _choices(self, row: dict[str, Any]) -> list[tuple[str, str]]:
+        raw = row[self.c_col]
+        if isinstance(raw, dict):  # {"label": [...], "text": [...]}, as in tau/commonsense_qa
+            return list(zip(raw["label"], raw["text"], strict=True))
+        return [(self.LETTERS[i], str(t)) for i, t in enumerate(raw)]
+
+    def example(self, row: dict[str, Any]) -> Example:
+        choices = self._choices(row)
+        answer = row.get(self.a_col)
+        label = -1
+        if answer not in (None, ""):
+            letter = self.LETTERS[answer] if isinstance(answer, int) else str(answer).strip()
+            if letter not in self.label_names:
+                raise UserError(
+                    f"task {self.name}: answer {answer!r} is not one of the choices {self.label_names}"
+                )
+            label = self.label_names.index(letter)
+        instruction = self.cfg.instruction or "Choose the best answer."
+        user = self.template(instruction, str(row[self.q_col]), choices)
+        target = self.label_names[label] if label >= 0 else ""
+        return Example(self.system() + [{"role": "user", "content": user}], target, label)
+
+
+class ChatTask(Task):
+    kind = "chat"
+    STATE = ("label_names", "messages_col", "prompt_col", "response_col")
+
+    def bind(self, ds: datasets.Dataset) -> None:
+        cols = ds.column_names
+        self.messages_col = self.cfg.messages_column or ("messages" if "messages" in cols else None)
+        self.prompt_col = self.cfg.prompt_column or next((c for c in ("prompt", "question", "instruction") if c in cols), None)
+        self.response_col = self.cfg.response_column or next(
+            (c for c in ("response", "answer", "completion", "output") if c in cols), None
+        )
+        if self.messages_col is None and (self.prompt_col is None or self.response_col is None):
+            raise UserError(
+                f"task {self.name}: needs a 'messages' column or prompt/response columns; columns found: {cols}; "
+                f"set tasks.{self.name}.messages_column or prompt_column and response_column"
+            )
+        self._require(ds, *([self.messages_col] if self.messages_col else [self.prompt_col, self.response_col]))
+
+    def example(self, row: dict[str, Any]) -> Example:
+        if self.messages_col:
+            msgs = [{"role": m["role"], "content": m["content"]} for m in row[self.messages_col]]
+            if not msgs or msgs[-1]["role"] != "assistant":
+                raise UserError(f"task {self.name}: each conversation must end with an assistant turn")
+            prompt, target = msgs[:-1], msgs[-1]["content"]
+            if self.cfg.system_prompt and prompt[0]["role"] != "system":
+                prompt = self.system() + prompt
+            return Example(prompt, target, -1)
+        user = self.template(self.cfg.instruction or "", str(row[self.prompt_col]))
+        return Example(self.system() + [{"role": "user", "content": user}], str(row[self.response_col]), -1)
+
+    def stratify_key(self, ex: Example) -> Any:
+        return None
+
+    def example_from_text(self, text: str) -> Example:
+        return Example(self.system() + [{"role": "user", "content": text}], "", -1)
+
+    def score(self, gold: list[int], pred: list[int]) -> dict[str, Any]:
+        raise TypeError("chat tasks are scored by loss and perplexity, not labels")

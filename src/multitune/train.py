@@ -1,0 +1,149 @@
+"""Training: thin wiring of the config, tasks, data and model onto TRL's SFTTrainer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from multitune.config import Config
+from multitune.data import TaskData, load_tasks, save_splits, training_dataset, validation_datasets
+from multitune.evaluate import evaluate_tasks, format_table, write_results
+from multitune.formatting import Formatter
+from multitune.hub import mirror_root
+from multitune.model import apply_peft, load_model, load_tokenizer
+from multitune.run import RunDir
+from multitune.tasks import resolve_tasks
+
+log = logging.getLogger(__name__)
+
+
+class MultitaskTrainer(SFTTrainer):
+    """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss).
+
+    The override exists because Trainer's ``compute_metrics`` sees per-token logits of the eval set,
+    while label-likelihood accuracy needs its own scoring passes over the candidate labels.
+    """
+
+    def __init__(self, *args, task_data: list[TaskData], formatter: Formatter, cfg: Config, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task_data, self.formatter, self.mt_cfg = task_data, formatter, cfg
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        n = self.mt_cfg.train.eval_rows_during_training
+        labelled = [td for td in self.task_data if td.task.kind != "chat"]
+        if eval_dataset is None and metric_key_prefix == "eval" and n and labelled:
+            results = evaluate_tasks(
+                self.model, self.formatter, labelled, mode="likelihood", batch_size=self.args.per_device_eval_batch_size,
+                max_rows=n, seed=self.mt_cfg.seed,
+            )
+            extra = {f"eval_{name}_accuracy": r["accuracy"] for name, r in results.items()}
+            extra |= {f"eval_{name}_macro_f1": r["macro_f1"] for name, r in results.items()}
+            self.log(extra)
+            metrics.update(extra)
+        return metrics
+
+
+def _bf16(cfg: Config) -> bool:
+    if cfg.train.bf16 == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(cfg.train.bf16)
+
+
+def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
+    t = cfg.train
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if t.eval_steps else "epoch",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=_bf16(cfg),
+        use_cpu=not torch.cuda.is_available(),
+        torch_compile=t.compile,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        dataloader_num_workers=t.dataloader_workers,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        run_name=t.wandb.run_name or run.root.name,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=cfg.model.max_length,
+        packing=t.packing,
+        padding_free=t.padding_free,
+        eval_packing=False,
+    )
+
+
+def _init_wandb(cfg: Config, run: RunDir) -> None:
+    """Start (or continue) the wandb run; its id is kept in the run dir so a resumed job is one wandb run."""
+    if cfg.train.report_to != "wandb" or int(os.environ.get("RANK", "0")) != 0:
+        return
+    import wandb
+
+    id_file = run.root / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    w = cfg.train.wandb
+    wandb.init(
+        project=w.project, entity=w.entity, name=w.run_name or run.root.name, tags=w.tags, id=run_id, resume="allow",
+        dir=str(run.root), config=cfg.model_dump(mode="json"),
+    )
+
+
+def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    cfg = resolve_tasks(cfg)
+    run = RunDir(Path(cfg.run_dir))
+    # Everything that can reject the input runs before anything is written to the run directory.
+    resuming = run.check(cfg, resume=resume, overwrite=overwrite)
+    tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
+    formatter = Formatter(tokenizer, cfg.model.max_length)
+    data = load_tasks(cfg, run.splits if resuming else None, create=True)
+    train_ds = training_dataset(data, formatter, cfg.seed)
+    eval_ds = validation_datasets(data, formatter, cfg.train.eval_rows_during_training or None, cfg.seed)
+    run.prepare(cfg, resuming=resuming)
+    save_splits(data, run.splits)
+    print(f"training on {len(train_ds)} examples from {len(data)} tasks: " + ", ".join(f"{td.task.name}={len(td.train)}" for td in data))
+
+    set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
+    model = apply_peft(load_model(cfg), cfg, cfg.train.gradient_checkpointing)
+    _init_wandb(cfg, run)
+    trainer = MultitaskTrainer(
+        model=model, args=sft_config(cfg, run), train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer, task_data=data, formatter=formatter, cfg=cfg,
+    )
+    last = get_last_checkpoint(str(run.checkpoints)) if resuming and run.checkpoints.exists() else None
+    if last:
+        print(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(str(run.final))
+    tokenizer.save_pretrained(str(run.final))
+
+    results = evaluate_tasks(trainer.model, formatter, data, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+    write_results(run.root, results, f"multitune validation: {cfg.model.name_or_path} ({cfg.peft.method})")
+    print(format_table(results))
+    run.mark_done()
+    if cfg.hub.push:
+        from multitune.publish import push
+
+        push(run, cfg, results)
+    return results

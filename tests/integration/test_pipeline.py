@@ -1,0 +1,146 @@
+"""End to end on the tiny model: train all four tasks for 2 epochs, checkpoint, evaluate, predict, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from multitune.config import config_from_dict
+from multitune.errors import UserError
+from multitune.train import train
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+SECRET = "hf_SECRETtokenVALUE123"
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "multitune.cli", *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    os.environ["HF_TOKEN"] = SECRET  # must never reach any file of the run
+    try:
+        train(config_from_dict(tiny_config(assets, run_dir)))
+    finally:
+        del os.environ["HF_TOKEN"]
+    return run_dir
+
+
+def test_training_writes_checkpoints_metrics_and_splits(trained):
+    assert (trained / "DONE").exists() and (trained / "final" / "adapter_config.json").exists()
+    ckpts = sorted((trained / "checkpoints").glob("checkpoint-*"))
+    assert ckpts and (ckpts[-1] / "trainer_state.json").exists()
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(2.0)
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert set(metrics) == {"claims", "banking77", "commonsense_qa", "chat"}
+    for name in ("claims", "banking77", "commonsense_qa"):
+        m = metrics[name]
+        assert 0 <= m["accuracy"] <= 1 and "confusion_matrix" in m and m["n"] > 0
+    assert metrics["chat"]["perplexity"] > 1
+    assert "| banking77 |" in (trained / "report.md").read_text()
+    for name in metrics:
+        split = json.loads((trained / "splits" / f"{name}.json").read_text())
+        assert not set(split["train"]) & set(split["val"])
+
+
+def test_training_logged_per_task_validation(trained):
+    ckpt = sorted((trained / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    logs = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+    keys = set().union(*logs)
+    for name in ("claims", "banking77", "commonsense_qa", "chat"):
+        assert f"eval_{name}_loss" in keys
+    assert "eval_banking77_accuracy" in keys and "learning_rate" in keys
+    lrs = [entry["learning_rate"] for entry in logs if "learning_rate" in entry]
+    assert lrs[-1] < max(lrs)  # the schedule decays
+
+
+def test_claims_is_learned(trained):
+    # the generated claims data is separable by its wording; the tiny model must beat chance clearly
+    assert json.loads((trained / "metrics.json").read_text())["claims"]["accuracy"] >= 0.75
+
+
+def test_no_secret_in_run_dir(trained):
+    for path in trained.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_eval_reproduces_the_training_metrics(trained):
+    before = json.loads((trained / "metrics.json").read_text())
+    res = cli("eval", str(trained))
+    assert res.returncode == 0, res.stderr
+    after = json.loads((trained / "metrics.json").read_text())
+    for name in ("claims", "banking77", "commonsense_qa"):
+        assert after[name]["accuracy"] == pytest.approx(before[name]["accuracy"])
+        assert name in res.stdout
+
+
+def test_eval_generate_mode(trained):
+    res = cli("eval", str(trained), "--mode", "generate", "--max-rows", "8")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((trained / "metrics.json").read_text())["claims"]["mode"] == "generate"
+
+
+def test_predict_text_and_jsonl(trained, tmp_path):
+    res = cli("predict", str(trained), "--task", "claims", "My car was rear-ended, I want to file a claim.")
+    assert res.returncode == 0, res.stderr
+    label, score, _ = res.stdout.strip().splitlines()[-1].split("\t")
+    assert label in ("Claim", "Not a Claim") and 0.5 <= float(score) <= 1
+    rows = [{"question": "Where do fish live?", "choices": {"label": list("ABCDE"), "text": ["desk", "water", "sky", "car", "hat"]}}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    res = cli("predict", str(trained), "--task", "commonsense_qa", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"))
+    assert res.returncode == 0, res.stderr
+    pred = json.loads((tmp_path / "out.jsonl").read_text())
+    assert pred["label"] in list("ABCDE")
+
+
+def test_finished_run_is_not_overwritten(trained, assets):
+    before = (trained / "metrics.json").read_bytes()
+    with pytest.raises(UserError, match="holds a finished run"):
+        train(config_from_dict(tiny_config(assets, trained)))
+    assert (trained / "metrics.json").read_bytes() == before
+
+
+def test_sigkill_then_relaunch_resumes(assets, tmp_path):
+    cfg = tiny_config(assets, tmp_path / "run", save_steps=3, eval_rows_during_training=0)
+    cfg["train"]["eval_steps"] = 1000
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "multitune.cli", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any((p / "trainer_state.json").exists() for p in ckpt_dir.glob("checkpoint-*")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name.split("-")[1]) for p in ckpt_dir.glob("checkpoint-*"))
+    assert not (tmp_path / "run" / "DONE").exists()
+
+    res = cli("train", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming from" in res.stdout
+    final = max(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["global_step"] > killed_at and state["epoch"] == pytest.approx(2.0)
+    assert (tmp_path / "run" / "DONE").exists()
+
+
+def test_changed_config_does_not_silently_resume(assets, tmp_path):
+    cfg = config_from_dict(tiny_config(assets, tmp_path / "run", max_steps=2))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg.model_copy(update={"seed": 1}).model_dump(mode="json")))
+    with pytest.raises(UserError, match="different config"):
+        train(cfg)

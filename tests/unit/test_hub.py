@@ -1,0 +1,61 @@
+import datasets
+import pytest
+
+from multitune import hub
+from multitune.errors import UserError
+
+
+def test_mirror_maps_hub_ids_to_local_dirs(tmp_path):
+    (tmp_path / "datasets" / "org" / "name").mkdir(parents=True)
+    assert hub.resolve("org/name", "dataset", tmp_path) == str(tmp_path / "datasets" / "org" / "name")
+    assert hub.resolve("org/other", "dataset", tmp_path) == "org/other"  # falls through to the Hub
+    with pytest.raises(UserError, match="model path not found"):
+        hub.resolve("./missing-model", "model", tmp_path)
+
+
+def test_mirror_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(hub.MIRROR_ENV, str(tmp_path))
+    assert hub.mirror_root(None) == tmp_path
+
+
+def test_legacy_script_repo_falls_back_to_parquet_revision(monkeypatch, capsys):
+    calls = []
+
+    def fake_load(repo, subset=None, split=None, revision=None, **kw):
+        calls.append((repo, subset, revision))
+        if revision is None:
+            raise RuntimeError("Dataset scripts are no longer supported, but found banking77.py")
+        return datasets.Dataset.from_dict({"text": ["a"], "label": [0]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    ds = hub.load_rows("PolyAI/banking77", subset=None, split="train", mirror=None)
+    assert len(ds) == 1
+    assert calls == [("PolyAI/banking77", None, None), ("PolyAI/banking77", "default", "refs/convert/parquet")]
+    assert "refs/convert/parquet" in capsys.readouterr().out
+
+
+def test_unreachable_dataset_is_a_user_error():
+    with pytest.raises(UserError, match="cannot load dataset nobody/nothing"):
+        hub.load_rows("nobody/nothing", subset=None, split="train", mirror=None)
+
+
+def test_gated_model_message_says_what_to_do(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    err = OSError("You are trying to access a gated repo.\nMake sure to have access to it at https://huggingface.co/meta-llama/x")
+    msg = str(hub.explain_model_load_error("meta-llama/x", err))
+    assert "HF_TOKEN" in msg and "hf auth login" in msg and "accept its licence" in msg
+
+
+def test_gated_model_through_the_loader(monkeypatch):
+    from transformers import AutoTokenizer
+
+    from multitune.config import ModelConfig
+    from multitune.model import load_tokenizer
+
+    def gated(*a, **k):
+        raise OSError("meta-llama/Llama-3.1-8B-Instruct is a gated repository. Make sure to request access")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", gated)
+    with pytest.raises(UserError, match="is gated"):
+        load_tokenizer(ModelConfig(name_or_path="meta-llama/Llama-3.1-8B-Instruct"), None)

@@ -1,0 +1,77 @@
+"""Likelihood scoring must equal the brute-force per-candidate reference, for every model kind."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, set_seed
+
+from multitune.formatting import Formatter
+from multitune.scoring import Scorer, candidate_logprobs, candidate_logprobs_reference
+from multitune.tasks import Example
+
+LABELS = ["card_arrival", "change_pin", "Refund_not_showing_up", "A", "reverted_card_payment?", "top_up_failed"]
+EXAMPLES = [Example([{"role": "user", "content": t}], "", -1) for t in
+            ["where is my card", "I want to change my PIN number please, it is urgent and I am abroad", "refund?"]]
+
+
+@pytest.fixture(scope="module")
+def model(assets):
+    return AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+
+
+def _peft(model, cfg):
+    import copy
+
+    import peft
+
+    set_seed(0)
+    m = peft.get_peft_model(copy.deepcopy(model), cfg)
+    for n, p in m.named_parameters():  # make the adapter non-trivial (LoRA B starts at zero)
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    return m.eval()
+
+
+def test_cached_scoring_equals_reference(model, tokenizer):
+    f = Formatter(tokenizer, 256)
+    prompts, cands = f.prompt_ids(EXAMPLES), f.completion_ids(LABELS)
+    assert len({len(c) for c in cands}) > 1  # candidates of different lengths exercise the padding
+    fast = candidate_logprobs(model, prompts, cands, tokenizer.pad_token_id, batch_size=2)
+    ref = candidate_logprobs_reference(model, prompts, cands, tokenizer.pad_token_id)
+    assert fast.shape == (3, len(LABELS))
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt_tuning", "prefix_tuning"])
+def test_scoring_through_peft_models_equals_reference(model, tokenizer, kind):
+    import peft
+
+    cfg = {
+        "lora": peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"),
+        "prompt_tuning": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "prefix_tuning": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    }[kind]
+    m = _peft(model, cfg)
+    f = Formatter(tokenizer, 256)
+    prompts, cands = f.prompt_ids(EXAMPLES), f.completion_ids(LABELS)
+    fast = candidate_logprobs(m, prompts, cands, tokenizer.pad_token_id, batch_size=2)
+    # the reference on one row at a time: no padding at all
+    ref = torch.stack([candidate_logprobs_reference(m, [p], cands, tokenizer.pad_token_id, batch_size=1)[0] for p in prompts])
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_single_token_candidates_need_no_second_pass(model, tokenizer):
+    f = Formatter(tokenizer, 256)
+    prompts = f.prompt_ids(EXAMPLES)
+    cands = [[tokenizer.convert_tokens_to_ids(x)] for x in ("A", "B", "C")]
+    fast = candidate_logprobs(model, prompts, cands, tokenizer.pad_token_id)
+    ref = candidate_logprobs_reference(model, prompts, cands, tokenizer.pad_token_id)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_predict_labels_and_generation(model, tokenizer):
+    s = Scorer(model, Formatter(tokenizer, 256), batch_size=2)
+    idx, scores = s.predict_labels(EXAMPLES, LABELS)
+    ref = candidate_logprobs_reference(model, s._prompts(EXAMPLES, 16), s.candidates(LABELS), tokenizer.pad_token_id)
+    assert idx == ref.argmax(-1).tolist() and len(scores) == 3
+    gen_idx, _ = s.predict_labels(EXAMPLES, LABELS, mode="generate")
+    assert all(-1 <= i < len(LABELS) for i in gen_idx)

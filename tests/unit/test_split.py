@@ -1,0 +1,57 @@
+from collections import Counter
+
+import pytest
+
+from multitune.config import TaskConfig
+from multitune.data import check_split, make_split
+from multitune.errors import UserError
+from multitune.tasks import Example, build_task
+
+
+def _task(labels):
+    t = build_task(TaskConfig(name="t", type="classification", dataset="x.csv"))
+    t.label_names = labels
+    return t
+
+
+def _examples(counts: dict[int, int]):
+    return [Example([{"role": "user", "content": f"row {k}-{i}"}], "", k) for k, n in counts.items() for i in range(n)]
+
+
+def test_split_is_deterministic_stratified_and_disjoint():
+    exs = _examples({0: 50, 1: 30, 2: 20})
+    task = _task(["a", "b", "c"])
+    a = make_split(task, exs, 0.2, seed=6, max_rows=None)
+    b = make_split(task, exs, 0.2, seed=6, max_rows=None)
+    assert a == b
+    assert not set(a["train"]) & set(a["val"])
+    assert len(a["val"]) == 20 and len(a["train"]) == 80
+    assert Counter(exs[i].label for i in a["val"]) == {0: 10, 1: 6, 2: 4}
+    assert make_split(task, exs, 0.2, seed=7, max_rows=None) != a
+
+
+def test_duplicate_prompts_never_straddle_the_split():
+    exs = _examples({0: 10, 1: 10}) + _examples({0: 10, 1: 10})  # every prompt twice
+    s = make_split(_task(["a", "b"]), exs, 0.2, seed=6, max_rows=None)
+    prompts_train = {exs[i].messages[0]["content"] for i in s["train"]}
+    prompts_val = {exs[i].messages[0]["content"] for i in s["val"]}
+    assert not prompts_train & prompts_val and len(s["train"]) + len(s["val"]) == 20
+
+
+def test_max_rows_keeps_class_balance():
+    exs = _examples({0: 100, 1: 100})
+    s = make_split(_task(["a", "b"]), exs, 0.2, seed=6, max_rows=50)
+    assert len(s["train"]) + len(s["val"]) == 50
+    assert Counter(exs[i].label for i in s["val"]) == {0: 5, 1: 5}
+
+
+def test_class_without_validation_rows_is_an_error():
+    with pytest.raises(UserError, match="leaves a class without validation rows"):
+        make_split(_task(["a", "b"]), _examples({0: 20, 1: 1}), 0.2, seed=6, max_rows=None)
+    with pytest.raises(UserError, match="leaves a class without validation rows"):
+        make_split(_task([str(i) for i in range(10)]), _examples({i: 2 for i in range(10)}), 0.2, seed=6, max_rows=None)
+
+
+def test_check_split_catches_overlap():
+    with pytest.raises(AssertionError):
+        check_split("t", {"train": [1, 2], "val": [2, 3]})
