@@ -48,6 +48,9 @@ def make_tiny_model(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(config)
+    # Wider token embeddings than the default 0.02: the tied output head must reach logits large enough
+    # for a confident prediction, and adapters never train it (a real checkpoint's head is trained).
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=0.1)
     if pretrain_steps:
         pretrain(model, tok, texts, pretrain_steps, seed)
     out_dir = Path(out_dir)
@@ -73,7 +76,7 @@ def pretrain(model, tok, texts: list[str], steps: int, seed: int, batch_size: in
     loss = torch.tensor(0.0)
     for _ in tqdm(range(steps), desc="pretraining tiny model", unit="step"):
         batch = tok([tok.bos_token + t + tok.eos_token for t in rng.sample(texts, min(batch_size, len(texts)))],
-                    add_special_tokens=False, padding=True, truncation=True, max_length=64, return_tensors="pt")
+                    add_special_tokens=False, padding=True, truncation=True, max_length=128, return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()

@@ -137,6 +137,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(run.final))
     tokenizer.save_pretrained(str(run.final))
+    trainer.state.save_to_json(str(run.root / "trainer_state.json"))  # the whole loss/LR/eval history
 
     results = evaluate_tasks(trainer.model, formatter, data, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size, seed=cfg.seed)
     write_results(run.root, results, f"multitune validation: {cfg.model.name_or_path} ({cfg.peft.method})")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from multitune.cli import eval_
 from multitune.config import config_from_dict
 from multitune.train import train
 from tests.conftest import tiny_config
@@ -14,12 +15,17 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "rslora", "qlora", "ia3", "prompt_tuning", "prefix_tuning", "full"])
 def test_method_trains_and_evaluates(assets, tmp_path, method):
     pytest.importorskip("bitsandbytes") if method == "qlora" else None
-    raw = tiny_config(assets, tmp_path / "run", max_steps=3, save_steps=2, eval_rows_during_training=0)
+    raw = tiny_config(assets, tmp_path / "run", max_steps=3, save_steps=2, eval_rows_during_training=0, learning_rate=2e-3)
     raw["peft"]["method"] = method
     raw["tasks"] = raw["tasks"][:3]
     raw["tasks"][1]["max_rows"] = 60
     results = train(config_from_dict(raw))
     assert set(results) == {"claims", "banking77", "commonsense_qa"}
+    # the saved weights reload (base + adapter) to the same validation scores
+    eval_(tmp_path / "run", mode=None, max_rows=None)
+    reloaded = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for name, r in results.items():
+        assert reloaded[name]["accuracy"] == pytest.approx(r["accuracy"]), name
     final = tmp_path / "run" / "final"
     assert (final / ("config.json" if method == "full" else "adapter_config.json")).exists()
     if method != "full":
