@@ -114,7 +114,9 @@ def peft_config(pcfg: PeftConfig, model, tokenizer_path: str | None = None):
     if method == "ia3":
         preset = pcfg.target_modules if isinstance(pcfg.target_modules, str) else None
         tm, ff = IA3_PRESETS[preset] if preset else (pcfg.target_modules, [])
-        return peft.IA3Config(task_type="CAUSAL_LM", target_modules=tm, feedforward_modules=ff, layers_to_transform=layers)
+        if layers is not None:
+            raise UserError("peft.layers / peft.last_n_layers are not supported with ia3; use a LoRA method")
+        return peft.IA3Config(task_type="CAUSAL_LM", target_modules=tm, feedforward_modules=ff)
     if method == "prompt_tuning":
         init = {"prompt_tuning_init": "RANDOM"}
         if pcfg.prompt_init_text:

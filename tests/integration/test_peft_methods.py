@@ -45,7 +45,7 @@ def test_last_n_layers_adapts_only_those_layers(assets, tmp_path):
     from multitune.model import apply_peft
 
     raw = tiny_config(assets, tmp_path / "run")
-    raw["peft"].update(last_n_layers=1, target_modules="attention")
+    raw["peft"].update(method="lora", last_n_layers=1, target_modules="attention")
     model = apply_peft(AutoModelForCausalLM.from_pretrained(assets["model"]), config_from_dict(raw))
     assert isinstance(model, peft.PeftModel)
     adapted = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
