@@ -108,7 +108,8 @@ class TrainConfig(_Strict):
     eval_steps: int | None = Field(None, gt=0, description="None: evaluate at each epoch end")
     eval_rows_during_training: int = Field(200, ge=0, description="validation rows scored per task per eval")
     save_steps: int = Field(100, gt=0)
-    save_total_limit: int = Field(3, gt=0)
+    save_minutes: float | None = Field(30, gt=0, description="also checkpoint when this many minutes passed")
+    save_total_limit: int = Field(3, ge=2, description="the newest complete checkpoint is never the only one")
     bf16: Literal["auto", True, False] = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False

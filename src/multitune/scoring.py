@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from multitune.formatting import IGNORE, Formatter
 from multitune.tasks import Example
-from multitune.tasks.base import _norm
+from multitune.tasks.base import normalize_label
 
 
 def _uses_prompt_learning(model) -> bool:
@@ -158,9 +158,9 @@ class Scorer:
             scores = self.likelihood(examples, labels)
             best = scores.max(-1)
             return best.indices.tolist(), best.values.tolist()
-        lookup = {_norm(x): i for i, x in enumerate(labels)}
+        lookup = {normalize_label(x): i for i, x in enumerate(labels)}
         width = max(len(c) for c in self.candidates(labels)) + 2
-        preds = [lookup.get(_norm(t), -1) for t in self.generate(examples, width)]
+        preds = [lookup.get(normalize_label(t), -1) for t in self.generate(examples, width)]
         return preds, [float(p >= 0) for p in preds]
 
     @torch.no_grad()

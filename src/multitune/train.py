@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, latest_complete
 from multitune.config import Config
 from multitune.data import TaskData, load_tasks, save_splits, training_dataset, validation_datasets
 from multitune.evaluate import evaluate_tasks, format_table, write_results
@@ -59,6 +59,9 @@ def _bf16(cfg: Config) -> bool:
 
 def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
     t = cfg.train
+    # Under an accelerate FSDP config with fsdp_activation_checkpointing, FSDP wraps the layers itself.
+    fsdp_checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+    checkpointing = t.gradient_checkpointing and not fsdp_checkpointing
     return SFTConfig(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
@@ -80,8 +83,8 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         bf16=_bf16(cfg),
         use_cpu=not torch.cuda.is_available(),
         torch_compile=t.compile,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         dataloader_num_workers=t.dataloader_workers,
         report_to=[] if t.report_to == "none" else [t.report_to],
         run_name=t.wandb.run_name or run.root.name,
@@ -127,14 +130,19 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
     model = apply_peft(load_model(cfg), cfg, cfg.train.gradient_checkpointing)
     _init_wandb(cfg, run)
+    stop = GracefulStop()
     trainer = MultitaskTrainer(
         model=model, args=sft_config(cfg, run), train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, task_data=data, formatter=formatter, cfg=cfg,
+        callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), stop],
     )
-    last = get_last_checkpoint(str(run.checkpoints)) if resuming and run.checkpoints.exists() else None
+    last = latest_complete(run.checkpoints) if resuming else None
     if last:
         print(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if stop.requested is not None:
+        print(f"stopped at step {trainer.state.global_step} with a checkpoint; run the same command again to resume")
+        return {}
     trainer.save_model(str(run.final))
     tokenizer.save_pretrained(str(run.final))
     trainer.state.save_to_json(str(run.root / "trainer_state.json"))  # the whole loss/LR/eval history

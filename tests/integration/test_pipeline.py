@@ -148,3 +148,33 @@ def test_changed_config_does_not_silently_resume(assets, tmp_path):
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg.model_copy(update={"seed": 1}).model_dump(mode="json")))
     with pytest.raises(UserError, match="different config"):
         train(cfg)
+
+
+def _wait_for(path: Path, text: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_resume_finishes(assets, tmp_path):
+    cfg = tiny_config(assets, tmp_path / "run", save_steps=1000, eval_rows_during_training=0, epochs=3)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "multitune.cli", "train", str(path)], stdout=out, stderr=subprocess.STDOUT)
+        _wait_for(log, "training on")
+        _wait_for(log, "/")  # the progress bar: steps are running
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+    assert "received SIGTERM" in log.read_text()
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").exists()
+    assert not (tmp_path / "run" / "DONE").exists()
+    res = cli("train", str(path))
+    assert res.returncode == 0 and f"resuming from {ckpts[0]}" in res.stdout, res.stdout + res.stderr
+    assert (tmp_path / "run" / "DONE").exists()

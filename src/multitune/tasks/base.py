@@ -103,7 +103,8 @@ class Task:
         }
 
 
-def _norm(value: Any) -> str:
+def normalize_label(value: Any) -> str:
+    """Case-, space- and separator-insensitive form of a label, for matching data and generations."""
     return re.sub(r"[\s_\-]+", " ", str(value)).strip().lower()
 
 
@@ -138,9 +139,9 @@ class ClassificationTask(Task):
             if isinstance(ds.features[c], datasets.ClassLabel):
                 return c
         if self.cfg.labels:  # the column whose values are all known labels
-            wanted = {_norm(x) for x in self.cfg.labels}
+            wanted = {normalize_label(x) for x in self.cfg.labels}
             for c in cols:
-                sample = {_norm(v) for v in ds.select(range(min(len(ds), 200)))[c]}
+                sample = {normalize_label(v) for v in ds.select(range(min(len(ds), 200)))[c]}
                 if sample and sample <= wanted:
                     return c
         for c in cols:
@@ -168,9 +169,9 @@ class ClassificationTask(Task):
     def label_index(self, raw: Any) -> int:
         name = self._ids_to_names[raw] if self._ids_to_names is not None and isinstance(raw, int) else raw
         if getattr(self, "_lookup_for", None) is not self.label_names:
-            self._lookup = {_norm(n): i for i, n in enumerate(self.label_names)}
+            self._lookup = {normalize_label(n): i for i, n in enumerate(self.label_names)}
             self._lookup_for = self.label_names
-        idx = self._lookup.get(_norm(name))
+        idx = self._lookup.get(normalize_label(name))
         if idx is None:
             raise UserError(
                 f"task {self.name}: label {name!r} is not in the label space {self.label_names[:10]}"
