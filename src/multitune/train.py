@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ def _init_wandb(cfg: Config, run: RunDir) -> None:
     import wandb
 
     id_file = run.root / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     w = cfg.train.wandb
     wandb.init(
