@@ -1,0 +1,95 @@
+"""Kill training with SIGKILL at random steps, relaunch the same command, and check that the result is
+bitwise the run that was never interrupted: same final adapter, same loss and learning rate at every
+logged step.
+
+    python scripts/fault_injection.py --cycles 3            # prints "3/3 resumed identical"
+
+Single process on CPU, on the offline demo's data and tiny model, with LoRA dropout on so that the
+RNG state has to be restored too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file
+
+from multitune.demo import offline_config, prepare_offline
+
+STEPS = 24
+
+
+def _config(workdir: Path, run_dir: Path) -> Path:
+    raw = offline_config(workdir)
+    raw["run_dir"] = str(run_dir)
+    raw["peft"] = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1}
+    raw["tasks"] = [{**t, "max_rows": 200} for t in raw["tasks"][:3]]
+    raw["train"].update(max_steps=STEPS, save_steps=2, logging_steps=1, eval_rows_during_training=0, eval_steps=10_000, learning_rate=2e-3)
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _train(config: Path, kill_after_step: int | None = None) -> None:
+    cmd = [sys.executable, "-m", "multitune.cli", "train", str(config)]
+    if kill_after_step is None:
+        subprocess.run(cmd, check=True, capture_output=True)
+        return
+    ckpts = Path(yaml.safe_load(config.read_text())["run_dir"]) / "checkpoints"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None:
+        done = [int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*")] if ckpts.exists() else []
+        if done and max(done) >= kill_after_step:
+            time.sleep(random.uniform(0, 0.5))  # land anywhere: mid-step, mid-save
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+
+
+def _history(run_dir: Path) -> dict[int, tuple[float, float]]:
+    logs = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: (e["loss"], e["learning_rate"]) for e in logs if "loss" in e}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    random.seed(args.seed)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="multitune-faults-"))
+    prepare_offline(work)
+    ref_dir = work / "reference"
+    _train(_config(work, ref_dir))
+    ref_weights, ref_hist = load_file(str(ref_dir / "final" / "adapter_model.safetensors")), _history(ref_dir)
+    identical = 0
+    for k in range(args.cycles):
+        run_dir = work / f"faulty-{k}"
+        config = _config(work, run_dir)
+        kill_at = random.randint(2, STEPS - 4)
+        _train(config, kill_after_step=kill_at)
+        resumed_from = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+        _train(config)
+        weights, hist = load_file(str(run_dir / "final" / "adapter_model.safetensors")), _history(run_dir)
+        same_weights = weights.keys() == ref_weights.keys() and all((weights[n] == ref_weights[n]).all() for n in weights)
+        same_hist = all(hist.get(s) == v for s, v in ref_hist.items() if s > resumed_from)
+        identical += same_weights and same_hist
+        print(f"cycle {k + 1}: SIGKILL once step {kill_at} was saved (newest checkpoint folder: {resumed_from}); "
+              f"weights {'identical' if same_weights else 'DIFFER'}, loss/lr after resume {'identical' if same_hist else 'DIFFER'}")
+    print(f"{identical}/{args.cycles} resumed identical")
+    return 0 if identical == args.cycles else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
