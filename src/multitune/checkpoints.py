@@ -34,7 +34,7 @@ class CompleteMarker(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         _barrier()  # every rank has written its shard and RNG state
-        if state.is_world_process_zero:
+        if args.should_save:  # the main process, or each node's first one with save_on_each_node
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             (folder / MARKER).write_text(json.dumps({"global_step": state.global_step, "time": time.time()}))
         _barrier()
@@ -80,10 +80,25 @@ class GracefulStop(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested is not None:
+        if self._any_rank_requested():
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def _any_rank_requested(self) -> bool:
+        """Ranks may get the signal at different steps; all must stop at the same one, or a collective hangs."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested is not None
+        flag = torch.tensor([0 if self.requested is None else self.requested], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.requested is None:
+            self.requested = int(flag.item())
+        return bool(flag.item())
 
     def on_train_end(self, args, state, control, **kwargs):
         for sig, handler in self._previous.items():
@@ -131,3 +146,23 @@ def latest_complete(checkpoints: Path) -> Path | None:
             return folder
         print(f"warning: skipping incomplete or corrupt checkpoint {folder}")
     return None
+
+
+def agree_on_resume(resuming: bool, last: Path | None) -> None:
+    """Every rank must resume from the same step. Without shared storage a node may hold no copy of the
+    checkpoint the others found; stop with a message instead of letting ranks diverge or hang."""
+    import torch.distributed as dist
+
+    from multitune.errors import UserError
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    mine = (resuming, int(last.name.split("-")[-1]) if last else -1)
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    if len(set(seen)) > 1:
+        detail = ", ".join(f"rank {r}: {'step ' + str(s) if s >= 0 else 'none'}" for r, (_, s) in enumerate(seen))
+        raise UserError(
+            f"ranks disagree on the checkpoint to resume from ({detail}); put run_dir on storage shared by all "
+            "nodes, or set train.save_on_each_node=true so that every node keeps a full copy"
+        )

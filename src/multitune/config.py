@@ -110,6 +110,7 @@ class TrainConfig(_Strict):
     save_steps: int = Field(100, gt=0)
     save_minutes: float | None = Field(30, gt=0, description="also checkpoint when this many minutes passed")
     save_total_limit: int = Field(3, ge=2, description="the newest complete checkpoint is never the only one")
+    save_on_each_node: bool = Field(False, description="nodes without shared storage: each keeps a full copy")
     bf16: Literal["auto", True, False] = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False

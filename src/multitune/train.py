@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -9,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, latest_complete
+from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, agree_on_resume, latest_complete
 from multitune.config import Config
 from multitune.data import TaskData, load_tasks, save_splits, training_dataset, validation_datasets
 from multitune.evaluate import evaluate_tasks, format_table, write_results
@@ -81,6 +83,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
+        save_on_each_node=t.save_on_each_node,
         bf16=_bf16(cfg),
         use_cpu=not torch.cuda.is_available(),
         torch_compile=t.compile,
@@ -115,8 +118,12 @@ def _init_wandb(cfg: Config, run: RunDir) -> None:
 
 
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train and evaluate; under torchrun/accelerate every rank calls this, and only rank 0 writes files."""
     cfg = resolve_tasks(cfg)
     run = RunDir(Path(cfg.run_dir))
+    args = sft_config(cfg, run)
+    _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
+    state = PartialState()
     # Everything that can reject the input runs before anything is written to the run directory.
     resuming = run.check(cfg, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
@@ -124,36 +131,61 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     data = load_tasks(cfg, run.splits if resuming else None, create=True)
     train_ds = training_dataset(data, formatter, cfg.seed)
     eval_ds = validation_datasets(data, formatter, cfg.train.eval_rows_during_training or None, cfg.seed)
-    run.prepare(cfg, resuming=resuming)
-    save_splits(data, run.splits)
-    print(f"training on {len(train_ds)} examples from {len(data)} tasks: " + ", ".join(f"{td.task.name}={len(td.train)}" for td in data))
+    state.wait_for_everyone()  # every rank has read the run dir before rank 0 changes it
+    # the process that writes this node's run dir: the main one, or each node's first with save_on_each_node
+    writer = state.is_local_main_process if cfg.train.save_on_each_node else state.is_main_process
+    if writer:
+        run.prepare(cfg, resuming=resuming)
+        save_splits(data, run.splits)
+        print(f"training on {len(train_ds)} examples from {len(data)} tasks: " + ", ".join(f"{td.task.name}={len(td.train)}" for td in data))
+    state.wait_for_everyone()
 
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
     model = apply_peft(load_model(cfg), cfg, cfg.train.gradient_checkpointing)
     _init_wandb(cfg, run)
     stop = GracefulStop()
     trainer = MultitaskTrainer(
-        model=model, args=sft_config(cfg, run), train_dataset=train_ds, eval_dataset=eval_ds,
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, task_data=data, formatter=formatter, cfg=cfg,
         callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), stop],
     )
     last = latest_complete(run.checkpoints) if resuming else None
-    if last:
+    agree_on_resume(resuming, last)
+    if last and state.is_main_process:
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     if stop.requested is not None:
-        print(f"stopped at step {trainer.state.global_step} with a checkpoint; run the same command again to resume")
+        if state.is_main_process:
+            print(f"stopped at step {trainer.state.global_step} with a checkpoint; run the same command again to resume")
         return {}
     trainer.save_model(str(run.final))
-    tokenizer.save_pretrained(str(run.final))
-    trainer.state.save_to_json(str(run.root / "trainer_state.json"))  # the whole loss/LR/eval history
+    if writer:
+        tokenizer.save_pretrained(str(run.final))
+        trainer.state.save_to_json(str(run.root / "trainer_state.json"))  # the whole loss/LR/eval history
+        (run.root / "launch.json").write_text(json.dumps(launch_facts(trainer), indent=2))
 
+    # every rank scores (a sharded model needs them all); rank 0 reports
     results = evaluate_tasks(trainer.model, formatter, data, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size, seed=cfg.seed)
-    write_results(run.root, results, f"multitune validation: {cfg.model.name_or_path} ({cfg.peft.method})")
-    print(format_table(results))
-    run.mark_done()
-    if cfg.hub.push:
-        from multitune.publish import push
+    if writer:
+        write_results(run.root, results, f"multitune validation: {cfg.model.name_or_path} ({cfg.peft.method})")
+        print(format_table(results))
+        run.mark_done()
+        if cfg.hub.push and state.is_main_process:
+            from multitune.publish import push
 
-        push(run, cfg, results)
+            push(run, cfg, results)
+    state.wait_for_everyone()
     return results
+
+
+def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:
+    """What really ran: accelerate's distributed type, the world size and how the model was wrapped."""
+    acc = trainer.accelerator
+    return {
+        "distributed_type": str(acc.distributed_type).split(".")[-1],
+        "world_size": trainer.args.world_size,
+        "num_processes": acc.num_processes,
+        "device": str(acc.device),
+        "wrapped_model": type(trainer.model_wrapped).__name__,
+        "is_fsdp": trainer.is_fsdp_enabled,
+    }
