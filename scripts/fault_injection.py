@@ -3,17 +3,20 @@ bitwise the run that was never interrupted: same final adapter, same loss and le
 logged step.
 
     python scripts/fault_injection.py --cycles 3            # prints "3/3 resumed identical"
+    python scripts/fault_injection.py --cycles 3 --nproc 2  # the same under 2-process DDP (torchrun, gloo)
 
-Single process on CPU, on the offline demo's data and tiny model, with LoRA dropout on so that the
-RNG state has to be restored too.
+On CPU, on the offline demo's data and tiny model, with LoRA dropout on so that the RNG state has to
+be restored too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,21 +42,28 @@ def _config(workdir: Path, run_dir: Path) -> Path:
     return path
 
 
-def _train(config: Path, kill_after_step: int | None = None) -> None:
-    cmd = [sys.executable, "-m", "multitune.cli", "train", str(config)]
+def _train(config: Path, kill_after_step: int | None = None, nproc: int = 1) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "multitune.cli", "train", str(config)]
     if kill_after_step is None:
         subprocess.run(cmd, check=True, capture_output=True)
         return
     ckpts = Path(yaml.safe_load(config.read_text())["run_dir"]) / "checkpoints"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     while proc.poll() is None:
         done = [int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*")] if ckpts.exists() else []
         if done and max(done) >= kill_after_step:
             time.sleep(random.uniform(0, 0.5))  # land anywhere: mid-step, mid-save
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a lost machine would
             break
         time.sleep(0.05)
     proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _history(run_dir: Path) -> dict[int, tuple[float, float]]:
@@ -66,21 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--nproc", type=int, default=1, help="processes (DDP on CPU through torchrun when > 1)")
     args = ap.parse_args(argv)
     random.seed(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="multitune-faults-"))
     prepare_offline(work)
     ref_dir = work / "reference"
-    _train(_config(work, ref_dir))
+    _train(_config(work, ref_dir), nproc=args.nproc)
     ref_weights, ref_hist = load_file(str(ref_dir / "final" / "adapter_model.safetensors")), _history(ref_dir)
     identical = 0
     for k in range(args.cycles):
         run_dir = work / f"faulty-{k}"
         config = _config(work, run_dir)
         kill_at = random.randint(2, STEPS - 4)
-        _train(config, kill_after_step=kill_at)
+        _train(config, kill_after_step=kill_at, nproc=args.nproc)
         resumed_from = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
-        _train(config)
+        _train(config, nproc=args.nproc)
         weights, hist = load_file(str(run_dir / "final" / "adapter_model.safetensors")), _history(run_dir)
         same_weights = weights.keys() == ref_weights.keys() and all((weights[n] == ref_weights[n]).all() for n in weights)
         same_hist = all(hist.get(s) == v for s, v in ref_hist.items() if s > resumed_from)
