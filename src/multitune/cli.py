@@ -67,7 +67,8 @@ def predict(
     output: Annotated[Path | None, typer.Option("--output", help="write predictions here as JSON lines")] = None,
 ) -> None:
     """Predict labels (with their probability among the labels) or chat replies."""
-    from multitune.predict import predict as run_predict, read_inputs
+    from multitune.predict import predict as run_predict
+    from multitune.predict import read_inputs
 
     inputs: list = list(text or [])
     if input is not None:

@@ -6,15 +6,12 @@ module only decides *what* to pass them and turns their failures into one-line u
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import datasets
 
 from multitune.errors import UserError
-
-log = logging.getLogger(__name__)
 
 MIRROR_ENV = "MULTITUNE_HUB_MIRROR"
 PARQUET_REVISION = "refs/convert/parquet"
@@ -81,7 +78,6 @@ def _load_from_hub(repo_id: str, subset: str | None, split: str) -> datasets.Dat
         # parquet conversion of every public dataset on a separate revision, which loads without the script.
         if "Dataset scripts are no longer supported" not in str(e):
             raise
-        log.warning("%s is a legacy loading-script repo; loading its parquet conversion (%s)", repo_id, PARQUET_REVISION)
         print(f"notice: {repo_id} is a loading-script repo; using its {PARQUET_REVISION} revision")
         return datasets.load_dataset(repo_id, subset or "default", split=split, revision=PARQUET_REVISION)
 

@@ -25,7 +25,7 @@ def _peft(model, cfg):
 
     set_seed(0)
     m = peft.get_peft_model(copy.deepcopy(model), cfg)
-    for n, p in m.named_parameters():  # make the adapter non-trivial (LoRA B starts at zero)
+    for p in m.parameters():  # make the adapter non-trivial (LoRA B starts at zero)
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
     return m.eval()
