@@ -97,7 +97,10 @@ class WandbConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: float = Field(2.0, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal[
+        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "cosine_with_min_lr",
+        "polynomial", "inverse_sqrt", "warmup_stable_decay",
+    ] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, gt=0)

@@ -51,8 +51,9 @@ def _dedupe(examples: list[Example]) -> list[int]:
 def _stratified_take(idx: list[int], keys: list, n: int, seed: int) -> list[int]:
     if n >= len(idx):
         return idx
-    strat = keys if all(k is not None for k in keys) and min(Counter(keys).values()) >= 2 else None
-    taken, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=strat)
+    counts = Counter(keys)
+    stratified = all(k is not None for k in keys) and min(counts.values()) >= 2 and n >= len(counts)
+    taken, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=keys if stratified else None)
     return sorted(taken)
 
 

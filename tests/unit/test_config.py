@@ -37,6 +37,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
         (["train.epochs"], "not key=value"),
         (["tasks.nope.max_rows=3"], "no task named 'nope'"),
         (["peft.method=lorax"], "peft.method"),
+        (["train.lr_scheduler=cosinee"], "train.lr_scheduler"),
         (["peft.method=prefix_tuning", "train.packing=true"], "cannot be combined with packing"),
         (["hub.push=true"], "hub.push needs hub.repo_id"),
     ],

@@ -55,3 +55,8 @@ def test_class_without_validation_rows_is_an_error():
 def test_check_split_catches_overlap():
     with pytest.raises(AssertionError):
         check_split("t", {"train": [1, 2], "val": [2, 3]})
+
+
+def test_max_rows_below_the_number_of_classes_is_a_clear_error():
+    with pytest.raises(UserError, match="without validation rows"):
+        make_split(_task([str(i) for i in range(10)]), _examples({i: 5 for i in range(10)}), 0.2, seed=6, max_rows=6)
