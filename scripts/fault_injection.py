@@ -4,6 +4,10 @@ logged step.
 
     python scripts/fault_injection.py --cycles 3            # prints "3/3 resumed identical"
     python scripts/fault_injection.py --cycles 3 --nproc 2  # the same under 2-process DDP (torchrun, gloo)
+    python scripts/fault_injection.py --cycles 3 --nproc 2 --fsdp  # FSDP2: the shipped accelerate config
+
+--fsdp launches `accelerate launch --config_file configs/accelerate/fsdp2-1x4.yaml`; on CPU it goes
+through the test-only shim tests/distributed/fsdp_on_cpu.py, since accelerate runs FSDP as DDP there.
 
 On CPU, on the offline demo's data and tiny model, with LoRA dropout on so that the RNG state has to
 be restored too.
@@ -29,6 +33,7 @@ from safetensors.torch import load_file
 from multitune.demo import offline_config, prepare_offline
 
 STEPS = 24
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(workdir: Path, run_dir: Path) -> Path:
@@ -42,9 +47,24 @@ def _config(workdir: Path, run_dir: Path) -> Path:
     return path
 
 
-def _train(config: Path, kill_after_step: int | None = None, nproc: int = 1) -> None:
+def _command(config: Path, nproc: int, fsdp: bool) -> list[str]:
+    if fsdp:
+        on_cpu = [] if _cuda() else [str(REPO / "tests" / "distributed" / "fsdp_on_cpu.py")]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "fsdp2-1x4.yaml"),
+                "--num_processes", str(nproc), "--main_process_port", str(_free_port()),
+                *(on_cpu or ["-m", "multitune.cli"]), "train", str(config)]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "multitune.cli", "train", str(config)]
+    return [*(launcher if nproc > 1 else [sys.executable]), "-m", "multitune.cli", "train", str(config)]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _train(config: Path, kill_after_step: int | None = None, nproc: int = 1, fsdp: bool = False) -> None:
+    cmd = _command(config, nproc, fsdp)
     if kill_after_step is None:
         subprocess.run(cmd, check=True, capture_output=True)
         return
@@ -77,21 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--nproc", type=int, default=1, help="processes (DDP on CPU through torchrun when > 1)")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 through the shipped accelerate config instead of DDP")
     args = ap.parse_args(argv)
     random.seed(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="multitune-faults-"))
     prepare_offline(work)
     ref_dir = work / "reference"
-    _train(_config(work, ref_dir), nproc=args.nproc)
+    _train(_config(work, ref_dir), nproc=args.nproc, fsdp=args.fsdp)
     ref_weights, ref_hist = load_file(str(ref_dir / "final" / "adapter_model.safetensors")), _history(ref_dir)
     identical = 0
     for k in range(args.cycles):
         run_dir = work / f"faulty-{k}"
         config = _config(work, run_dir)
         kill_at = random.randint(2, STEPS - 4)
-        _train(config, kill_after_step=kill_at, nproc=args.nproc)
+        _train(config, kill_after_step=kill_at, nproc=args.nproc, fsdp=args.fsdp)
         resumed_from = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
-        _train(config, nproc=args.nproc)
+        _train(config, nproc=args.nproc, fsdp=args.fsdp)
         weights, hist = load_file(str(run_dir / "final" / "adapter_model.safetensors")), _history(run_dir)
         same_weights = weights.keys() == ref_weights.keys() and all((weights[n] == ref_weights[n]).all() for n in weights)
         same_hist = all(hist.get(s) == v for s, v in ref_hist.items() if s > resumed_from)

@@ -60,11 +60,33 @@ def _bf16(cfg: Config) -> bool:
     return bool(cfg.train.bf16)
 
 
+def _fsdp_checkpointing() -> bool:
+    return os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+
+
+def checkpointing_for_peft(cfg: Config) -> Config:
+    """Hand activation checkpointing from FSDP's wrappers to transformers' when training an adapter.
+
+    PEFT (0.21) finds adapter weights by module name, and FSDP's checkpoint wrappers insert
+    `_checkpoint_wrapped_module` into those names while state-dict keys leave it out. With
+    `fsdp_activation_checkpointing: true`, every FSDP checkpoint and the final adapter came out empty
+    (0 tensors, measured with accelerate 1.15), so a resume silently restarted from the base model.
+    transformers' checkpointing (train.gradient_checkpointing) recomputes the same layers without
+    renaming modules.
+    """
+    if not _fsdp_checkpointing() or cfg.peft.method == "full":
+        return cfg
+    os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = "false"  # read by accelerate when the Trainer builds its plugin
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("note: fsdp_activation_checkpointing is replaced by train.gradient_checkpointing for adapters "
+              "(FSDP's wrappers make PEFT save empty adapters)")
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})})
+
+
 def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
     t = cfg.train
     # Under an accelerate FSDP config with fsdp_activation_checkpointing, FSDP wraps the layers itself.
-    fsdp_checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
-    checkpointing = t.gradient_checkpointing and not fsdp_checkpointing
+    checkpointing = t.gradient_checkpointing and not _fsdp_checkpointing()
     return SFTConfig(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
@@ -121,6 +143,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     """Train and evaluate; under torchrun/accelerate every rank calls this, and only rank 0 writes files."""
     cfg = resolve_tasks(cfg)
     run = RunDir(Path(cfg.run_dir))
+    cfg = checkpointing_for_peft(cfg)
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
     state = PartialState()
@@ -158,7 +181,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         if state.is_main_process:
             print(f"stopped at step {trainer.state.global_step} with a checkpoint; run the same command again to resume")
         return {}
-    trainer.save_model(str(run.final))
+    save_final(trainer, run.final)
     if writer:
         tokenizer.save_pretrained(str(run.final))
         trainer.state.save_to_json(str(run.root / "trainer_state.json"))  # the whole loss/LR/eval history
@@ -176,6 +199,41 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
             push(run, cfg, results)
     state.wait_for_everyone()
     return results
+
+
+def save_final(trainer: SFTTrainer, path: Path) -> None:
+    """Save the trained adapter (or model) for `from_pretrained`, whole, whatever the sharding.
+
+    Trainer.save_model writes nothing at all under FSDP with a sharded state dict, the format the
+    checkpoints use (transformers 5.24). So under FSDP every rank joins in gathering the full state
+    dict (accelerate's get_state_dict: FSDP2 `get_model_state_dict`, offloaded to rank 0's CPU) and
+    the writer saves it. The FSDP tests check that the result holds every rank's shard (the failure
+    of accelerate PR 4206).
+    """
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(path))
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank calls it
+    if trainer.args.should_save:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(str(path), state_dict=state_dict)
+        _check_adapter_saved(model, path)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _check_adapter_saved(model: torch.nn.Module, path: Path) -> None:
+    """Refuse to report success for an adapter file that lost tensors (cheap: reads the header only)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    file = path / "adapter_model.safetensors"
+    if not isinstance(model, PeftModel) or model.active_peft_config.is_prompt_learning or not file.exists():
+        return
+    with safe_open(str(file), framework="pt") as f:
+        saved = len(list(f.keys()))
+    trainable = sum(p.requires_grad for p in model.parameters())
+    if saved != trainable:
+        raise RuntimeError(f"the saved adapter holds {saved} tensors but the model trains {trainable}: {file} is incomplete")
 
 
 def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:

@@ -1,69 +1,35 @@
-"""Several processes on CPU (gloo), launched with torchrun in subprocesses, asserting what really ran.
+"""DDP on CPU (gloo), launched with torchrun in subprocesses, asserting what really ran.
 
-accelerate's FSDP and MULTI_CPU configs do not give several sharded CPU processes (FSDP silently runs
-DDP, MULTI_CPU starts one process), so these tests use torchrun, which Trainer picks up directly.
+accelerate's MULTI_CPU config starts one process, so these tests use torchrun, which Trainer picks up
+directly. FSDP2 is in test_fsdp.py.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_config
+from tests.distributed.conftest import config, free_port, losses, torchrun
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def config(assets, tmp_path: Path, name: str, **train) -> Path:
-    raw = tiny_config(assets, tmp_path / name, max_steps=6, save_steps=3, logging_steps=1, eval_rows_during_training=0,
-                      learning_rate=2e-3, **train)
-    raw["train"]["eval_steps"] = 1000
-    raw["peft"] = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
-    raw["tasks"] = [{**t, "max_rows": 120} for t in raw["tasks"][:2]]
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra,
-           "-m", "multitune.cli", "train", *args]
-    if not extra:
-        cmd[3:3] = [f"--master_port={free_port()}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [e["loss"] for e in json.loads((run_dir / "trainer_state.json").read_text())["log_history"] if "loss" in e]
-
-
-def test_two_process_ddp_matches_one_process_on_the_same_global_batch(assets, tmp_path):
-    single = subprocess.run([sys.executable, "-m", "multitune.cli", "train", str(config(assets, tmp_path, "single", batch_size=8))],
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+def test_two_process_ddp_matches_one_process_on_the_same_global_batch(assets, tmp_path, single_run):
     ddp = torchrun(str(config(assets, tmp_path, "ddp", batch_size=4)))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     facts = json.loads((tmp_path / "ddp" / "launch.json").read_text())
     assert facts["distributed_type"] == "MULTI_CPU" and facts["world_size"] == 2
     assert facts["wrapped_model"] == "DistributedDataParallel"
-    assert json.loads((tmp_path / "single" / "launch.json").read_text())["world_size"] == 1
+    assert json.loads((single_run / "launch.json").read_text())["world_size"] == 1
     # same examples per optimizer step (2 x 4 = 8): the same losses, up to float summation order
-    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4)
-    a = load_file(str(tmp_path / "single" / "final" / "adapter_model.safetensors"))
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(single_run), rel=1e-4)
+    a = load_file(str(single_run / "final" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "final" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert torch.cat([v.flatten() for v in a.values()]).abs().sum() > 0

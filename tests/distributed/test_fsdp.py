@@ -1,0 +1,75 @@
+"""FSDP2 with the shipped accelerate config, on 2 CPU processes (gloo) through the test-only shim.
+
+accelerate runs its FSDP config as plain DDP on CPU; tests/distributed/fsdp_on_cpu.py lets it really
+shard (fully_shard per decoder layer, DCP sharded checkpoints). Each test asserts that FSDP ran.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from multitune.data import load_tasks
+from multitune.formatting import Formatter
+from multitune.model import load_for_inference, load_tokenizer
+from multitune.run import RunDir
+from multitune.scoring import Scorer
+from tests.distributed.conftest import accelerate_fsdp, config, losses
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(assets, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("fsdp")
+    # transformers' activation checkpointing under FSDP2, as the Llama configs train
+    proc = accelerate_fsdp(str(config(assets, tmp, "fsdp", batch_size=4, gradient_checkpointing=True)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return tmp / "fsdp"
+
+
+def test_fsdp2_really_ran_and_matches_one_process(fsdp_run, single_run):
+    facts = json.loads((fsdp_run / "launch.json").read_text())
+    assert facts["distributed_type"] == "FSDP" and facts["is_fsdp"] and facts["world_size"] == 2
+    assert facts["wrapped_model"].startswith("FSDP")  # FSDP2 swaps the class in place: FSDPPeftModelForCausalLM
+    assert (fsdp_run / "checkpoints" / "checkpoint-6" / "pytorch_model_fsdp_0" / ".metadata").exists()  # DCP, sharded
+    # 2 ranks x 4 = the single run's batch of 8: the same losses, up to float summation order
+    assert losses(fsdp_run) == pytest.approx(losses(single_run), rel=1e-4)
+
+
+def test_saved_adapter_holds_every_shard_and_equals_the_sharded_checkpoint(fsdp_run, single_run, tmp_path):
+    final = load_file(str(fsdp_run / "final" / "adapter_model.safetensors"))
+    single = load_file(str(single_run / "final" / "adapter_model.safetensors"))
+    assert final.keys() == single.keys() and len(final) > 0
+    assert all(final[k].shape == single[k].shape for k in final)  # full tensors, not one rank's rows
+    assert max((final[k] - single[k]).abs().max().item() for k in final) < 1e-5
+    assert all(final[k].abs().sum() > 0 for k in final if "lora_B" in k)  # every B moved off its zero init
+    # the last checkpoint's DCP shards, gathered offline, are exactly what was saved as the final adapter
+    dcp_to_torch_save(fsdp_run / "checkpoints" / "checkpoint-6" / "pytorch_model_fsdp_0", tmp_path / "gathered.pt")
+    gathered = torch.load(tmp_path / "gathered.pt")["model"]
+    assert gathered.keys() == final.keys()
+    assert all(torch.equal(gathered[k], final[k]) for k in final)
+
+
+def _predictions(run_root: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Each task's (predicted, gold) validation labels, from the saved adapter loaded in this one process."""
+    run = RunDir(run_root)
+    cfg = run.load_config()
+    formatter = Formatter(load_tokenizer(cfg.model, None, source=str(run.final)), cfg.model.max_length)
+    scorer = Scorer(load_for_inference(cfg, run.final), formatter, batch_size=32)
+    return {td.task.name: (scorer.predict_labels(td.val, td.task.label_names, "likelihood")[0], [ex.label for ex in td.val])
+            for td in load_tasks(cfg, run.splits, create=False)}
+
+
+def test_adapter_reloads_in_one_process_to_the_same_predictions(fsdp_run, single_run):
+    reloaded = _predictions(fsdp_run)
+    assert reloaded == _predictions(single_run)
+    # and to the scores the 2 ranks computed on the sharded model at the end of training
+    during = json.loads((fsdp_run / "metrics.json").read_text())
+    for name, (pred, gold) in reloaded.items():
+        assert during[name]["accuracy"] == pytest.approx(sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold))

@@ -1,0 +1,32 @@
+"""How the config becomes Trainer arguments: decisions that would silently go wrong under a launcher."""
+
+from __future__ import annotations
+
+import os
+
+from multitune.config import config_from_dict
+from multitune.run import RunDir
+from multitune.train import checkpointing_for_peft, sft_config
+
+
+def _cfg(tmp_path, method: str):
+    return config_from_dict({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": "m"}, "peft": {"method": method},
+                             "tasks": [{"name": "claims", "dataset": "d"}]})
+
+
+def test_adapters_take_activation_checkpointing_away_from_fsdp_wrappers(tmp_path, monkeypatch):
+    # FSDP's checkpoint wrappers rename modules, and PEFT then saves empty adapters
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    cfg = checkpointing_for_peft(_cfg(tmp_path, "lora"))
+    assert os.environ["FSDP_ACTIVATION_CHECKPOINTING"] == "false"
+    assert cfg.train.gradient_checkpointing
+    assert sft_config(cfg, RunDir(tmp_path / "run")).activation_checkpointing
+
+
+def test_full_fine_tuning_keeps_fsdp_activation_checkpointing(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    cfg = checkpointing_for_peft(_cfg(tmp_path, "full"))
+    assert os.environ["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
+    # FSDP checkpoints the layers itself: transformers must not do it a second time
+    assert not sft_config(cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})}),
+                          RunDir(tmp_path / "run")).activation_checkpointing
