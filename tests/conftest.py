@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hub id must fail at once here, not after a 20 s timeout
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the tokenised-data cache of this session only: no test reads what another session (or a user) left
+os.environ["MULTITUNE_CACHE"] = tempfile.mkdtemp(prefix="multitune-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "hub"

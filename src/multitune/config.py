@@ -85,6 +85,8 @@ class TaskConfig(_Strict):
 class DataConfig(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 6
+    # reuse tokenised data prepared by an earlier run with the same inputs ($MULTITUNE_CACHE, ~/.cache/multitune)
+    cache: bool = True
 
 
 class WandbConfig(_Strict):

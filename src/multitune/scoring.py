@@ -1,9 +1,10 @@
 """Scoring a model on labelled examples: label likelihood (default), greedy generation, and chat loss.
 
 Label likelihood: each candidate completion (label text + end-of-turn, exactly as trained) gets the
-summed log-probability of its tokens given the prompt; the prediction is the argmax. The prompt runs
-once per example; its KV cache is then repeated across the candidates, so a 77-way label set costs one
-prompt pass plus one short pass over the candidates' tokens instead of 77 full passes.
+summed log-probability of its tokens given the prompt; the prediction is the argmax. One forward pass
+per batch scores every candidate: the prompt followed by the prefix trie of the tokenised labels, under
+a tree attention mask (LabelTrie). A 77-way label set costs one pass over the prompt plus the labels'
+distinct prefixes instead of 77 full passes; 5 one-letter choices cost the prompt plus 5 tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from multitune.formatting import IGNORE, Formatter
 from multitune.tasks import Example
@@ -62,47 +62,91 @@ def candidate_logprobs_reference(model, prompts: list[list[int]], cands: list[li
     return out
 
 
+class LabelTrie:
+    """The candidates' shared prefixes, fed once after the prompt so that one pass scores every candidate.
+
+    A candidate [t1, ..., tk] needs the next-token log-probs after the prompt (for t1) and after each
+    of its proper prefixes [t1..tj] (for tj+1). Those prefixes are the trie's nodes; each node attends
+    to the prompt and to its own ancestors only (a tree attention mask), at the position it would have
+    in prompt + candidate, so its logits equal those of the full candidate sequence.
+    """
+
+    def __init__(self, cands: Sequence[list[int]]):
+        index: dict[tuple[int, ...], int] = {}
+        tokens, parents, depths = [], [], []
+        for c in cands:
+            for j in range(1, len(c)):
+                key = tuple(c[:j])
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(c[j - 1])
+                    parents.append(index.get(key[:-1], -1))
+                    depths.append(j)
+        n = len(tokens)
+        self.tokens, self.depths = torch.tensor(tokens, dtype=torch.long), torch.tensor(depths, dtype=torch.long)
+        self.ancestors = torch.eye(n, dtype=torch.bool)  # [node, key]: key is the node or one of its ancestors
+        for i, p in enumerate(parents):
+            if p >= 0:
+                self.ancestors[i] |= self.ancestors[p]  # parents come first, so their rows are complete
+        # slot 0 is the prompt's last position; slot 1 + i is node i
+        width = max(len(c) for c in cands)
+        self.slots = torch.zeros(len(cands), width, dtype=torch.long)
+        self.targets = torch.zeros(len(cands), width, dtype=torch.long)
+        self.valid = torch.zeros(len(cands), width, dtype=torch.bool)
+        for k, c in enumerate(cands):
+            for i, t in enumerate(c):
+                self.slots[k, i] = 0 if i == 0 else 1 + index[tuple(c[:i])]
+                self.targets[k, i], self.valid[k, i] = t, True
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def inputs(self, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Model inputs for left-padded prompts [B, L] followed by the trie's nodes."""
+        B, L = ids.shape
+        N, dev = len(self), ids.device
+        plen = mask.sum(-1)
+        keys = mask.bool()[:, None, :]
+        allowed = torch.zeros(B, L + N, L + N, dtype=torch.bool, device=dev)
+        allowed[:, :L, :L] = torch.ones(L, L, dtype=torch.bool, device=dev).tril() & keys
+        allowed[:, L:, :L] = keys
+        allowed[:, L:, L:] = self.ancestors.to(dev)
+        allowed |= torch.eye(L + N, dtype=torch.bool, device=dev)  # left-pad rows must see something
+        return {
+            "input_ids": torch.cat([ids, self.tokens.to(dev).expand(B, N)], dim=1),
+            "position_ids": torch.cat([(mask.cumsum(-1) - 1).clamp(min=0), plen[:, None] + self.depths.to(dev) - 1], dim=1),
+            # an additive float mask works for both the sdpa and the eager attention
+            "attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)[:, None],
+            "logits_to_keep": torch.arange(L - 1, L + N, device=dev),  # no vocabulary projection for the prompt
+        }
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, K] summed log-probs from logits [B, 1 + N, V] at the prompt's last position and the nodes."""
+        dev = logits.device
+        logz = torch.logsumexp(logits.float(), dim=-1)  # [B, 1 + N]; avoids a [B, 1 + N, V] float copy
+        slots, targets, valid = self.slots.to(dev), self.targets.to(dev), self.valid.to(dev)
+        picked = logits[:, slots, targets].float() - logz[:, slots]  # [B, K, width]
+        return (picked * valid).sum(-1)
+
+
+def _supports_tree_mask(model) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
 @torch.no_grad()
-def candidate_logprobs(model, prompts: list[list[int]], cands: list[list[int]], pad_id: int, batch_size: int = 16) -> torch.Tensor:
-    """[N, K] summed log-probs of each candidate after each prompt, running each prompt once."""
-    if _uses_prompt_learning(model):
+def candidate_logprobs(model, prompts: list[list[int]], cands: list[list[int]], pad_id: int, batch_size: int = 16,
+                       trie: LabelTrie | None = None) -> torch.Tensor:
+    """[N, K] summed log-probs of each candidate after each prompt: one forward pass per batch of prompts."""
+    if _uses_prompt_learning(model) or not _supports_tree_mask(model):
         return candidate_logprobs_reference(model, prompts, cands, pad_id, batch_size)
+    trie = trie or LabelTrie(cands)
     dev = _model_device(model)
-    K = len(cands)
-    first = torch.tensor([c[0] for c in cands], device=dev)
-    # the candidates' tokens after the first: fed after the prompt cache, right-padded
-    tails = [c[:-1] for c in cands]
-    tail_len = max(len(t) for t in tails)
-    tail_ids = _right_pad(tails, pad_id, dev) if tail_len else None
-    tail_mask = _right_pad([[1] * len(t) for t in tails], 0, dev) if tail_len else None
-    targets = _right_pad([c[1:] for c in cands], 0, dev) if tail_len else None
-    out = torch.empty(len(prompts), K, dtype=torch.float64)
-    # keep rows (prompts x candidates) of the candidate pass near batch_size * 8
-    per_chunk = max(1, min(K, (batch_size * 8) // max(1, min(batch_size, len(prompts)))))
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    out = torch.empty(len(prompts), len(cands), dtype=torch.float64)
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        B = len(batch)
-        ids, mask = _left_pad(batch, pad_id, dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        scores = F.log_softmax(res.logits[:, -1].float(), dim=-1)[:, first].double()  # [B, K]
-        if tail_len:
-            layers = [(layer.keys, layer.values) for layer in res.cache.layers]
-            plen = mask.sum(-1)  # [B]
-            for k0 in range(0, K, per_chunk):
-                k1 = min(K, k0 + per_chunk)
-                kc = k1 - k0
-                cache = DynamicCache(ddp_cache_data=[(k.repeat_interleave(kc, 0), v.repeat_interleave(kc, 0)) for k, v in layers])
-                t_ids = tail_ids[k0:k1].repeat(B, 1)  # row = b * kc + k
-                t_mask = tail_mask[k0:k1].repeat(B, 1)
-                t_pos = plen.repeat_interleave(kc)[:, None] + torch.arange(tail_len, device=dev)[None]
-                full_mask = torch.cat([mask.repeat_interleave(kc, 0), t_mask], dim=1)
-                logits = model(input_ids=t_ids, attention_mask=full_mask, position_ids=t_pos, cache=cache).logits
-                logp = F.log_softmax(logits.float(), dim=-1)
-                tgt = targets[k0:k1].repeat(B, 1)
-                tok = logp.gather(-1, tgt[..., None]).squeeze(-1) * t_mask
-                scores[:, k0:k1] += tok.sum(-1).double().view(B, kc)
-        out[start : start + B] = scores.cpu()
+        ids, mask = _left_pad(prompts[start : start + batch_size], pad_id, dev)
+        logits = model(**trie.inputs(ids, mask, dtype), use_cache=False).logits
+        out[start : start + len(ids)] = trie.score(logits).double().cpu()
     return out
 
 
@@ -114,6 +158,7 @@ class Scorer:
         self.formatter = formatter
         self.batch_size = batch_size
         self._cands: dict[tuple[str, ...], list[list[int]]] = {}
+        self._tries: dict[tuple[str, ...], LabelTrie] = {}
         tok = formatter.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -129,11 +174,14 @@ class Scorer:
 
     def likelihood(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> torch.Tensor:
         cands = self.candidates(labels)
+        if tuple(labels) not in self._tries:
+            self._tries[tuple(labels)] = LabelTrie(cands)
+        trie = self._tries[tuple(labels)]
         prompts = self._prompts(examples, max(len(c) for c in cands))
         chunks = []
-        step = self.batch_size * 4
+        step = self.batch_size
         for s in tqdm(range(0, len(prompts), step), desc=desc, unit="batch", leave=False):
-            chunks.append(candidate_logprobs(self.model, prompts[s : s + step], cands, self.pad_id, self.batch_size))
+            chunks.append(candidate_logprobs(self.model, prompts[s : s + step], cands, self.pad_id, self.batch_size, trie))
         return torch.cat(chunks) if chunks else torch.empty(0, len(labels))
 
     @torch.no_grad()

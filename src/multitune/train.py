@@ -16,11 +16,12 @@ from trl import SFTConfig, SFTTrainer
 
 from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, agree_on_resume, latest_complete
 from multitune.config import Config
-from multitune.data import TaskData, load_tasks, save_splits, training_dataset, validation_datasets
+from multitune.data import TaskData, save_splits
 from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.hub import mirror_root
 from multitune.model import apply_peft, load_model, load_tokenizer
+from multitune.prepared import prepare
 from multitune.run import RunDir
 from multitune.tasks import resolve_tasks
 
@@ -151,16 +152,15 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     resuming = run.check(cfg, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
     formatter = Formatter(tokenizer, cfg.model.max_length)
-    data = load_tasks(cfg, run.splits if resuming else None, create=True)
-    train_ds = training_dataset(data, formatter, cfg.seed)
-    eval_ds = validation_datasets(data, formatter, cfg.train.eval_rows_during_training or None, cfg.seed)
+    prepared = prepare(cfg, formatter, run.splits if resuming else None)
+    data, train_ds, eval_ds = prepared.data, prepared.train, prepared.eval
     state.wait_for_everyone()  # every rank has read the run dir before rank 0 changes it
     # the process that writes this node's run dir: the main one, or each node's first with save_on_each_node
     writer = state.is_local_main_process if cfg.train.save_on_each_node else state.is_main_process
     if writer:
         run.prepare(cfg, resuming=resuming)
         save_splits(data, run.splits)
-        print(f"training on {len(train_ds)} examples from {len(data)} tasks: " + ", ".join(f"{td.task.name}={len(td.train)}" for td in data))
+        print(f"training on {len(train_ds)} examples from {len(data)} tasks{' (tokenised data from the cache)' if prepared.cached else ''}: " + ", ".join(f"{td.task.name}={len(td.train)}" for td in data))
     state.wait_for_everyone()
 
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers

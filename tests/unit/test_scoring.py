@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, set_seed
 
 from multitune.formatting import Formatter
-from multitune.scoring import Scorer, candidate_logprobs, candidate_logprobs_reference
+from multitune.scoring import LabelTrie, Scorer, candidate_logprobs, candidate_logprobs_reference
 from multitune.tasks import Example
 
 LABELS = ["card_arrival", "change_pin", "Refund_not_showing_up", "A", "reverted_card_payment?", "top_up_failed"]
@@ -31,7 +31,7 @@ def _peft(model, cfg):
     return m.eval()
 
 
-def test_cached_scoring_equals_reference(model, tokenizer):
+def test_trie_scoring_equals_reference(model, tokenizer):
     f = Formatter(tokenizer, 256)
     prompts, cands = f.prompt_ids(EXAMPLES), f.completion_ids(LABELS)
     assert len({len(c) for c in cands}) > 1  # candidates of different lengths exercise the padding
@@ -56,6 +56,19 @@ def test_scoring_through_peft_models_equals_reference(model, tokenizer, kind):
     fast = candidate_logprobs(m, prompts, cands, tokenizer.pad_token_id, batch_size=2)
     # the reference on one row at a time: no padding at all
     ref = torch.stack([candidate_logprobs_reference(m, [p], cands, tokenizer.pad_token_id, batch_size=1)[0] for p in prompts])
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_label_prefixes_are_fed_once(assets, tokenizer, attn):
+    f = Formatter(tokenizer, 256)
+    prompts = f.prompt_ids(EXAMPLES)
+    cands = f.completion_ids(["card arrival", "card arriving late", "card linking", "cash", "A"])
+    trie = LabelTrie(cands)
+    assert len(trie) < sum(len(c) - 1 for c in cands)  # "card" and "card arriv" are one node each
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation=attn).eval()
+    fast = candidate_logprobs(model, prompts, cands, tokenizer.pad_token_id, batch_size=2, trie=trie)
+    ref = candidate_logprobs_reference(model, prompts, cands, tokenizer.pad_token_id)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
 
 
