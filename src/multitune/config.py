@@ -121,6 +121,7 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = False
     packing: bool = False
     padding_free: bool = False
+    group_by_length: bool = Field(False, description="batches of similar length (less padding); ignored with packing")
     dataloader_workers: int = Field(0, ge=0)
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
     wandb: WandbConfig = WandbConfig()

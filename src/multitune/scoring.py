@@ -9,6 +9,7 @@ distinct prefixes instead of 77 full passes; 5 one-letter choices cost the promp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -82,6 +83,22 @@ class LabelTrie:
                     tokens.append(c[j - 1])
                     parents.append(index.get(key[:-1], -1))
                     depths.append(j)
+        # where each token leads from each state (-1 = right after the prompt): (node or -1, candidate or -1)
+        self.moves: dict[int, dict[int, tuple[int, int]]] = {}
+        for k, c in enumerate(cands):
+            for i, t in enumerate(c):
+                state = -1 if i == 0 else index[tuple(c[:i])]
+                node, cand = self.moves.setdefault(state, {}).get(t, (-1, -1))
+                if i == len(c) - 1:
+                    cand = k if cand < 0 else cand  # identical candidates: the first wins, as argmax does
+                else:
+                    node = index[tuple(c[: i + 1])]
+                self.moves[state][t] = (node, cand)
+        self.cands = [list(c) for c in cands]
+        self.under: dict[tuple[int, int], list[int]] = {}  # (state, token) -> the candidates through that move
+        for k, c in enumerate(cands):
+            for i, t in enumerate(c):
+                self.under.setdefault((-1 if i == 0 else index[tuple(c[:i])], t), []).append(k)
         n = len(tokens)
         self.tokens, self.depths = torch.tensor(tokens, dtype=torch.long), torch.tensor(depths, dtype=torch.long)
         self.ancestors = torch.eye(n, dtype=torch.bool)  # [node, key]: key is the node or one of its ancestors
@@ -150,8 +167,78 @@ def candidate_logprobs(model, prompts: list[list[int]], cands: list[list[int]], 
     return out
 
 
+@torch.no_grad()
+def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: int, batch_size: int = 16,
+                    margin: float = 1e-4) -> tuple[list[int], list[float], int]:
+    """The likelihood argmax without scoring every candidate: exact, and usually as cheap as greedy decoding.
+
+    Follow the highest-scoring branch of the label trie token by token, like greedy decoding restricted
+    to the labels, to a complete candidate with score s. A candidate's score is a sum of log-probs
+    (each <= 0), so any branch left behind at a prefix scoring below s cannot win: when every branch
+    left behind scores below s - margin, the candidate reached is the argmax. Rows where one might win
+    are rescored in full (one trie pass). Returns the indices, their scores, and how many rows were
+    rescored.
+    """
+    dev = _model_device(model)
+    best, scores, rescored = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        ids, mask = _left_pad(batch, pad_id, dev)
+        B = len(batch)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        logp = F.log_softmax(res.logits[:, -1].float(), dim=-1).cpu()
+        state, prefix, done = [-1] * B, [0.0] * B, [None] * B
+        left_behind: list[list[tuple[float, int, int]]] = [[] for _ in range(B)]  # (bound, state, token)
+        next_pos = pos[:, -1] + 1
+        while True:
+            feed = [0] * B
+            for b in range(B):
+                if done[b] is not None:
+                    continue
+                moves = trie.moves[state[b]]
+                toks = list(moves)
+                lp = logp[b, toks]
+                order = lp.argsort(descending=True)
+                pick = toks[int(order[0])]
+                for j in order[1:].tolist():
+                    left_behind[b].append((prefix[b] + float(lp[j]), state[b], toks[j]))
+                node, cand = moves[pick]
+                if node >= 0 and cand >= 0:  # a label that is also the prefix of a longer one: rescore
+                    left_behind[b].append((math.inf, state[b], pick))
+                prefix[b] += float(lp[order[0]])
+                if node < 0:
+                    done[b] = cand
+                else:
+                    state[b], feed[b] = node, pick
+            if all(d is not None for d in done):
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
+            step = torch.tensor(feed, device=dev)[:, None]
+            res = model(input_ids=step, attention_mask=mask, position_ids=next_pos[:, None], cache=res.cache, use_cache=True)
+            logp = F.log_softmax(res.logits[:, -1].float(), dim=-1).cpu()
+            next_pos = next_pos + 1
+        # rows where a branch left behind might still win: score, in one pass, the candidates under such
+        # branches (for any of these rows) and the ones reached; the others cannot win
+        rivals = {b: [(s, t) for bound, s, t in left_behind[b] if bound > prefix[b] - margin] for b in range(B)}
+        unsure = [b for b in range(B) if rivals[b]]
+        if unsure:
+            keep = sorted({k for b in unsure for st in rivals[b] for k in trie.under[st]} | {done[b] for b in unsure})
+            sub = [trie.cands[k] for k in keep]
+            full = candidate_logprobs(model, [batch[b] for b in unsure], sub, pad_id, batch_size).max(-1)
+            for j, b in enumerate(unsure):
+                done[b], prefix[b] = keep[int(full.indices[j])], float(full.values[j])
+        best += done
+        scores += prefix
+        rescored.append(len(unsure))
+    return best, scores, sum(rescored)
+
+
 class Scorer:
-    """Scores one task's examples with a model, caching the tokenised label set."""
+    """Scores one task's examples with a model, caching the tokenised label sets and their tries."""
+
+    # up to this many trie nodes (5 one-letter choices: 5), one pass over prompt + trie beats a search
+    ONE_PASS_NODES = 64
 
     def __init__(self, model, formatter: Formatter, batch_size: int = 16):
         self.model = model
@@ -168,21 +255,49 @@ class Scorer:
             self._cands[key] = self.formatter.completion_ids(list(labels))
         return self._cands[key]
 
+    def trie(self, labels: Sequence[str]) -> LabelTrie:
+        key = tuple(labels)
+        if key not in self._tries:
+            self._tries[key] = LabelTrie(self.candidates(labels))
+        return self._tries[key]
+
+    def best_labels(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> tuple[list[int], list[float]]:
+        """The likelihood argmax and its log-prob: a search for large label sets, one trie pass for small ones."""
+        trie = self.trie(labels)
+        if len(trie) <= self.ONE_PASS_NODES or _uses_prompt_learning(self.model) or not _supports_tree_mask(self.model):
+            best = self.likelihood(examples, labels, desc).max(-1)
+            return best.indices.tolist(), best.values.tolist()
+        prompts = self._prompts(examples, max(len(c) for c in trie.cands))
+        self.rescored = 0
+
+        def search(batch: list[list[int]]) -> list[tuple[int, float]]:
+            i, v, n = best_candidates(self.model, batch, trie, self.pad_id, len(batch))
+            self.rescored += n
+            return list(zip(i, v, strict=True))
+
+        found = self._in_length_order(prompts, search, desc)
+        return [i for i, _ in found], [v for _, v in found]
+
     def _prompts(self, examples: list[Example], reserve: int) -> list[list[int]]:
         raw = self.formatter._ids(self.formatter.prompt_texts(examples))
         return [self.formatter.fit_prompt(p, reserve) for p in raw]
 
     def likelihood(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> torch.Tensor:
-        cands = self.candidates(labels)
-        if tuple(labels) not in self._tries:
-            self._tries[tuple(labels)] = LabelTrie(cands)
-        trie = self._tries[tuple(labels)]
+        """[N, K] every label's summed log-prob, one pass over prompt + label trie per batch."""
+        cands, trie = self.candidates(labels), self.trie(labels)
         prompts = self._prompts(examples, max(len(c) for c in cands))
-        chunks = []
-        step = self.batch_size
-        for s in tqdm(range(0, len(prompts), step), desc=desc, unit="batch", leave=False):
-            chunks.append(candidate_logprobs(self.model, prompts[s : s + step], cands, self.pad_id, self.batch_size, trie))
-        return torch.cat(chunks) if chunks else torch.empty(0, len(labels))
+        rows = self._in_length_order(prompts, lambda b: candidate_logprobs(self.model, b, cands, self.pad_id, len(b), trie), desc)
+        return torch.stack(rows) if rows else torch.empty(0, len(labels))
+
+    def _in_length_order(self, prompts: list[list[int]], fn, desc: str) -> list:
+        """fn over batches of prompts of similar length (less padding); results in the input order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list = [None] * len(prompts)
+        for s in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", leave=False):
+            idx = order[s : s + self.batch_size]
+            for i, r in zip(idx, fn([prompts[i] for i in idx]), strict=True):
+                out[i] = r
+        return out
 
     @torch.no_grad()
     def generate(self, examples: list[Example], max_new_tokens: int, desc: str = "generating") -> list[str]:
@@ -190,22 +305,21 @@ class Scorer:
         eot_ids = tok(self.formatter.eot, add_special_tokens=False)["input_ids"]
         prompts = self._prompts(examples, max_new_tokens)
         dev = _model_device(self.model)
-        texts: list[str] = []
-        for s in tqdm(range(0, len(prompts), self.batch_size), desc=desc, unit="batch", leave=False):
-            ids, mask = _left_pad(prompts[s : s + self.batch_size], self.pad_id, dev)
+
+        def greedy(batch: list[list[int]]) -> list[str]:
+            ids, mask = _left_pad(batch, self.pad_id, dev)
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=[eot_ids[-1], tok.eos_token_id], pad_token_id=self.pad_id,
             )
-            texts += tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        return [t.strip() for t in texts]
+            return tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+
+        return [t.strip() for t in self._in_length_order(prompts, greedy, desc)]
 
     def predict_labels(self, examples: list[Example], labels: Sequence[str], mode: str = "likelihood") -> tuple[list[int], list[float]]:
         """Predicted label indices and their scores (log-prob for likelihood, 1/0 parse success for generation)."""
         if mode == "likelihood":
-            scores = self.likelihood(examples, labels)
-            best = scores.max(-1)
-            return best.indices.tolist(), best.values.tolist()
+            return self.best_labels(examples, labels)
         lookup = {normalize_label(x): i for i, x in enumerate(labels)}
         width = max(len(c) for c in self.candidates(labels)) + 2
         preds = [lookup.get(normalize_label(t), -1) for t in self.generate(examples, width)]

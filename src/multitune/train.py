@@ -119,6 +119,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         data_seed=cfg.seed,
         max_length=cfg.model.max_length,
         packing=t.packing,
+        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
         padding_free=t.padding_free,
         eval_packing=False,
     )

@@ -88,3 +88,33 @@ def test_predict_labels_and_generation(model, tokenizer):
     assert idx == ref.argmax(-1).tolist() and len(scores) == 3
     gen_idx, _ = s.predict_labels(EXAMPLES, LABELS, mode="generate")
     assert all(-1 <= i < len(LABELS) for i in gen_idx)
+
+
+def test_pruned_search_finds_the_exact_argmax(model, tokenizer):
+    from multitune.scoring import best_candidates
+
+    f = Formatter(tokenizer, 256)
+    prompts, cands = f.prompt_ids(EXAMPLES * 3), f.completion_ids(LABELS)
+    full = candidate_logprobs_reference(model, prompts, cands, tokenizer.pad_token_id).max(-1)
+    idx, scores, rescored = best_candidates(model, prompts, LabelTrie(cands), tokenizer.pad_token_id, batch_size=4)
+    assert idx == full.indices.tolist()
+    torch.testing.assert_close(torch.tensor(scores, dtype=torch.float64), full.values, atol=1e-4, rtol=1e-4)
+    assert 0 <= rescored <= len(prompts)
+    # with no margin for doubt, every row is rescored in full, and the answer is the same
+    idx2, _, rescored2 = best_candidates(model, prompts, LabelTrie(cands), tokenizer.pad_token_id, batch_size=4, margin=1e9)
+    assert idx2 == idx and rescored2 == len(prompts)
+
+
+def test_pruned_search_without_rescoring_when_the_model_is_sure(model, tokenizer):
+    from multitune.scoring import best_candidates
+
+    prompt = Formatter(tokenizer, 256).prompt_ids(EXAMPLES[:1])[0]
+    greedy = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False)[0, len(prompt):].tolist()
+    with torch.no_grad():
+        unlikely = model(torch.tensor([prompt + greedy[:1]])).logits[0, -2:].argsort(-1)[:, :3].tolist()  # least likely
+    cands = [greedy, [unlikely[0][0], 5, 6], [unlikely[0][1], 7], [greedy[0], unlikely[1][0], 8], [greedy[0], unlikely[1][1]]]
+    ref = candidate_logprobs_reference(model, [prompt], cands, tokenizer.pad_token_id)[0]
+    idx, scores, rescored = best_candidates(model, [prompt, prompt], LabelTrie(cands), tokenizer.pad_token_id)
+    assert rescored == 0  # every branch left behind scored below the greedy label: no second pass
+    assert idx == [int(ref.argmax())] * 2 == [0, 0]
+    assert scores[0] == pytest.approx(float(ref[0]), abs=1e-4)
