@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.train_speed import SIDES
+from benchmarks.train_speed import DEFAULT_SIDES, SIDES
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "multitune")
@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per training side")
-    ap.add_argument("--sides", nargs="*", default=list(SIDES), choices=list(SIDES))
+    ap.add_argument("--sides", nargs="*", default=DEFAULT_SIDES, choices=list(SIDES))
     ap.add_argument("--eval-run", type=Path, default=None,
-                    help="a finished run to measure evaluation on (default: runs/mirror-tiny if finished, else the packed side)")
+                    help="a finished run to measure evaluation on (default: runs/mirror-tiny if finished, else a trained side)")
     ap.add_argument("--eval-rows", type=int, default=200)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_run = args.eval_run
     if eval_run is None:
         trained = REPO / "runs" / "mirror-tiny"
-        eval_run = trained if (trained / "DONE").exists() else args.workdir / "train-packed"
+        ours = [s for s in args.sides if s != "baseline"]
+        if not (trained / "DONE").exists() and not ours:
+            raise SystemExit("no finished run to measure evaluation on: pass --eval-run or a multitune side")
+        eval_run = trained if (trained / "DONE").exists() else args.workdir / f"train-{ours[0]}"
     print(f"\nevaluation throughput on {eval_run} ({args.eval_rows} validation rows per task)")
     from benchmarks.eval_speed import measure
 
