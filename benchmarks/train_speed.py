@@ -99,7 +99,7 @@ def run_baseline(cfg_path: Path, steps: int) -> dict[str, Any]:
     t = cfg.train
     args = SFTConfig(output_dir=str(Path(cfg.run_dir) / "baseline"), max_steps=steps, per_device_train_batch_size=t.batch_size,
                      learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-                     logging_steps=10, save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=True)
+                     logging_steps=t.logging_steps, save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=True)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
     trainer.train()
