@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = [s for s in args.sides if s != "baseline"]
         if not (trained / "DONE").exists() and not ours:
             raise SystemExit("no finished run to measure evaluation on: pass --eval-run or a multitune side")
-        eval_run = trained if (trained / "DONE").exists() else args.workdir / f"train-{ours[0]}"
+        eval_run = trained if (trained / "DONE").exists() else args.workdir / f"train-side-{ours[0]}"
     print(f"\nevaluation throughput on {eval_run} ({args.eval_rows} validation rows per task)")
     from benchmarks.eval_speed import measure
 

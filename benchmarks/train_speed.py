@@ -72,15 +72,30 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any]) -> dict[str,
         rows = max(1, round(cfg.train.batch_size * sum(lengths) / len(lengths) / cfg.model.max_length))
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": rows})})
     train(cfg, resume=False, overwrite=True)
+    peak_gpu = _peak_gpu_gib()
     run = RunDir(Path(cfg.run_dir))
     state = json.loads((run.root / "trainer_state.json").read_text())
     formatter = Formatter(load_tokenizer(cfg.model, None, source=str(run.final)), cfg.model.max_length)
     data = prepare(cfg, formatter, run.splits).data
-    return {**_history(state["log_history"]), "val_answer_loss": _val_loss(load_for_inference(cfg, run.final), formatter, data)}
+    model = load_for_inference(cfg, run.final)
+    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) if cfg.peft.method != "full" else None
+    return {**_history(state["log_history"]), "val_answer_loss": _val_loss(model, formatter, data),
+            "adapter_params": adapter, "peak_gpu_gib": peak_gpu}
 
 
-def run_baseline(cfg_path: Path, steps: int) -> dict[str, Any]:
-    """TRL SFTTrainer as its docs show: a conversational dataset, default collator, no packing."""
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _peak_gpu_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def run_baseline(cfg_path: Path, steps: int, lora: bool = False) -> dict[str, Any]:
+    """TRL SFTTrainer as its docs show: a conversational dataset, default collator, no packing (and,
+    with `lora`, the config's LoRA settings passed as `peft_config`)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -101,9 +116,16 @@ def run_baseline(cfg_path: Path, steps: int) -> dict[str, Any]:
                      learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
                      logging_steps=t.logging_steps, save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=True)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        p = cfg.peft
+        peft_config = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, peft_config=peft_config)
     trainer.train()
-    return {**_history(trainer.state.log_history), "val_answer_loss": _val_loss(trainer.model, formatter, data)}
+    return {**_history(trainer.state.log_history), "val_answer_loss": _val_loss(trainer.model, formatter, data),
+            "adapter_params": _trainable(trainer.model) if lora else None, "peak_gpu_gib": _peak_gpu_gib()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,16 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--overrides", type=json.loads, default={}, help="JSON {key: value} on top of the side's")
+    ap.add_argument("--lora-baseline", action="store_true", help="give the baseline the config's LoRA as peft_config")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     if args.side == "baseline":
-        result = run_baseline(args.config, args.steps)
+        result = run_baseline(args.config, args.steps, lora=args.lora_baseline)
     else:
         raw = yaml.safe_load(args.config.read_text())
         side_cfg = args.out.with_suffix(".yaml")
-        raw["run_dir"] = str(Path(raw["run_dir"]).parent / f"train-{args.side}")
+        raw["run_dir"] = str(args.out.parent / f"train-{args.out.stem}")
         side_cfg.write_text(yaml.safe_dump(raw))
-        result = run_ours(side_cfg, args.steps, SIDES[args.side])
+        result = run_ours(side_cfg, args.steps, {**SIDES[args.side], **args.overrides})
     result |= {"side": args.side, "wall_s": time.perf_counter() - t0,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "tokens_per_s": result["tokens"] / result["train_s"]}

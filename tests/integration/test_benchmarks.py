@@ -50,3 +50,20 @@ def test_data_prep_is_cold_then_cached(assets, tmp_path):
     runs = [json.loads(_run("benchmarks.data_prep", str(config), env=env).stdout.strip().splitlines()[-1]) for _ in range(2)]
     assert [r["cached"] for r in runs] == [False, True]
     assert runs[0]["tasks"] == runs[1]["tasks"] and runs[0]["train_rows"] == runs[1]["train_rows"] > 0
+
+
+def test_gpu_mode_runs_its_code_path_on_a_tiny_shape(assets, tmp_path):
+    # the 8B-shaped GPU benchmark, scaled down to run here: random weights, LoRA bf16 and QLoRA, packed rows
+    raw = tiny_config(assets, tmp_path / "run")
+    raw["tasks"] = raw["tasks"][:3]
+    config = tmp_path / "tasks.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    work = tmp_path / "gpu"
+    _run("benchmarks.gpu", "--shape", "tiny", "--steps", "2", "--seq-len", "256", "--batch-size", "2",
+         "--workdir", str(work), "--config", str(config))
+    rows = json.loads((work / "gpu-results.json").read_text())["rows"]
+    assert [r["side"] for r in rows] == ["baseline", "lora-bf16", "qlora"]
+    assert all(r["tokens_per_s"] > 0 and r["steps"] == 2 and r["adapter_params"] > 0 for r in rows)
+    # the same LoRA for all three: TRL's peft_config, multitune on the bf16 base and on the 4-bit base
+    assert rows[0]["adapter_params"] == rows[1]["adapter_params"] == rows[2]["adapter_params"]
+    assert all(r["mfu"] is None for r in rows)  # no peak FLOPs for a CPU
