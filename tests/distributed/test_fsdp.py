@@ -73,3 +73,29 @@ def test_adapter_reloads_in_one_process_to_the_same_predictions(fsdp_run, single
     during = json.loads((fsdp_run / "metrics.json").read_text())
     for name, (pred, gold) in reloaded.items():
         assert during[name]["accuracy"] == pytest.approx(sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold))
+
+
+def test_qlora_under_fsdp2_trains_like_one_process(assets, tmp_path):
+    """4-bit weights stored in the compute dtype, so FSDP2 can shard them next to the bf16 ones."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    runs = {}
+    for name, batch in (("single", 8), ("fsdp", 4)):
+        path = config(assets, tmp_path, name, batch_size=batch)
+        raw = yaml.safe_load(path.read_text())
+        raw["peft"]["method"] = "qlora"
+        path.write_text(yaml.safe_dump(raw))
+        proc = (accelerate_fsdp(str(path)) if name == "fsdp" else
+                subprocess.run([sys.executable, "-m", "multitune.cli", "train", str(path)], capture_output=True, text=True, timeout=600))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        runs[name] = tmp_path / name
+    assert json.loads((runs["fsdp"] / "launch.json").read_text())["distributed_type"] == "FSDP"
+    # bf16 compute under 4-bit weights: equal up to bf16 rounding in the reductions
+    assert losses(runs["fsdp"]) == pytest.approx(losses(runs["single"]), rel=1e-3)
+    a = load_file(str(runs["single"] / "final" / "adapter_model.safetensors"))
+    b = load_file(str(runs["fsdp"] / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-2
