@@ -167,6 +167,32 @@ def push(
     run_push(run, cfg.model_copy(update={"hub": hub}), results)
 
 
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs per node")] = 1,
+    nodes: Annotated[int, typer.Option(help="number of nodes")] = 1,
+    gpu: Annotated[str, typer.Option(help="a100-80gb, a100-40gb, h100-80gb, h100-pcie, h200, l40s, a6000, rtx4090")] = "a100-80gb",
+    price: Annotated[float | None, typer.Option(help="dollars per GPU-hour, for the cost")] = None,
+    global_batch: Annotated[int | None, typer.Option(help="examples per optimizer step (default: the config's at this size)")] = None,
+    mfu: Annotated[float | None, typer.Option(help="model FLOPs utilisation to assume (default 0.35, QLoRA 0.25)")] = None,
+    examples: Annotated[int | None, typer.Option(help="training examples per epoch (default: counted from the data)")] = None,
+    tokens_per_example: Annotated[float | None, typer.Option(help="mean tokens per example (default: measured)")] = None,
+) -> None:
+    """Per-GPU memory, whether it fits, the launch config and batch to use, tokens/s, wall time and cost."""
+    from multitune import plan as planner
+    from multitune.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    data = planner.DataStats(examples, tokens_per_example, "given") if examples and tokens_per_example else None
+    result = planner.make_plan(cfg, gpus=gpus, nodes=nodes, gpu=gpu, global_batch=global_batch, mfu=mfu, data=data)
+    if examples and not tokens_per_example or tokens_per_example and not examples:
+        measured = result.data
+        result.data = planner.DataStats(examples or measured.examples, tokens_per_example or measured.tokens, measured.source)
+    print(planner.report(cfg, result, price, str(config)), end="")
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("MULTITUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
