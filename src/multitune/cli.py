@@ -151,20 +151,34 @@ def demo(
 def push(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     repo_id: Annotated[str | None, typer.Option(help="Hub repo (default: the run's hub.repo_id)")] = None,
-    private: Annotated[bool, typer.Option(help="create the repo private")] = True,
+    private: Annotated[bool | None, typer.Option("--private/--public", help="repo visibility (default: the run's hub.private)")] = None,
+    merged: Annotated[bool, typer.Option("--merged", help="upload the adapter merged into the base weights")] = False,
+    dry_run: Annotated[Path | None, typer.Option("--dry-run", help="write the folder that would be uploaded here instead")] = None,
 ) -> None:
-    """Upload a finished run's adapter, tokenizer, metrics and model card to the Hugging Face Hub."""
+    """Upload a finished run (adapter or merged weights, tokenizer, config, metrics, model card) in one commit."""
     from multitune.publish import push as run_push
     from multitune.run import RunDir
 
     run = RunDir(run_dir)
     run.require_finished()
     cfg = run.load_config()
-    hub = cfg.hub.model_copy(update={"repo_id": repo_id or cfg.hub.repo_id, "private": private})
-    if not hub.repo_id:
-        raise UserError("no repo to push to: pass --repo-id me/name or set hub.repo_id in the config")
-    results = json.loads(run.metrics.read_text()) if run.metrics.exists() else {}
-    run_push(run, cfg.model_copy(update={"hub": hub}), results)
+    hub = cfg.hub.model_copy(update={"repo_id": repo_id or cfg.hub.repo_id})
+    run_push(run, cfg.model_copy(update={"hub": hub}), merged=merged, dry_run=dry_run, private=private)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    out_dir: Annotated[Path, typer.Argument(help="new directory for the model")],
+    merged: Annotated[bool, typer.Option("--merged", help="merge the adapter into the base weights (QLoRA: dequantised first)")] = False,
+) -> None:
+    """Write the run's model (adapter, or merged into the base: a plain transformers model) with its model card."""
+    from multitune.export import export as run_export
+    from multitune.run import RunDir
+
+    run = RunDir(run_dir)
+    run.require_finished()
+    run_export(run, run.load_config(), out_dir, merged=merged)
 
 
 @app.command()
