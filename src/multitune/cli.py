@@ -182,6 +182,25 @@ def export(
 
 
 @app.command()
+def doctor(
+    config: Annotated[Path | None, typer.Argument(help="YAML config to check against (optional)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides")] = None,
+) -> None:
+    """Check this machine before paying for it: versions, GPUs, kernels, disk, tokens, nodes, writable dirs."""
+    from multitune.doctor import format_table, run_checks
+
+    cfg = None
+    if config is not None:
+        from multitune.config import load_config
+
+        cfg = load_config(config, overrides or [])
+    checks = run_checks(cfg)
+    print(format_table(checks))
+    if any(c.status == "fail" for c in checks):
+        raise SystemExit(1)  # click returns a typer.Exit code instead of exiting when not standalone
+
+
+@app.command()
 def plan(
     config: Annotated[Path, typer.Argument(help="YAML config")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides")] = None,
