@@ -8,7 +8,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 [ "$#" -ge 1 ] || { echo "usage: $0 CONFIG.yaml [key=value ...]" >&2; exit 2; }
-mapping="$(python -m multitune.runpod "$1" --accelerate-dir "$here/../../configs/accelerate")"
+mapping="$(python -m multitune.runpod --accelerate-dir "$here/../../configs/accelerate" "$@")"
 eval "$mapping"
 echo "multitune: node ${NODE_RANK} of ${NNODES}, ${GPUS_PER_NODE} GPU(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}, $(basename "$ACCELERATE_CONFIG")" >&2
 exec "$here/../launch_node.sh" "$@"

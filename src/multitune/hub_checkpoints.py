@@ -60,7 +60,7 @@ def run_files(run: RunDir) -> list[Path]:
 
 def commit_operations(run: RunDir, staged: Path, step: int, remote_steps: list[int], keep: int) -> list:
     """The exact operations of one upload: add the run files and ``checkpoint-<step>`` (its COMPLETE marker
-    last), delete the remote checkpoints beyond the newest ``keep``."""
+    last), delete the remote checkpoints beyond the newest ``keep`` and any from a run started over."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     prefix = run.root.name
@@ -69,10 +69,15 @@ def commit_operations(run: RunDir, staged: Path, step: int, remote_steps: list[i
     files = sorted((f for f in staged.rglob("*") if f.is_file()), key=lambda f: (f.name == MARKER, f.relative_to(staged).as_posix()))
     ops += [CommitOperationAdd(path_in_repo=f"{prefix}/checkpoints/checkpoint-{step}/{f.relative_to(staged).as_posix()}",
                                path_or_fileobj=str(f)) for f in files]
-    kept = sorted(set(remote_steps) | {step}, reverse=True)[:keep]
     ops += [CommitOperationDelete(path_in_repo=f"{prefix}/checkpoints/checkpoint-{s}/", is_folder=True)
-            for s in sorted(remote_steps) if s not in kept]
+            for s in sorted(remote_steps) if s not in kept_steps(remote_steps, step, keep)]
     return ops
+
+
+def kept_steps(remote: list[int], step: int, keep: int) -> list[int]:
+    """The newest ``keep`` checkpoints once ``step`` is up. A remote step above ``step`` is from an earlier run of
+    the same name that was started over (a live run has no future checkpoint): it goes, or a resume would pick it."""
+    return sorted({s for s in remote if s < step} | {step}, reverse=True)[:keep]
 
 
 def remote_steps(api, repo_id: str, prefix: str) -> list[int]:
@@ -134,7 +139,7 @@ class HubCheckpoints(TrainerCallback):
                 self._remote = remote_steps(api, self.repo, self.run.root.name)
             ops = commit_operations(self.run, staged, step, self._remote, self.keep)
             api.create_commit(self.repo, operations=ops, commit_message=f"{self.run.root.name}: checkpoint-{step}")
-            self._remote = sorted(set(self._remote) | {step}, reverse=True)[: self.keep]
+            self._remote = kept_steps(self._remote, step, self.keep)
             print(f"uploaded checkpoint-{step} to https://huggingface.co/{self.repo} ({self.run.root.name}/)", flush=True)
         except Exception as e:  # never stop training for an upload; the next checkpoint tries again
             print(f"warning: uploading checkpoint-{step} to {self.repo} failed ({type(e).__name__}: "

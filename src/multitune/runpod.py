@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m multitune.runpod", description="print the launcher's variables as export lines")
     parser.add_argument("config", nargs="?", help="the training config (its peft.method picks DDP or FSDP)")
+    parser.add_argument("overrides", nargs="*", help="the key=value overrides the training gets")
     parser.add_argument("--accelerate-dir", type=Path, default=ACCELERATE_DIR, help="where the shipped accelerate configs are")
     args = parser.parse_args(argv)
     try:
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             from multitune.config import load_config
 
-            method = load_config(args.config).peft.method
+            method = load_config(args.config, args.overrides).peft.method
         plan = launch_env(os.environ, method=method, gpu_count=_gpu_count(), interfaces=_interfaces(),
                           accelerate_dir=args.accelerate_dir)
     except UserError as e:

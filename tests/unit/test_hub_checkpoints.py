@@ -37,7 +37,7 @@ def fake_run(tmp_path: Path, steps=(4,)) -> RunDir:
 def test_upload_is_exactly_these_operations(tmp_path):
     run = fake_run(tmp_path, steps=(6,))
     ck = run.checkpoints / "checkpoint-6"
-    ops = commit_operations(run, ck, 6, remote_steps=[2, 4, 5], keep=3)
+    ops = commit_operations(run, ck, 6, remote_steps=[2, 4, 5, 9], keep=3)  # 9: a run of this name started over
     p = "myrun/checkpoints/checkpoint-6"
     expected = [
         ("add", "myrun/config.yaml", run.config), ("add", "myrun/splits/claims.json", run.splits / "claims.json"),
@@ -47,6 +47,7 @@ def test_upload_is_exactly_these_operations(tmp_path):
         ("add", f"{p}/sub/x.bin", ck / "sub/x.bin"), ("add", f"{p}/trainer_state.json", ck / "trainer_state.json"),
         ("add", f"{p}/COMPLETE", ck / "COMPLETE"),  # last, although a commit is atomic anyway
         ("delete", "myrun/checkpoints/checkpoint-2/", None),  # newest 3 kept: 6, 5, 4
+        ("delete", "myrun/checkpoints/checkpoint-9/", None),  # stale: a resume must never pick it
     ]
     got = [("add", o.path_in_repo, Path(o.path_or_fileobj)) if isinstance(o, CommitOperationAdd) else ("delete", o.path_in_repo, None)
            for o in ops]

@@ -117,3 +117,14 @@ def test_shell_scripts_pass_shellcheck():
     scripts = [REPO / "scripts/launch_node.sh", *sorted((REPO / "scripts/runpod").glob("*.sh"))]
     res = subprocess.run([tool("shellcheck"), *map(str, scripts)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout
+
+
+def test_start_script_reads_the_method_from_config_and_overrides(tmp_path):
+    """`train.sh CONFIG peft.method=full` on a 3-node cluster picks the HSDP config, not DDP."""
+    bin_dir = _fake_accelerate(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "ACCELERATE_CONFIG")}
+    env |= CLUSTER_NODE_1 | {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{env['PATH']}"}
+    res = subprocess.run(["bash", str(REPO / "scripts/runpod/train.sh"), str(REPO / "configs/llama3-8b-lora.yaml"), "peft.method=full"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[3].endswith("hsdp-3x4.yaml")
