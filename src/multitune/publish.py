@@ -35,6 +35,11 @@ def _hub_id(ref: str | None) -> str | None:
     return ref
 
 
+def _shown(ref: str | None) -> str:
+    """How a dataset is named in the card: its Hub id, or a local file's name (never the builder's paths)."""
+    return _hub_id(ref) or Path(str(ref)).name
+
+
 def base_license(cfg: Config) -> tuple[dict[str, str], str]:
     """The base model's licence fields from its own card (local dir, mirror or Hub), and where they came from."""
     from huggingface_hub import ModelCard
@@ -61,7 +66,7 @@ def eval_results(cfg: Config, results: dict[str, Any]):
         dataset = tasks[name].dataset if name in tasks else name
         for metric_type, key, label, config in METRICS[r["kind"]]:
             out.append(EvalResult(task_type=TASK_TYPES[r["kind"]], task_name=name, dataset_type=_hub_id(dataset) or name,
-                                  dataset_name=f"{name} ({dataset})", dataset_split=split, metric_type=metric_type,
+                                  dataset_name=f"{name} ({_shown(dataset)})", dataset_split=split, metric_type=metric_type,
                                   metric_name=label, metric_config=config, metric_value=round(float(r[key]), 6)))
     return out
 
@@ -129,7 +134,7 @@ def _body(run, cfg, results, tokenizer, repo_id, merged, lic_note) -> str:
              f"- batch: {t.batch_size} per GPU x {t.grad_accum} accumulation x {world} process(es) = {t.batch_size * t.grad_accum * world}"
              f" examples per step; max length {cfg.model.max_length} tokens; seed {cfg.seed}",
              f"- launch: {launch.get('distributed_type', 'single process')}" + (f", {launch.get('device')}" if launch else ""),
-             "- data: " + "; ".join(f"`{x.name}` from `{x.dataset}`" for x in cfg.tasks),
+             "- data: " + "; ".join(f"`{x.name}` from `{_shown(x.dataset)}`" for x in cfg.tasks),
              "- the resolved config is `multitune.yaml` in this repo", "",
              "## Prompts: use exactly these", "",
              "Each task was trained on these chat messages (placeholders in braces), rendered with the tokenizer's "
