@@ -116,6 +116,8 @@ class TrainConfig(_Strict):
     save_minutes: float | None = Field(30, gt=0, description="also checkpoint when this many minutes passed")
     save_total_limit: int = Field(3, ge=2, description="the newest complete checkpoint is never the only one")
     save_on_each_node: bool = Field(False, description="nodes without shared storage: each keeps a full copy")
+    hub_checkpoints: bool = Field(False, description="also upload each complete checkpoint to the private Hub repo "
+                                  "<hub.repo_id>-checkpoints; a fresh pod with an empty run_dir resumes from there")
     bf16: Literal["auto", True, False] = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False
@@ -164,6 +166,8 @@ class Config(_Strict):
             raise ValueError(f"task names must be unique, repeated: {dupes}")
         if self.peft.method in PROMPT_LEARNING and (self.train.packing or self.train.padding_free):
             raise ValueError(f"peft.method={self.peft.method} cannot be combined with packing or padding_free")
+        if self.train.hub_checkpoints and not self.hub.repo_id:
+            raise ValueError("train.hub_checkpoints needs hub.repo_id (checkpoints go to the private repo <repo_id>-checkpoints)")
         if self.train.padding_free and not self.train.packing and self.model.attn_implementation != "flash_attention_2":
             raise ValueError("train.padding_free without packing needs model.attn_implementation=flash_attention_2")
         return self

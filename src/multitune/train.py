@@ -20,6 +20,7 @@ from multitune.data import TaskData, save_splits
 from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.hub import mirror_root
+from multitune.hub_checkpoints import fetch_newest_checkpoint, hub_callbacks
 from multitune.model import apply_peft, load_model, load_tokenizer
 from multitune.prepared import prepare
 from multitune.run import RunDir
@@ -149,6 +150,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
     state = PartialState()
+    fetch_newest_checkpoint(cfg, run, state, resume=resume and not overwrite)  # a fresh pod: the run's newest Hub checkpoint
     # Everything that can reject the input runs before anything is written to the run directory.
     resuming = run.check(cfg, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
@@ -171,7 +173,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     trainer = MultitaskTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, task_data=data, formatter=formatter, cfg=cfg,
-        callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), stop],
+        callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), stop, *hub_callbacks(cfg, run)],
     )
     last = latest_complete(run.checkpoints) if resuming else None
     agree_on_resume(resuming, last)

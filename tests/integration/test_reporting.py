@@ -46,7 +46,9 @@ def test_push_uploads_adapter_and_model_card(assets, tmp_path, monkeypatch):
             calls["create"] = (repo_id, private)
 
         def upload_folder(self, repo_id, folder_path, commit_message):
-            calls["upload"] = (repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()))
+            folder = __import__("pathlib").Path(folder_path)  # a temporary folder: read it during the call
+            calls["upload"] = (repo_id, sorted(p.name for p in folder.iterdir()))
+            calls["card"], calls["metrics"] = (folder / "README.md").read_text(), json.loads((folder / "metrics.json").read_text())
             return "ok"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
@@ -56,6 +58,6 @@ def test_push_uploads_adapter_and_model_card(assets, tmp_path, monkeypatch):
     assert calls["create"] == ("me/tiny-multitask", True)
     repo, files = calls["upload"]
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.json", "tokenizer.json"} <= set(files)
-    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    card = calls["card"]
     assert "base_model:" in card and "| claims |" in card and "hf_NOTsupposedTOleak" not in card
-    assert json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())["claims"]["n"] > 0
+    assert calls["metrics"]["claims"]["n"] > 0
