@@ -20,7 +20,7 @@ from multitune.data import TaskData, save_splits
 from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.hub import mirror_root
-from multitune.model import apply_peft, load_model, load_tokenizer
+from multitune.model import adapters_in_fp32, apply_peft, bf16_supported, check_requirements, load_model, load_tokenizer
 from multitune.prepared import prepare
 from multitune.run import RunDir
 from multitune.tasks import resolve_tasks
@@ -37,6 +37,7 @@ class MultitaskTrainer(SFTTrainer):
 
     def __init__(self, *args, task_data: list[TaskData], formatter: Formatter, cfg: Config, **kwargs):
         super().__init__(*args, **kwargs)
+        adapters_in_fp32(self.model)  # TRL made a 4-bit model's adapters bf16; every method trains fp32 adapters
         self.task_data, self.formatter, self.mt_cfg = task_data, formatter, cfg
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -57,7 +58,7 @@ class MultitaskTrainer(SFTTrainer):
 
 def _bf16(cfg: Config) -> bool:
     if cfg.train.bf16 == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bf16_supported()
     return bool(cfg.train.bf16)
 
 
@@ -150,6 +151,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
     state = PartialState()
     # Everything that can reject the input runs before anything is written to the run directory.
+    check_requirements(cfg)
     resuming = run.check(cfg, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
     formatter = Formatter(tokenizer, cfg.model.max_length)
@@ -165,7 +167,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     state.wait_for_everyone()
 
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
-    model = apply_peft(load_model(cfg), cfg, cfg.train.gradient_checkpointing)
+    model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
     _init_wandb(cfg, run)
     stop = GracefulStop()
     trainer = MultitaskTrainer(
