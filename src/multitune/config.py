@@ -27,7 +27,9 @@ class ModelConfig(_Strict):
     revision: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    max_length: int = Field(512, gt=8, description="prompt + completion tokens; prompts are cut from the left")
+    max_length: int = Field(
+        512, gt=8, description="prompt + completion tokens; a longer example's input text is cut in the middle, never its answer"
+    )
     trust_remote_code: bool = False
 
 
@@ -60,6 +62,7 @@ class TaskConfig(_Strict):
     dataset: str | None = Field(None, description="Hub id or local path (dir, .csv, .json(l), .parquet)")
     subset: str | None = None
     split: str = "train"
+    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit) to pin; default: the latest")
     # classification
     text_column: str | None = None
     label_column: str | None = None
@@ -72,6 +75,9 @@ class TaskConfig(_Strict):
     messages_column: str | None = None
     prompt_column: str | None = None
     response_column: str | None = None
+    assistant_turns: Literal["all", "last"] = Field(
+        "all", description="chat: which assistant turns of a conversation carry loss (every one, or the last only)"
+    )
     # prompt wording ("hard prompts")
     template: str = "default"
     system_prompt: str | None = None

@@ -329,8 +329,7 @@ class Scorer:
         return [i for i, _ in found], [v for _, v in found]
 
     def _prompts(self, examples: list[Example], reserve: int) -> list[list[int]]:
-        raw = self.formatter._ids(self.formatter.prompt_texts(examples))
-        return [self.formatter.fit_prompt(p, reserve) for p in raw]
+        return self.formatter.prompt_ids(examples, reserve)
 
     @_with_sdpa
     def likelihood(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> torch.Tensor:

@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 
 from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, agree_on_resume, latest_complete
 from multitune.config import Config
-from multitune.data import TaskData, save_splits
+from multitune.data import TaskData, save_splits, training_summary
 from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.hub import mirror_root
@@ -163,7 +163,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     if writer:
         run.prepare(cfg, resuming=resuming)
         save_splits(data, run.splits)
-        print(f"training on {len(train_ds)} examples from {len(data)} tasks{' (tokenised data from the cache)' if prepared.cached else ''}: " + ", ".join(f"{td.task.name}={len(td.train)}" for td in data))
+        print(training_summary(data, len(train_ds), formatter, prepared.cached))
     state.wait_for_everyone()
 
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
