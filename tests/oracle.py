@@ -45,3 +45,20 @@ def mean_loss(model, input_ids: list[list[int]], labels: list[list[int]]) -> flo
         nll, n = summed_nll(model, ids, lab)
         total, count = total + nll, count + n
     return total / count
+
+
+def chat_inputs(tokenizer, examples, labels: list[str], eot: str = "<|eot_id|>") -> tuple[list[list[int]], list[list[int]]]:
+    """Prompts and candidate completions from the tokenizer's own chat template, not multitune.formatting."""
+    prompts = [tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+               for ex in examples]
+    return prompts, [tokenizer(x + eot, add_special_tokens=False)["input_ids"] for x in labels]
+
+
+def accuracy_check(model, tokenizer, examples, labels: list[str], reported: float, tie: float = 1e-3) -> None:
+    """Assert that a reported accuracy is the oracle's: each row's label is the one with the highest summed
+    log-prob; a row whose top two are within ``tie`` nats may count either way."""
+    scores = logprobs(model, *chat_inputs(tokenizer, examples, labels))
+    top2 = scores.topk(min(2, len(labels)), dim=-1).values
+    ties = int((top2[:, 0] - top2[:, -1] < tie).sum()) if len(labels) > 1 else 0
+    correct = sum(int(p) == ex.label for p, ex in zip(scores.argmax(-1), examples, strict=True))
+    assert abs(reported * len(examples) - correct) <= ties + 1e-6, (reported, correct, len(examples), ties)

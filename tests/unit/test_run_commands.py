@@ -42,9 +42,7 @@ def test_one_task_run_needs_no_task_and_scores_are_label_probabilities(assets, t
     task = restore_task(RunDir(run), None)
     assert task.name == "claims"
     ex = task.example_from_text(text)
-    prompt = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    cands = [tokenizer(x + "<|eot_id|>", add_special_tokens=False)["input_ids"] for x in task.label_names]
-    probs = oracle.logprobs(model, [prompt], cands)[0].softmax(-1)
+    probs = oracle.logprobs(model, *oracle.chat_inputs(tokenizer, [ex], task.label_names))[0].softmax(-1)
     assert pred["label"] == task.label_names[int(probs.argmax())]
     assert pred["score"] == pytest.approx(float(probs.max()), abs=1e-4)
     assert torch.isclose(probs.sum(), torch.tensor(1.0, dtype=probs.dtype))

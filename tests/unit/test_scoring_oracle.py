@@ -67,13 +67,6 @@ def _trainer(cfg, model, tokenizer, tmp_path, task_data):
                             eval_dataset={}, processing_class=tokenizer, task_data=task_data, formatter=formatter, cfg=cfg)
 
 
-def _oracle_inputs(tokenizer, examples, labels):
-    prompts = [tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-               for ex in examples]
-    cands = [tokenizer(x + "<|eot_id|>", add_special_tokens=False)["input_ids"] for x in labels]
-    return prompts, cands
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_every_score_equals_the_models_own_loss(assets, tokenizer, tmp_path, data, method, monkeypatch):
     if method == "qlora":
@@ -89,7 +82,7 @@ def test_every_score_equals_the_models_own_loss(assets, tokenizer, tmp_path, dat
     expected = {}
     for td in labelled:
         rows = subsample(td.val, ROWS, cfg.seed)  # the rows the trainer scores at each evaluation
-        expected[td.task.name] = oracle.logprobs(model, *_oracle_inputs(tokenizer, rows, td.task.label_names))
+        expected[td.task.name] = oracle.logprobs(model, *oracle.chat_inputs(tokenizer, rows, td.task.label_names))
         # likelihood scoring (one trie pass, or full sequences for prompt learning): every candidate's score
         torch.testing.assert_close(scorer.likelihood(rows, td.task.label_names), expected[td.task.name], atol=1e-4,
                                    rtol=_rtol(method), msg=lambda m, name=td.task.name: f"{name}: {m}")
@@ -103,7 +96,7 @@ def test_every_score_equals_the_models_own_loss(assets, tokenizer, tmp_path, dat
 
     # chat loss: the token-weighted mean NLL of the responses
     rows = data["chat"].val[:ROWS]
-    prompts, _ = _oracle_inputs(tokenizer, rows, [])
+    prompts, _ = oracle.chat_inputs(tokenizer, rows, [])
     completions = [tokenizer(ex.target + "<|eot_id|>", add_special_tokens=False)["input_ids"] for ex in rows]
     expected_loss = oracle.mean_loss(model, [p + c for p, c in zip(prompts, completions, strict=True)],
                                      [[oracle.IGNORE] * len(p) + c for p, c in zip(prompts, completions, strict=True)])
@@ -147,7 +140,7 @@ def test_pruned_search_keeps_the_exact_argmax_in_bf16(assets, tokenizer, data):
     model.eval()
     td = data["banking77"]
     rows = td.val[:8]
-    expected = oracle.logprobs(model, *_oracle_inputs(tokenizer, rows, td.task.label_names))
+    expected = oracle.logprobs(model, *oracle.chat_inputs(tokenizer, rows, td.task.label_names))
     scorer = Scorer(model, Formatter(tokenizer, 192), batch_size=8)
     scorer.ONE_PASS_NODES = 0
     idx, _ = scorer.best_labels(rows, td.task.label_names)
