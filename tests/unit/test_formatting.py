@@ -74,12 +74,13 @@ def test_a_long_input_is_cut_in_its_middle_keeping_everything_else(tokenizer, tm
     f = Formatter(tokenizer, 150)
     enc = f.encode([ex])
     ids = enc["input_ids"][0]
-    assert len(ids) <= 150 and enc["truncated"] == [True]
     shown = tokenizer.decode(ids)
+    assert len(ids) <= 150
     assert shown.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + task.cfg.system_prompt)
     assert task.cfg.instruction in shown and "Answer with exactly one of: Claim, Not a Claim." in shown
     assert "Text: START my car" in shown and "by a truck END" in shown and "…" in shown  # head and tail of the text
     assert _supervised_spans(tokenizer, enc["labels"][0]) == ["Claim<|eot_id|>"]
+    assert enc["truncated"] == [True]
     # the inference prompt is cut the same way, leaving room for the longest label
     (prompt,) = f.prompt_ids([ex], reserve=8)
     assert len(prompt) <= 150 - 8 and tokenizer.decode(prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
