@@ -54,11 +54,12 @@ def chat_inputs(tokenizer, examples, labels: list[str], eot: str = "<|eot_id|>")
     return prompts, [tokenizer(x + eot, add_special_tokens=False)["input_ids"] for x in labels]
 
 
-def accuracy_check(model, tokenizer, examples, labels: list[str], reported: float, tie: float = 1e-3) -> None:
-    """Assert that a reported accuracy is the oracle's: each row's label is the one with the highest summed
-    log-prob; a row whose top two are within ``tie`` nats may count either way."""
+def accuracy_check(model, tokenizer, examples, labels: list[str], *reported: float, tie: float = 1e-3) -> None:
+    """Assert that each reported accuracy is the oracle's: each row's label is the one with the highest
+    summed log-prob; a row whose top two are within ``tie`` nats may count either way."""
     scores = logprobs(model, *chat_inputs(tokenizer, examples, labels))
     top2 = scores.topk(min(2, len(labels)), dim=-1).values
     ties = int((top2[:, 0] - top2[:, -1] < tie).sum()) if len(labels) > 1 else 0
     correct = sum(int(p) == ex.label for p, ex in zip(scores.argmax(-1), examples, strict=True))
-    assert abs(reported * len(examples) - correct) <= ties + 1e-6, (reported, correct, len(examples), ties)
+    for accuracy in reported:
+        assert abs(accuracy * len(examples) - correct) <= ties + 1e-6, (accuracy, correct, len(examples), ties)

@@ -25,8 +25,14 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name_or_path: str = Field(description="Hub id or local directory of a causal LM with a chat template")
     revision: str | None = None
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="auto: bf16 on GPUs that compute it natively (not V100/T4), else fp32; full fine-tuning loads "
+        "fp32 weights and trains under bf16 autocast (an fp32 master copy for AdamW)",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="training attention; scoring always runs SDPA (flash_attention_2 takes no tree mask)"
+    )
     max_length: int = Field(
         512, gt=8, description="prompt + completion tokens; a longer example's input text is cut in the middle, never its answer"
     )

@@ -49,10 +49,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: str, name: str = "") -> None:
-    """metrics.json and report.md; with a ``name``, metrics-<name>.json and report-<name>.md beside them
-    (a partial or other-mode evaluation, which must not replace the run's own results)."""
-    suffix = f"-{name}" if name else ""
+def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: str, variant: str = "") -> None:
+    """metrics.json and report.md; with a ``variant``, metrics-<variant>.json and report-<variant>.md beside
+    them (a partial or other-mode evaluation, which must not replace the run's own results)."""
+    suffix = f"-{variant}" if variant else ""
     (run_root / f"metrics{suffix}.json").write_text(json.dumps(results, indent=2))
     rows = summary_rows(results)
     md = [f"# {header}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]

@@ -118,17 +118,17 @@ class Formatter:
         if budget < 0:
             raise TooLong(f"it needs {-budget} token(s) more even with its input text cut out")
         # water-filling: every span keeps min(its length, level) tokens, for the largest level within budget
-        level = 0
-        while sum(min(len(s), level + 1) for s in spans) <= budget and level < max(len(s) for s in spans):
-            level += 1
+        lo, hi = 0, max(len(s) for s in spans)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if sum(min(len(s), mid) for s in spans) <= budget else (lo, mid - 1)
         messages = [dict(m) for m in ex.messages]
         for (i, text), ids in zip(ex.cuttable, spans, strict=True):
-            keep = min(len(ids), level)
-            if keep < len(ids):
+            keep, content = min(len(ids), lo), messages[i]["content"]
+            at = content.rfind(text)
+            if keep < len(ids) and at >= 0:  # a template that rewrote the text leaves nothing to cut here
                 head, tail = ids[: (keep + 1) // 2], ids[len(ids) - keep // 2 :]
                 short = self.tokenizer.decode(head) + CUT_MARK + self.tokenizer.decode(tail)
-                content = messages[i]["content"]
-                at = content.rfind(text)
                 messages[i]["content"] = content[:at] + short + content[at + len(text) :]
         return replace(ex, messages=messages)
 

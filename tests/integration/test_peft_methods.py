@@ -36,8 +36,8 @@ def test_method_trains_and_evaluates(assets, tmp_path, method):
     tokenizer = load_tokenizer(cfg.model, None, source=str(run.final))
     for td in load_tasks(cfg, run.splits, create=False):
         if td.task.name != "banking77":
-            for measured in (results, reloaded):
-                oracle.accuracy_check(model, tokenizer, td.val, td.task.label_names, measured[td.task.name]["accuracy"])
+            name = td.task.name
+            oracle.accuracy_check(model, tokenizer, td.val, td.task.label_names, results[name]["accuracy"], reloaded[name]["accuracy"])
     final = tmp_path / "run" / "final"
     assert (final / ("config.json" if method == "full" else "adapter_config.json")).exists()
     if method != "full":
