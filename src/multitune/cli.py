@@ -37,7 +37,11 @@ def eval_(
     mode: Annotated[str | None, typer.Option(help="likelihood or generate (default: the run's eval.mode)")] = None,
     max_rows: Annotated[int | None, typer.Option(help="score at most this many validation rows per task")] = None,
 ) -> None:
-    """Score a trained run on its recorded validation split; writes metrics.json and report.md."""
+    """Score a trained run on its recorded validation split.
+
+    The run's own mode on every row rewrites metrics.json and report.md; a partial (--max-rows) or
+    other-mode evaluation writes metrics-<mode>[-<N>rows].json and report-<...>.md beside them.
+    """
     from multitune.data import load_tasks
     from multitune.evaluate import evaluate_tasks, format_table, write_results
     from multitune.formatting import Formatter
@@ -54,15 +58,18 @@ def eval_(
     formatter = Formatter(load_tokenizer(cfg.model, None, source=str(run.final)), cfg.model.max_length)
     results = evaluate_tasks(load_for_inference(cfg, run.final), formatter, data, mode=mode, batch_size=cfg.eval.batch_size,
                              max_rows=max_rows, seed=cfg.seed)
-    write_results(run.root, results, f"multitune validation ({mode}): {cfg.model.name_or_path} ({cfg.peft.method})")
+    name = "-".join([mode] + ([f"{max_rows}rows"] if max_rows else [])) if mode != cfg.eval.mode or max_rows else ""
+    header = f"multitune validation ({mode}{f', at most {max_rows} rows per task' if max_rows else ''}): {cfg.model.name_or_path} ({cfg.peft.method})"
+    write_results(run.root, results, header, name)
     print(format_table(results))
+    print(f"wrote {run.root / (f'metrics-{name}.json' if name else 'metrics.json')}")
 
 
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `train`")],
     text: Annotated[list[str] | None, typer.Argument(help="input text(s)")] = None,
-    task: Annotated[str, typer.Option(help="which trained task to apply")] = ...,
+    task: Annotated[str | None, typer.Option(help="which trained task to apply (default: a one-task run's task)")] = None,
     input: Annotated[Path | None, typer.Option("--input", help="JSON lines: rows in the task's schema, or strings")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="write predictions here as JSON lines")] = None,
 ) -> None:
@@ -110,24 +117,29 @@ def validate(
 @app.command("make-tiny-model")
 def make_tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="where to save the model and tokenizer")],
-    config: Annotated[Path | None, typer.Option(help="train the tokenizer on this config's task texts (default: generated data)")] = None,
+    config: Annotated[Path | None, typer.Option(help="train on this config's training rows (default: generated data)")] = None,
     hidden: int = 128,
     layers: int = 4,
     vocab_size: int = 4096,
 ) -> None:
-    """Build a tiny Llama-architecture model with a BPE tokenizer trained on task texts (HF format)."""
+    """Build a tiny Llama-architecture model with a BPE tokenizer trained on task texts (HF format).
+
+    With --config, the tokenizer and the short pretraining see the training rows of the config's split
+    only (the split is deterministic: `train` with that config makes the same one), never its
+    validation rows, so that comparisons on the validation rows stay fair.
+    """
     from multitune import tiny
 
     if config is not None:
         from multitune.config import load_config
+        from multitune.data import load_tasks
         from multitune.hub import mirror_root
-        from multitune.tasks import build_task
 
         cfg = load_config(config)
         texts = []
-        for tcfg in cfg.tasks:
-            task = build_task(tcfg)
-            texts += tiny.dataset_texts(task.load(mirror_root(cfg.hub_mirror)), task.label_names)
+        for td in load_tasks(cfg, None, create=True):
+            rows = td.task.load(mirror_root(cfg.hub_mirror)).select(td.split["train"])
+            texts += tiny.dataset_texts(rows, td.task.label_names)
     else:
         texts = tiny.corpus(tiny.synthetic_datasets(out_dir / "generated-data"))
     tiny.make_tiny_model(out_dir, texts, vocab_size=vocab_size, hidden=hidden, layers=layers)

@@ -49,8 +49,11 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: str) -> None:
-    (run_root / "metrics.json").write_text(json.dumps(results, indent=2))
+def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: str, variant: str = "") -> None:
+    """metrics.json and report.md; with a ``variant``, metrics-<variant>.json and report-<variant>.md beside
+    them (a partial or other-mode evaluation, which must not replace the run's own results)."""
+    suffix = f"-{variant}" if variant else ""
+    (run_root / f"metrics{suffix}.json").write_text(json.dumps(results, indent=2))
     rows = summary_rows(results)
     md = [f"# {header}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -61,4 +64,4 @@ def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: st
         for cls, m in r["per_class"].items():
             if isinstance(m, dict) and cls not in ("macro avg", "weighted avg"):
                 md.append(f"| {cls} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1-score']:.3f} | {int(m['support'])} |")
-    (run_root / "report.md").write_text("\n".join(md) + "\n")
+    (run_root / f"report{suffix}.md").write_text("\n".join(md) + "\n")

@@ -9,6 +9,8 @@ distinct prefixes instead of 77 full passes; 5 one-letter choices cost the promp
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Sequence
 
@@ -25,6 +27,53 @@ def _uses_prompt_learning(model) -> bool:
     # Prompt/prefix tuning put virtual tokens in front of the input or in the KV cache themselves,
     # which does not compose with a cache we build; those models take the full-sequence path.
     return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
+def _virtual_positions(model) -> int:
+    """Positions a prompt-tuning model puts in front of the input, and so in front of its logits.
+
+    PEFT prepends ``num_virtual_tokens`` soft-prompt embeddings (and -100 labels) to every sequence;
+    prefix tuning puts them in the attention cache instead, leaving the logits aligned with the input.
+    """
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is None or not cfg.is_prompt_learning or str(cfg.peft_type).endswith("PREFIX_TUNING"):
+        return 0
+    return cfg.num_virtual_tokens
+
+
+def _input_logits(model, **inputs) -> torch.Tensor:
+    """The logits of a forward pass, one position per input token (virtual tokens dropped)."""
+    return model(**inputs).logits[:, _virtual_positions(model) :]
+
+
+@contextlib.contextmanager
+def sdpa_attention(model):
+    """Score with SDPA whatever attention the model trains with, then put the training choice back.
+
+    The tree attention mask needs an attention that takes an arbitrary mask (SDPA, eager);
+    flash_attention_2 does not, and scoring would fall back to one full forward per label (77 per
+    banking77 row). SDPA reads the same weights, so only the kernel changes.
+    """
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}
+    before = {k: c._attn_implementation_internal for k, c in configs.items()}
+    switch = any(v not in ("sdpa", None) for v in before.values()) and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if switch:  # restored as it was, without re-checking an implementation that loaded fine
+            for k, c in configs.items():
+                c._attn_implementation_internal = before[k]
+
+
+def _with_sdpa(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with sdpa_attention(self.model):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _left_pad(seqs: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +105,7 @@ def candidate_logprobs_reference(model, prompts: list[list[int]], cands: list[li
         chunk = rows[start : start + batch_size]
         ids = _right_pad([r[2] for r in chunk], pad_id, dev)
         mask = _right_pad([[1] * len(r[2]) for r in chunk], 0, dev)
-        logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        logp = F.log_softmax(_input_logits(model, input_ids=ids, attention_mask=mask).float(), dim=-1)
         for j, (i, k, seq, plen) in enumerate(chunk):
             pos = torch.arange(plen - 1, len(seq) - 1, device=dev)
             out[i, k] = logp[j, pos, ids[j, pos + 1]].sum().double().cpu()
@@ -261,6 +310,7 @@ class Scorer:
             self._tries[key] = LabelTrie(self.candidates(labels))
         return self._tries[key]
 
+    @_with_sdpa
     def best_labels(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> tuple[list[int], list[float]]:
         """The likelihood argmax and its log-prob: a search for large label sets, one trie pass for small ones."""
         trie = self.trie(labels)
@@ -279,9 +329,9 @@ class Scorer:
         return [i for i, _ in found], [v for _, v in found]
 
     def _prompts(self, examples: list[Example], reserve: int) -> list[list[int]]:
-        raw = self.formatter._ids(self.formatter.prompt_texts(examples))
-        return [self.formatter.fit_prompt(p, reserve) for p in raw]
+        return self.formatter.prompt_ids(examples, reserve)
 
+    @_with_sdpa
     def likelihood(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> torch.Tensor:
         """[N, K] every label's summed log-prob, one pass over prompt + label trie per batch."""
         cands, trie = self.candidates(labels), self.trie(labels)
@@ -299,6 +349,7 @@ class Scorer:
                 out[i] = r
         return out
 
+    @_with_sdpa
     @torch.no_grad()
     def generate(self, examples: list[Example], max_new_tokens: int, desc: str = "generating") -> list[str]:
         tok = self.formatter.tokenizer
@@ -316,6 +367,7 @@ class Scorer:
 
         return [t.strip() for t in self._in_length_order(prompts, greedy, desc)]
 
+    @_with_sdpa
     def predict_labels(self, examples: list[Example], labels: Sequence[str], mode: str = "likelihood") -> tuple[list[int], list[float]]:
         """Predicted label indices and their scores (log-prob for likelihood, 1/0 parse success for generation)."""
         if mode == "likelihood":
@@ -325,6 +377,7 @@ class Scorer:
         preds = [lookup.get(normalize_label(t), -1) for t in self.generate(examples, width)]
         return preds, [float(p >= 0) for p in preds]
 
+    @_with_sdpa
     @torch.no_grad()
     def loss(self, examples: list[Example]) -> dict[str, float]:
         """Mean completion-token loss and perplexity (chat tasks)."""
@@ -337,7 +390,7 @@ class Scorer:
             ids = _right_pad(enc["input_ids"][s : s + self.batch_size], self.pad_id, dev)
             labels = _right_pad(enc["labels"][s : s + self.batch_size], IGNORE, dev)
             mask = _right_pad([[1] * len(x) for x in enc["input_ids"][s : s + self.batch_size]], 0, dev)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = _input_logits(self.model, input_ids=ids, attention_mask=mask).float()
             shift = labels[:, 1:]
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), shift, ignore_index=IGNORE, reduction="sum")
             total += nll.item()

@@ -16,12 +16,12 @@ from trl import SFTConfig, SFTTrainer
 
 from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, agree_on_resume, latest_complete
 from multitune.config import Config
-from multitune.data import TaskData, save_splits
+from multitune.data import TaskData, save_splits, training_summary
 from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.hub import mirror_root
 from multitune.hub_checkpoints import fetch_newest_checkpoint, hub_callbacks
-from multitune.model import apply_peft, load_model, load_tokenizer
+from multitune.model import adapters_in_fp32, apply_peft, bf16_supported, check_requirements, load_model, load_tokenizer
 from multitune.prepared import prepare
 from multitune.run import RunDir
 from multitune.tasks import resolve_tasks
@@ -38,6 +38,7 @@ class MultitaskTrainer(SFTTrainer):
 
     def __init__(self, *args, task_data: list[TaskData], formatter: Formatter, cfg: Config, **kwargs):
         super().__init__(*args, **kwargs)
+        adapters_in_fp32(self.model)  # TRL made a 4-bit model's adapters bf16; every method trains fp32 adapters
         self.task_data, self.formatter, self.mt_cfg = task_data, formatter, cfg
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -58,7 +59,7 @@ class MultitaskTrainer(SFTTrainer):
 
 def _bf16(cfg: Config) -> bool:
     if cfg.train.bf16 == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bf16_supported()
     return bool(cfg.train.bf16)
 
 
@@ -152,6 +153,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     state = PartialState()
     fetch_newest_checkpoint(cfg, run, state, resume=resume and not overwrite)  # a fresh pod: the run's newest Hub checkpoint
     # Everything that can reject the input runs before anything is written to the run directory.
+    check_requirements(cfg)
     resuming = run.check(cfg, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
     formatter = Formatter(tokenizer, cfg.model.max_length)
@@ -163,11 +165,11 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     if writer:
         run.prepare(cfg, resuming=resuming)
         save_splits(data, run.splits)
-        print(f"training on {len(train_ds)} examples from {len(data)} tasks{' (tokenised data from the cache)' if prepared.cached else ''}: " + ", ".join(f"{td.task.name}={len(td.train)}" for td in data))
+        print(training_summary(data, len(train_ds), formatter, prepared.cached))
     state.wait_for_everyone()
 
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
-    model = apply_peft(load_model(cfg), cfg, cfg.train.gradient_checkpointing)
+    model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
     _init_wandb(cfg, run)
     stop = GracefulStop()
     trainer = MultitaskTrainer(
