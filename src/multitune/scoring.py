@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from multitune.distributed import any_rank, max_over_ranks
 from multitune.formatting import IGNORE, Formatter
 from multitune.tasks import Example
 from multitune.tasks.base import normalize_label
@@ -218,7 +219,7 @@ def candidate_logprobs(model, prompts: list[list[int]], cands: list[list[int]], 
 
 @torch.no_grad()
 def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: int, batch_size: int = 16,
-                    margin: float = 1e-4) -> tuple[list[int], list[float], int]:
+                    margin: float = 1e-4, lockstep: bool = False) -> tuple[list[int], list[float], int]:
     """The likelihood argmax without scoring every candidate: exact, and usually as cheap as greedy decoding.
 
     Follow the highest-scoring branch of the label trie token by token, like greedy decoding restricted
@@ -227,8 +228,14 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
     left behind scores below s - margin, the candidate reached is the argmax. Rows where one might win
     are rescored in full (one trie pass). Returns the indices, their scores, and how many rows were
     rescored.
+
+    With ``lockstep`` (every rank of a sharded model calls this on its own rows) the number of forward
+    passes must not depend on the rows, since under FSDP each one is a collective: each batch decodes
+    as many steps as the longest label needs (rows already done feed a filler token), and rescores
+    when any rank has a row to rescore (a rank with none makes one small pass).
     """
     dev = _model_device(model)
+    longest = max(len(c) for c in trie.cands)
     best, scores, rescored = [], [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -240,7 +247,7 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
         state, prefix, done = [-1] * B, [0.0] * B, [None] * B
         left_behind: list[list[tuple[float, int, int]]] = [[] for _ in range(B)]  # (bound, state, token)
         next_pos = pos[:, -1] + 1
-        while True:
+        for depth in range(longest):  # a candidate of n tokens is reached after n - 1 single-token passes
             feed = [0] * B
             for b in range(B):
                 if done[b] is not None:
@@ -260,7 +267,8 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
                     done[b] = cand
                 else:
                     state[b], feed[b] = node, pick
-            if all(d is not None for d in done):
+            finished = all(d is not None for d in done)
+            if depth == longest - 1 or (finished and not lockstep):
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
             step = torch.tensor(feed, device=dev)[:, None]
@@ -271,6 +279,8 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
         # branches (for any of these rows) and the ones reached; the others cannot win
         rivals = {b: [(s, t) for bound, s, t in left_behind[b] if bound > prefix[b] - margin] for b in range(B)}
         unsure = [b for b in range(B) if rivals[b]]
+        if lockstep and any_rank(bool(unsure)) and not unsure:
+            candidate_logprobs(model, batch[:1], trie.cands[:1], pad_id, batch_size)  # another rank rescores: keep pace
         if unsure:
             keep = sorted({k for b in unsure for st in rivals[b] for k in trie.under[st]} | {done[b] for b in unsure})
             sub = [trie.cands[k] for k in keep]
@@ -284,15 +294,22 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
 
 
 class Scorer:
-    """Scores one task's examples with a model, caching the tokenised label sets and their tries."""
+    """Scores one task's examples with a model, caching the tokenised label sets and their tries.
+
+    With ``lockstep`` (each rank of a distributed job scores its own rows with a model that may be
+    sharded, where every forward pass is a collective), every rank runs the same number of batches
+    of the same size, padded with repeated prompts whose results are dropped, and the same number of
+    forward passes per batch.
+    """
 
     # up to this many trie nodes (5 one-letter choices: 5), one pass over prompt + trie beats a search
     ONE_PASS_NODES = 64
 
-    def __init__(self, model, formatter: Formatter, batch_size: int = 16):
+    def __init__(self, model, formatter: Formatter, batch_size: int = 16, lockstep: bool = False):
         self.model = model
         self.formatter = formatter
         self.batch_size = batch_size
+        self.lockstep = lockstep
         self._cands: dict[tuple[str, ...], list[list[int]]] = {}
         self._tries: dict[tuple[str, ...], LabelTrie] = {}
         tok = formatter.tokenizer
@@ -321,7 +338,7 @@ class Scorer:
         self.rescored = 0
 
         def search(batch: list[list[int]]) -> list[tuple[int, float]]:
-            i, v, n = best_candidates(self.model, batch, trie, self.pad_id, len(batch))
+            i, v, n = best_candidates(self.model, batch, trie, self.pad_id, len(batch), lockstep=self.lockstep)
             self.rescored += n
             return list(zip(i, v, strict=True))
 
@@ -342,10 +359,15 @@ class Scorer:
     def _in_length_order(self, prompts: list[list[int]], fn, desc: str) -> list:
         """fn over batches of prompts of similar length (less padding); results in the input order."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        n_batches = max_over_ranks(len(batches)) if self.lockstep else len(batches)
         out: list = [None] * len(prompts)
-        for s in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", leave=False):
-            idx = order[s : s + self.batch_size]
-            for i, r in zip(idx, fn([prompts[i] for i in idx]), strict=True):
+        for b in tqdm(range(n_batches), desc=desc, unit="batch", leave=False):
+            idx = batches[b] if b < len(batches) else []
+            batch = [prompts[i] for i in idx]
+            if self.lockstep:  # full batches only; a rank out of rows repeats a prompt (or a pad token)
+                batch += [batch[0] if batch else (prompts[0] if prompts else [self.pad_id])] * (self.batch_size - len(batch))
+            for i, r in zip(idx, fn(batch)[: len(idx)], strict=True):  # results for repeated prompts are dropped
                 out[i] = r
         return out
 
@@ -362,6 +384,7 @@ class Scorer:
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=[eot_ids[-1], tok.eos_token_id], pad_token_id=self.pad_id,
+                synced_gpus=self.lockstep,  # a rank that is done keeps stepping until all are (transformers' own)
             )
             return tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 

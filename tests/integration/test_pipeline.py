@@ -144,11 +144,14 @@ def test_predict_text_and_jsonl(trained, tmp_path):
     assert pred["label"] in list("ABCDE")
 
 
-def test_finished_run_is_not_overwritten(trained, assets):
-    before = (trained / "metrics.json").read_bytes()
-    with pytest.raises(UserError, match="holds a finished run"):
-        train(config_from_dict(tiny_config(assets, trained)))
-    assert (trained / "metrics.json").read_bytes() == before
+def test_finished_run_is_not_overwritten(trained, assets, capsys):
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    # the same command again (a pod start script after a restart): finished, nothing to do
+    assert train(config_from_dict(tiny_config(assets, trained))) == json.loads(before[trained / "metrics.json"])
+    assert "holds a finished run with this config: nothing to do" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"holds a finished run with a different config \(train.learning_rate\)"):
+        train(config_from_dict(tiny_config(assets, trained, learning_rate=0.5)))
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before
 
 
 def test_sigkill_then_relaunch_resumes(assets, tmp_path):
