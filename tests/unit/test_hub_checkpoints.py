@@ -27,8 +27,9 @@ def fake_run(tmp_path: Path, steps=(4,)) -> RunDir:
         ck = run.checkpoints / f"checkpoint-{step}"
         (ck / "sub").mkdir(parents=True)
         save_file({"w": torch.ones(2)}, str(ck / "adapter_model.safetensors"))
-        for name in ("optimizer.pt", "rng_state.pth", "scheduler.pt", "sub/x.bin"):
-            (ck / name).write_bytes(b"\0" * 8)
+        for name in ("optimizer.pt", "rng_state.pth", "scheduler.pt"):  # whole torch files: what is_complete checks
+            torch.save({"step": step}, ck / name)
+        (ck / "sub/x.bin").write_bytes(b"\0" * 8)
         (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         (ck / "COMPLETE").write_text("{}")
     return run
