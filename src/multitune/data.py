@@ -123,8 +123,10 @@ def _check_recorded(task: Task, split: dict, examples: list[Example], ds: datase
     if "fingerprint" in split and split["fingerprint"] != fingerprint(task, ds):  # runs recorded before fingerprints: count only
         raise UserError(
             f"task {name}: the dataset's content changed since the split was recorded ({len(examples)} rows, as before, "
-            f"but not the same ones), so its row indices would now pick other rows; pin tasks.{name}.revision to the "
-            f"revision this run used (recorded: {split.get('revision') or 'none, the latest'}) or train a new run"
+            f"but not the same ones), so its row indices would now pick other rows; " + (
+                f"pin tasks.{name}.revision={split['revision']} (the revision this run recorded)" if split.get("revision") else
+                f"this run recorded no revision (it read the latest): pin tasks.{name}.revision to the dataset commit "
+                f"it trained on (the dataset's history on the Hub lists them by date)") + " or train a new run"
         )
 
 

@@ -75,7 +75,9 @@ def check_gpus(cfg: Config | None) -> list[Check]:
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     mem = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(len(names))]
     out = [Check("GPU", "ok", f"{len(names)} x {names[0]} ({mem[0]:.0f} GiB)" + ("" if len(set(names)) == 1 else " (mixed!)"))]
-    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    from multitune.model import bf16_supported
+
+    bf16 = bf16_supported()  # the same decision as training's dtype: auto
     out.append(Check("bf16", "ok" if bf16 else "warn", "native" if bf16 else "not native (emulated): training uses fp32",
                      "" if bf16 else "an Ampere or newer GPU (A100, L40S, H100) trains in bf16"))
     return out

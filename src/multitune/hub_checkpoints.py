@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from transformers import TrainerCallback
 
 from multitune.checkpoints import MARKER, is_complete, latest_complete
 from multitune.config import Config
+from multitune.distributed import checked
 from multitune.errors import UserError
 from multitune.run import RunDir
 
@@ -165,7 +167,8 @@ def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = T
 
     Call it on every rank before resume detection. Each node's first process downloads when its run
     directory holds no complete checkpoint (nodes without shared storage each need a copy); then every rank
-    meets at one barrier, whatever happened, so all ranks make the same collective call.
+    joins one all_gather of the outcome (:func:`multitune.distributed.checked`), so a failure on one node is
+    one clear error on every rank, never a rank left waiting.
     """
     if not cfg.train.hub_checkpoints:
         return None
@@ -174,11 +177,14 @@ def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = T
     if not get_token():
         raise UserError("train.hub_checkpoints needs a Hugging Face token with write access: export HF_TOKEN=... "
                         "or run `hf auth login` (nothing was written)")
-    found = None
-    if resume and state.is_local_main_process and not run.is_finished() and latest_complete(run.checkpoints) is None:
-        found = _download(cfg, run)
-    state.wait_for_everyone()
-    return found
+
+    def fetch() -> Path | None:
+        if resume and state.is_local_main_process and not run.is_finished() and latest_complete(run.checkpoints) is None:
+            return _download(cfg, run)
+        return None
+
+    # one agreed outcome: a node whose download failed must not leave the others waiting at a barrier
+    return checked(fetch)
 
 
 def _download(cfg: Config, run: RunDir) -> Path | None:
@@ -186,16 +192,24 @@ def _download(cfg: Config, run: RunDir) -> Path | None:
     try:
         steps = remote_steps(make_api(), repo, prefix)
     except Exception as e:
-        print(f"warning: cannot list {repo} ({type(e).__name__}); starting without a Hub checkpoint")
-        return None
+        # never start over silently: the run's first upload would then delete the Hub's newer checkpoints
+        raise UserError(f"cannot list the checkpoints of {prefix} in {repo} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); check the network and HF_TOKEN and "
+                        "relaunch, or pass --no-resume to start over (the Hub's checkpoints of this run are then replaced)") from None
     if not steps:
         print(f"no checkpoint of {prefix} on the Hub yet ({repo}): starting fresh")
         return None
     step = max(steps)
-    tmp = run.root.parent / f".{run.root.name}.hub-download-{os.getpid()}"
+    # unique per node and process: nodes may share this directory, and containers reuse pids
+    tmp = run.root.parent / f".{run.root.name}.hub-download-{socket.gethostname()}-{os.getpid()}"
     print(f"downloading checkpoint-{step} of {prefix} from {repo}")
-    snapshot_download(repo_id=repo, local_dir=str(tmp), allow_patterns=[
-        f"{prefix}/config.yaml", f"{prefix}/splits/*", f"{prefix}/wandb_id", f"{prefix}/checkpoints/checkpoint-{step}/*"])
+    try:
+        snapshot_download(repo_id=repo, local_dir=str(tmp), allow_patterns=[
+            f"{prefix}/config.yaml", f"{prefix}/splits/*", f"{prefix}/wandb_id", f"{prefix}/checkpoints/checkpoint-{step}/*"])
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"downloading checkpoint-{step} of {prefix} from {repo} failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); check the network and relaunch") from None
     src = tmp / prefix
     run.root.mkdir(parents=True, exist_ok=True)
     for f in sorted(p for p in src.rglob("*") if p.is_file() and "checkpoints" not in p.relative_to(src).parts):

@@ -61,16 +61,24 @@ def check_requirements(cfg: Config) -> None:
     """Optional packages the config needs, checked before anything is loaded or written."""
     import importlib.util
 
-    if cfg.model.attn_implementation == "flash_attention_2":
-        if importlib.util.find_spec("flash_attn") is None:
-            raise UserError(
-                "model.attn_implementation=flash_attention_2 needs the flash-attn package "
-                "(pip install flash-attn --no-build-isolation), or set model.attn_implementation=sdpa"
-            )
-        if not torch.cuda.is_available():
-            raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
-    if cfg.peft.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("peft.method=qlora needs the bitsandbytes package (pip install bitsandbytes), or use peft.method=lora")
+    for package, pip, need in (("flash_attn", "flash-attn --no-build-isolation", cfg.model.attn_implementation == "flash_attention_2"),
+                               ("bitsandbytes", "bitsandbytes", cfg.peft.method == "qlora")):
+        if not need:
+            continue
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"{_NEEDS[package]} needs the {pip.split()[0]} package (pip install {pip}), or {_INSTEAD[package]}")
+        try:  # installed but broken (a wheel built for another CUDA or torch) fails at import: say so, not a traceback
+            importlib.import_module(package)
+        except Exception as e:
+            raise UserError(f"{pip.split()[0]} is installed but does not import ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'no detail'}); reinstall it for this torch "
+                            f"(pip install --force-reinstall {pip}), or {_INSTEAD[package]}") from None
+    if cfg.model.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
+        raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
+
+
+_NEEDS = {"flash_attn": "model.attn_implementation=flash_attention_2", "bitsandbytes": "peft.method=qlora"}
+_INSTEAD = {"flash_attn": "set model.attn_implementation=sdpa", "bitsandbytes": "use peft.method=lora"}
 
 
 def adapters_in_fp32(model) -> None:

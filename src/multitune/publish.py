@@ -101,7 +101,8 @@ def model_card(run: RunDir, cfg: Config, results: dict[str, Any], tokenizer, *, 
     datasets = sorted({d for d in (_hub_id(t.dataset) for t in cfg.tasks) if d})
     lib = "transformers" if merged or cfg.peft.method == "full" else "peft"
     data = ModelCardData(
-        model_name=repo_id.split("/")[-1], base_model=_hub_id(base) or base, datasets=datasets or None, library_name=lib,
+        model_name=repo_id.split("/")[-1], base_model=_hub_id(base),  # a local path is no Hub id (and names the build machine's disk)
+        datasets=datasets or None, library_name=lib,
         tags=["multitune", cfg.peft.method, "multi-task", *(["merged"] if merged else [])], pipeline_tag="text-generation",
         eval_results=eval_results(cfg, results) or None, **lic,
     )
@@ -113,7 +114,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _body(run, cfg, results, tokenizer, repo_id, merged, lic_note) -> str:
-    base, p, t = cfg.model.name_or_path, cfg.peft, cfg.train
+    base, p, t = _shown(cfg.model.name_or_path), cfg.peft, cfg.train  # a Hub id, or a local folder's name only
     launch = json.loads((run.root / "launch.json").read_text()) if (run.root / "launch.json").exists() else {}
     world = launch.get("world_size", 1)
     method = f"`{p.method}`" + (f" (r={p.r}, alpha={p.alpha}, dropout={p.dropout}, targets={p.target_modules})"

@@ -33,7 +33,7 @@ def atomic_write(path: Path, text: str) -> None:
 HARMLESS = (
     "run_dir", "hub_mirror", "eval.", "hub.", "train.report_to", "train.wandb.", "train.logging_steps",
     "train.eval_steps", "train.eval_rows_during_training", "train.save_steps", "train.save_minutes",
-    "train.save_total_limit", "train.save_on_each_node", "train.dataloader_workers",
+    "train.save_total_limit", "train.save_on_each_node", "train.dataloader_workers", "train.hub_checkpoints",
 )
 # The batch layout may change on resume (a pod that comes back with fewer GPUs) as long as the global
 # batch stays that of the checkpoint; train.py checks that against the checkpoint itself.

@@ -244,6 +244,7 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
     refuse_unresumable(cfg)
 
     def inspect() -> tuple[str, int, tuple[str, ...]]:
+        require_push_token(cfg)
         relaunch = run.check(cfg, resume=resume, overwrite=overwrite)
         last = latest_complete(run.checkpoints) if relaunch.mode != "new" else None
         return relaunch.mode, step_of(last), relaunch.changed
@@ -281,6 +282,16 @@ def _resume_grad_accum(cfg: Config, args: SFTConfig, checkpoint: Path, grad_accu
                         f"({saved}) on {now.world_size} process(es) would reorder the data; resume on "
                         f"{saved.world_size} process(es)")
     return grad_accum_for_resume(saved, now, grad_accum_from_user=grad_accum_from_user)
+
+
+def require_push_token(cfg: Config) -> None:
+    """hub.push uploads after training: a missing token must stop the launch now, not after hours of paid training."""
+    if cfg.hub.push:
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise UserError("hub.push needs a Hugging Face token with write access: export HF_TOKEN=hf_... or run "
+                            "`hf auth login`, or set hub.push=false and run `multitune push RUN_DIR` later (nothing was trained)")
 
 
 def already_finished(run: RunDir) -> dict[str, Any]:
@@ -351,7 +362,10 @@ def evaluate_and_report(trainer: SFTTrainer, cfg: Config, run: RunDir, setup: Se
     if cfg.hub.push and rank() == 0:
         from multitune.publish import push
 
-        push(run, cfg, results)
+        try:
+            push(run, cfg, results)
+        except UserError as e:  # the run is trained and saved: a failed upload must not lose it or hang the other ranks
+            print(f"warning: {e}; the run is complete in {run.root}: push it with `multitune push {run.root}`", flush=True)
     trainer.accelerator.wait_for_everyone()
     return results
 

@@ -198,7 +198,9 @@ def test_model_card_header_and_results_read_back_by_huggingface_hub(published):
 
     text = (published.root / "dry" / "README.md").read_text()
     header = yaml.safe_load(text.split("---\n")[1])
-    assert header["base_model"] == published.cfg.model.name_or_path and header["library_name"] == "peft"
+    # the tiny base is a local folder: no Hub id to name, and the builder's path never reaches the card
+    assert "base_model" not in header and header["library_name"] == "peft"
+    assert str(published.cfg.model.name_or_path) not in text
     assert header["license"] == "apache-2.0"  # inherited from the base model's card
     assert {"multitune", "lora", "multi-task"} <= set(header["tags"])
     metrics = json.loads((published.root / "dry" / "metrics.json").read_text())

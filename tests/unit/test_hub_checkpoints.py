@@ -116,3 +116,32 @@ def test_hub_checkpoints_need_a_repo_and_a_token(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="needs a Hugging Face token"):
         hub_checkpoints.fetch_newest_checkpoint(_cfg(tmp_path), RunDir(tmp_path / "myrun"), state)
     assert not (tmp_path / "myrun").exists()
+
+
+@pytest.mark.parametrize("failing", ["listing", "download"])
+def test_an_unreachable_hub_on_a_fresh_pod_is_an_error_not_a_fresh_start(tmp_path, monkeypatch, failing):
+    """Starting from step 0 instead would make the first upload delete the Hub's newer checkpoints."""
+    hub = install(monkeypatch, FakeHub(tmp_path / "hub"))
+    lost = fake_run(tmp_path / "lost-pod", steps=(4,))
+    HubCheckpoints(_cfg(tmp_path), lost).on_save(SimpleNamespace(output_dir=str(lost.checkpoints)),
+                                                 SimpleNamespace(global_step=4, is_world_process_zero=True), None)
+    wait_for_uploads()
+    assert "myrun/checkpoints/checkpoint-4/COMPLETE" in hub.files("me/tuned-checkpoints")
+
+    def unreachable(*a, local_dir=None, **k):
+        if local_dir:  # a download cut off half way
+            (Path(local_dir) / "myrun").mkdir(parents=True)
+            (Path(local_dir) / "myrun" / "config.yaml").write_text("partial")
+        raise ConnectionError("Hub unreachable")
+
+    if failing == "listing":
+        monkeypatch.setattr(hub, "list_repo_tree", unreachable)
+    else:
+        monkeypatch.setattr(hub_checkpoints, "snapshot_download", unreachable)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    fresh = RunDir(tmp_path / "fresh-pod" / "myrun")
+    fresh.root.parent.mkdir(parents=True)
+    with pytest.raises(UserError, match="ConnectionError: Hub unreachable.*relaunch"):
+        hub_checkpoints.fetch_newest_checkpoint(_cfg(tmp_path), fresh, SimpleNamespace(is_local_main_process=True))
+    assert not fresh.checkpoints.exists()
+    assert list((tmp_path / "fresh-pod").iterdir()) == []  # no half download left behind

@@ -98,3 +98,19 @@ def test_scoring_uses_sdpa_under_a_training_only_attention(assets, tokenizer):
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
     assert calls == ["sdpa"]  # one trie pass for the batch of 2 prompts x 3 labels
     assert model.config._attn_implementation == "flash_attention_2"
+
+
+def test_an_installed_bitsandbytes_that_cannot_import_is_one_clear_error(monkeypatch, assets, tmp_path, loaded):
+    import importlib
+
+    real = importlib.import_module
+
+    def broken(name, *a):
+        if name == "bitsandbytes":
+            raise RuntimeError("CUDA Setup failed despite GPU being available\nmore lines")
+        return real(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(UserError, match=r"bitsandbytes is installed but does not import \(RuntimeError: CUDA Setup failed"):
+        load_model(_cfg(assets, tmp_path, "qlora"))
+    assert not loaded

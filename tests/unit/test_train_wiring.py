@@ -30,3 +30,19 @@ def test_full_fine_tuning_keeps_fsdp_activation_checkpointing(tmp_path, monkeypa
     # FSDP checkpoints the layers itself: transformers must not do it a second time
     assert not sft_config(cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})}),
                           RunDir(tmp_path / "run")).activation_checkpointing
+
+
+def test_push_without_a_token_stops_the_launch_before_training(tmp_path, monkeypatch):
+    """hub.push uploads at the end: the missing token is found before hours of training, not after."""
+    import pytest
+
+    from multitune.errors import UserError
+    from multitune.train import train
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # no stored login either
+    cfg = config_from_dict({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": "m"}, "tasks": [{"name": "claims", "dataset": "d"}],
+                            "hub": {"push": True, "repo_id": "me/tuned"}})
+    with pytest.raises(UserError, match="hub.push needs a Hugging Face token"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
