@@ -42,6 +42,10 @@ def predict(run_dir: Path, task_name: str, inputs: list[dict[str, Any] | str], m
     run.require_finished()
     cfg = run.load_config()
     task = restore_task(run, task_name)
+    if cfg.head == "classifier":  # the run's classification head gives the label and its probability
+        from multitune import classifier
+
+        return classifier.predict(run, cfg, task, inputs)
     examples = [task.example_from_input(x) for x in inputs]
     tokenizer = load_tokenizer(cfg.model, None, source=str(run.final))
     scorer = Scorer(load_for_inference(cfg, run.final), Formatter(tokenizer, cfg.model.max_length), cfg.eval.batch_size)

@@ -143,6 +143,10 @@ def _init_wandb(cfg: Config, run: RunDir) -> None:
 
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate; under torchrun/accelerate every rank calls this, and only rank 0 writes files."""
+    if cfg.head == "classifier":  # a classification head per task instead of writing the label
+        from multitune import classifier
+
+        return classifier.train(cfg, resume=resume, overwrite=overwrite)
     cfg = resolve_tasks(cfg)
     run = RunDir(Path(cfg.run_dir))
     cfg = checkpointing_for_peft(cfg)
