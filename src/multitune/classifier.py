@@ -256,6 +256,8 @@ def predict(run: RunDir, cfg: Config, task: Task, inputs: list[dict[str, Any] | 
     out = weights_dir(cfg, run, task.name)
     tokenizer = load_tokenizer(cfg.model, None, source=str(out))
     model, heads = load_trained(cfg, out, tokenizer)
+    if heads.labels.get(task.name) != task.label_names:
+        raise UserError(f"{out / HEADS_FILE} does not hold task {task.name}'s labels; the run directory is inconsistent")
     ids = prompt_ids(Formatter(tokenizer, cfg.model.max_length), examples)
     probs = probabilities(model, tokenizer, ids, heads.rows(task.name), cfg.eval.batch_size)
     return [{"label": task.label_names[int(p.argmax())], "score": round(float(p.max()), 4)} for p in probs]
