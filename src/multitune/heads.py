@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from multitune import hub
 from multitune.config import Config
 from multitune.errors import UserError
 from multitune.formatting import Formatter
@@ -121,6 +122,7 @@ def build_model(cfg: Config, heads: Heads, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
     model = _load_base(cfg, heads, tokenizer, AutoModelForSequenceClassification)
+    init_from_label_words(model, heads, tokenizer, lambda: _output_embeddings(cfg, model))
     if cfg.peft.method == "qlora":
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     pc = peft_config(cfg.peft, model)
@@ -128,6 +130,56 @@ def build_model(cfg: Config, heads: Heads, tokenizer):
         return model
     pc.task_type = "SEQ_CLS"
     return peft.get_peft_model(model, pc)
+
+
+@torch.no_grad()
+def init_from_label_words(model, heads: Heads, tokenizer, output_embeddings) -> None:
+    """Start each label's row of the score layer at the mean of the LM's output-embedding rows of its tokens.
+
+    The head then begins as the base model's own verbalizer (a label scores what the LM head would give
+    its words), at the scale the trunk's hidden states are trained for. A fresh row (std 0.02) gives
+    near-uniform logits and sends the trunk little gradient: on the real banking77 (4000 rows, 2 epochs,
+    the tiny mirror model) accuracy went from 3.3% with it to 24% with this (README, "A classification head").
+    ``output_embeddings()`` returns the [vocab, hidden] matrix, or None to keep the random rows.
+    """
+    table = output_embeddings()
+    if table is None:
+        print("note: the base model's output embeddings were not found; the classifier head starts from random rows")
+        return
+    names = [n for labels in heads.labels.values() for n in labels]
+    ids = tokenizer(names, add_special_tokens=False)["input_ids"]
+    score = model.score.weight
+    rows = torch.stack([table[i].float().mean(0) if i else torch.zeros(score.shape[1]) for i in ids])
+    score.copy_(rows.to(score.device, score.dtype))
+
+
+def _output_embeddings(cfg: Config, model):
+    """The LM head's weight: the input embeddings when tied, else read from the checkpoint (the sequence
+    classifier does not load it). Reads only the rows asked for, lazily, through a safetensors slice."""
+    if model.config.get_text_config().tie_word_embeddings:
+        return model.get_input_embeddings().weight
+    try:
+        from safetensors import safe_open
+        from transformers.utils import cached_file
+
+        src = hub.resolve(cfg.model.name_or_path, "model", hub.mirror_root(cfg.hub_mirror))
+        kw = {"revision": cfg.model.revision, "_raise_exceptions_for_missing_entries": False}
+        index = cached_file(src, "model.safetensors.index.json", **kw)
+        name = json.loads(Path(index).read_text())["weight_map"]["lm_head.weight"] if index else "model.safetensors"
+        handle = safe_open(cached_file(src, name, **kw), framework="pt")
+        return _Rows(handle.get_slice("lm_head.weight"))
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+class _Rows:
+    """``table[ids]`` for a safetensors slice: one row at a time, so a 128k-row LM head is never loaded whole."""
+
+    def __init__(self, sliced):
+        self.sliced = sliced
+
+    def __getitem__(self, ids: list[int]) -> torch.Tensor:
+        return torch.cat([self.sliced[i : i + 1] for i in ids])
 
 
 def _load_base(cfg: Config, heads: Heads, tokenizer, loader):

@@ -141,3 +141,30 @@ def test_train_refuses_chat_tasks_and_push_writing_nothing(run_cli, assets, tmp_
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     assert_clean_error(run_cli("train", tmp_path / "c.yaml"), fragment)
     assert not (tmp_path / "run").exists()
+
+
+def _label_word_rows(lm_head: torch.Tensor, tokenizer, heads: Heads) -> torch.Tensor:
+    names = [n for labels in heads.labels.values() for n in labels]
+    return torch.stack([lm_head[tokenizer(n, add_special_tokens=False)["input_ids"]].mean(0) for n in names])
+
+
+def _trained_head(model) -> torch.Tensor:
+    return model.get_base_model().score.modules_to_save["default"].weight
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_starts_from_the_lms_label_word_rows(lora_cfg, tokenizer, tmp_path, tied):
+    """Oracle: the causal LM's own output layer, read through AutoModelForCausalLM, not by the code under test."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = lora_cfg
+    lm = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
+    if not tied:  # an untied LM head (Llama 3 8B's layout): it lives in the checkpoint only
+        lm.config.tie_word_embeddings = False
+        lm.lm_head.weight = torch.nn.Parameter(torch.randn_like(lm.lm_head.weight))
+        lm.save_pretrained(tmp_path)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(tmp_path)})})
+        lm = AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert not torch.equal(lm.lm_head.weight, lm.get_input_embeddings().weight)
+    expected = _label_word_rows(lm.get_output_embeddings().weight.detach(), tokenizer, HEADS)
+    torch.testing.assert_close(_trained_head(build_model(cfg, HEADS, tokenizer)), expected)
