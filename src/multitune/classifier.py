@@ -4,15 +4,22 @@ The run is laid out like an LM run (config.yaml, splits/, checkpoints/, final/, 
 report.md, DONE), so `multitune eval` and `multitune predict` work on it and its metrics have the same
 schema. With ``strategy: joint`` one adapter is trained on every task with one score layer holding
 each task's head (final/); with ``strategy: per_task`` each task gets its own adapter and head,
-trained one after the other (final/<task>/, checkpoints/<task>/). Training is transformers' Trainer
-(there is no completion to supervise, so TRL's SFTTrainer has nothing to add) with the LM path's
-arguments and checkpoint callbacks.
+trained one after the other (final/<task>/, checkpoints/<task>/; the run's trainer_state.json is the
+last task's, each task's own is in final/<task>/).
+
+A launch goes through the LM path's stages (multitune.train): ``plan_launch`` for each model the run
+trains (the same refusals, resume agreement across ranks and relaunch of a finished run),
+``prepare_run`` (split, data cache, run directory), ``fit`` and ``save_outputs``. Only the trainer
+and the scoring differ: transformers' Trainer (there is no completion for TRL's SFTTrainer to
+supervise) on the LM path's prompts with the LM path's arguments, checkpoint callbacks and FSDP
+adapter checkpoints.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +28,26 @@ import torch
 from accelerate import PartialState
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, agree_on_resume, latest_complete
+from multitune.adapter_state import PortableAdapterCheckpoints
+from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints
 from multitune.config import Config
-from multitune.data import TaskData, _weighted, load_tasks, save_splits, subsample
+from multitune.data import TaskData, _weighted, subsample
+from multitune.distributed import any_rank, checked
 from multitune.errors import UserError
 from multitune.evaluate import format_table, write_results
-from multitune.formatting import Formatter
+from multitune.formatting import Formatter, TooLong
 from multitune.heads import HEADS_FILE, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.hub import mirror_root
-from multitune.model import load_tokenizer
+from multitune.model import adapters_in_fp32, load_tokenizer
 from multitune.run import RunDir
-from multitune.tasks import Task, resolve_tasks
-from multitune.train import _init_wandb, checkpointing_for_peft, launch_facts, save_final, sft_config
+from multitune.tasks import Example, Task, resolve_tasks
+from multitune.train import (
+    Setup, _init_wandb, already_finished, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs, sft_config,
+)
 
 MODE = "classifier"  # the `mode` recorded in metrics.json, beside the LM path's likelihood / generate
 COST_FILE = "cost.json"
+COST_KEYS = ("train_seconds", "trainable_params", "tokens_seen")
 
 
 def check(cfg: Config) -> None:
@@ -46,17 +58,32 @@ def check(cfg: Config) -> None:
                         "remove them from this run or train them with head: lm")
     if cfg.hub.push:
         raise UserError("hub.push is not supported with head: classifier yet; upload run_dir/final with `hf upload`")
+    if cfg.train.hub_checkpoints:
+        raise UserError("train.hub_checkpoints is not supported with head: classifier yet; keep run_dir on a volume")
 
 
-def groups(cfg: Config, run: RunDir, data: list[TaskData]) -> list[tuple[list[TaskData], Path, Path]]:
-    """(tasks, weights folder, checkpoints folder) of each model the run trains: one, or one per task."""
-    if cfg.strategy == "joint":
-        return [(data, run.final, run.checkpoints)]
-    return [([td], run.final / td.task.name, run.checkpoints / td.task.name) for td in data]
+@dataclass(frozen=True)
+class TaskRun(RunDir):
+    """The run directory as one task's model sees it (strategy: per_task): its own checkpoints and weights,
+    the run's config, split, metrics and DONE, so the LM path's stages apply to it unchanged."""
+
+    task: str = ""
+
+    checkpoints = property(lambda self: self.root / "checkpoints" / self.task)
+    final = property(lambda self: self.root / "final" / self.task)
 
 
-def weights_dir(cfg: Config, run: RunDir, task: str) -> Path:
-    return run.final if cfg.strategy == "joint" else run.final / task
+def parts(cfg: Config, run: RunDir) -> list[RunDir]:
+    """Where each model the run trains lives: the run itself (joint), or one TaskRun per task."""
+    return [run] if cfg.strategy == "joint" else [TaskRun(run.root, t.name) for t in cfg.tasks]
+
+
+def part_of(cfg: Config, run: RunDir, task: str) -> RunDir:
+    return run if cfg.strategy == "joint" else TaskRun(run.root, task)
+
+
+def tasks_of(part: RunDir, data: list[TaskData]) -> list[TaskData]:
+    return [td for td in data if not isinstance(part, TaskRun) or td.task.name == part.task]
 
 
 def heads_of(data: list[TaskData]) -> Heads:
@@ -66,12 +93,20 @@ def heads_of(data: list[TaskData]) -> Heads:
 # ---------------------------------------------------------------- data and metrics
 
 
+def task_prompts(td: TaskData, formatter: Formatter, rows: list[Example]) -> list[list[int]]:
+    """The rows' prompt tokens (input text cut in the middle to fit model.max_length), errors naming the task."""
+    try:
+        return prompt_ids(formatter, rows)
+    except TooLong as e:
+        raise UserError(f"task {td.task.name}: {e}") from None
+
+
 def training_dataset(data: list[TaskData], heads: Heads, formatter: Formatter, seed: int) -> datasets.Dataset:
     """Prompt tokens and global head rows of every task's training examples, each task scaled by its weight."""
     columns: dict[str, list] = {"input_ids": [], "labels": []}
     for td in data:
         labels = [heads.global_label(td.task.name, ex.label) for ex in td.train]
-        rows = list(zip(prompt_ids(formatter, td.train), labels, strict=True))
+        rows = list(zip(task_prompts(td, formatter, td.train), labels, strict=True))
         rows = _weighted(rows, td.task.cfg.weight, seed)  # the LM path's mixing, so both heads see the same stream
         columns["input_ids"] += [r[0] for r in rows]
         columns["labels"] += [r[1] for r in rows]
@@ -85,7 +120,7 @@ def validation_datasets(
     for td in data:
         rows = subsample(td.val, max_rows, seed)
         labels = [heads.global_label(td.task.name, ex.label) for ex in rows]
-        out[td.task.name] = datasets.Dataset.from_dict({"input_ids": prompt_ids(formatter, rows), "labels": labels})
+        out[td.task.name] = datasets.Dataset.from_dict({"input_ids": task_prompts(td, formatter, rows), "labels": labels})
     return out
 
 
@@ -112,7 +147,7 @@ def evaluate(model, formatter: Formatter, data: list[TaskData], heads: Heads, *,
     results = {}
     for td in data:
         rows = subsample(td.val, max_rows or td.task.cfg.max_eval_rows, seed)
-        ids = prompt_ids(formatter, rows)
+        ids = task_prompts(td, formatter, rows)
         pred = probabilities(model, formatter.tokenizer, ids, heads.rows(td.task.name), batch_size).argmax(-1).tolist()
         results[td.task.name] = {"kind": td.task.kind, "mode": MODE, **td.task.score([ex.label for ex in rows], pred)}
     return results
@@ -121,139 +156,140 @@ def evaluate(model, formatter: Formatter, data: list[TaskData], heads: Heads, *,
 # ---------------------------------------------------------------- training
 
 
-def _all_ranks_agree(flag: bool) -> bool:
-    """True only when every rank sees ``flag`` (e.g. a task's finished weights): one collective, on every rank."""
-    import torch.distributed as dist
+class HeadTrainer(PortableAdapterCheckpoints, Trainer):
+    """Trainer with the LM path's FSDP adapter checkpoints and fp32 adapters (see train.MultitaskTrainer)."""
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        adapters_in_fp32(self.model)
+
+    def _run_epoch(self, *args, **kwargs):
+        # as MultitaskTrainer: resumed from a checkpoint of the last step, Trainer would run a step past the end
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
 
-def _fit(cfg: Config, run: RunDir, data: list[TaskData], heads: Heads, formatter: Formatter, ckpt: Path, resuming: bool):
-    """Train one model (adapter + heads) on ``data``: the Trainer, its GracefulStop callback and the cost."""
-    args = sft_config(cfg, run)  # the LM path's arguments: epochs, schedule, batch, checkpoints, bf16, reporting
-    args.output_dir = str(ckpt)
+def build_trainer(cfg: Config, part: RunDir, args, setup: Setup, data: list[TaskData], heads: Heads) -> HeadTrainer:
+    """The Trainer of one model (adapter + heads) on ``data``, with the LM path's callbacks."""
     args.include_num_input_tokens_seen = "non_padding"  # kept in the trainer state, so it survives a resume
-    tokenizer = formatter.tokenizer
     set_seed(cfg.seed)  # before the head and adapter exist: their initialisation draws random numbers
-    model = build_model(cfg, heads, tokenizer)
-    stop = GracefulStop()
-    trainer = Trainer(
+    model = build_model(cfg, heads, setup.tokenizer)
+    return HeadTrainer(
         model=model, args=args,
-        train_dataset=training_dataset(data, heads, formatter, cfg.seed),
-        eval_dataset=validation_datasets(data, heads, formatter, cfg.train.eval_rows_during_training or None, cfg.seed),
-        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer, padding=True),
+        train_dataset=training_dataset(data, heads, setup.formatter, cfg.seed),
+        eval_dataset=validation_datasets(data, heads, setup.formatter, cfg.train.eval_rows_during_training or None, cfg.seed),
+        processing_class=setup.tokenizer, data_collator=DataCollatorWithPadding(setup.tokenizer, padding=True),
         compute_loss_func=SlicedLoss(heads), compute_metrics=metrics_during_training(data, heads),
-        callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), stop],
+        callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop()],
     )
-    last = latest_complete(ckpt) if resuming else None
-    agree_on_resume(resuming, last)
-    if last and PartialState().is_main_process:
-        print(f"resuming from {last}")
-    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    cost = {
-        "train_seconds": round(output.metrics.get("train_runtime", 0.0), 2),  # this launch's share of a resumed run
+
+
+def cost_of(trainer: Trainer) -> dict[str, float | int]:
+    """What this model cost: wall time of the launch that finished it, trainable parameters, tokens trained on."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    ended = next((e for e in reversed(trainer.state.log_history) if "train_runtime" in e), {})
+    return {
+        "train_seconds": round(ended.get("train_runtime", 0.0), 2),  # this launch's share of a resumed run
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
     }
-    return trainer, stop, cost
+
+
+def _readable_prompt(cfg: Config) -> None:
+    """Refuse, before anything is written, a tokenizer whose prompts end in its pad token (see heads.prompt_ids)."""
+    formatter = Formatter(load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror)), cfg.model.max_length)
+    prompt_ids(formatter, [Example([{"role": "user", "content": "x"}], "", -1)])
 
 
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Train, save and evaluate the classification heads; every rank calls this, the writer writes files."""
-    cfg = resolve_tasks(cfg)
+    """Train, save and evaluate the classification heads; every rank calls this, the writers write files."""
+    cfg = checkpointing_for_peft(resolve_tasks(cfg))
     check(cfg)
     run = RunDir(Path(cfg.run_dir))
-    cfg = checkpointing_for_peft(cfg)
-    _ = sft_config(cfg, run).world_size  # sets up torch.distributed when launched by torchrun / accelerate
-    state = PartialState()
+    args = sft_config(cfg, run)
+    _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
     # Everything that can reject the input runs before anything is written to the run directory.
-    resuming = run.check(cfg, resume=resume, overwrite=overwrite)
-    tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
-    tokenizer.padding_side = "right"  # the training collator pads like `heads.probabilities`
-    formatter = Formatter(tokenizer, cfg.model.max_length)
-    data = load_tasks(cfg, run.splits if resuming else None, create=True)
-    for td in data:
-        prompt_ids(formatter, td.train[:1] + td.val[:1])  # a prompt the head cannot read is refused now
-    state.wait_for_everyone()
-    writer = state.is_local_main_process if cfg.train.save_on_each_node else state.is_main_process
-    if writer:
-        run.prepare(cfg, resuming=resuming)
-        save_splits(data, run.splits)
-        print(f"training a classifier head ({cfg.strategy}) on " + ", ".join(f"{td.task.name}={len(td.train)}" for td in data))
-    state.wait_for_everyone()
+    launches = [plan_launch(cfg, part, args, resume=resume, overwrite=overwrite) for part in parts(cfg, run)]
+    if launches[0].mode == "finished":  # every part reads the same config and DONE: they agree
+        return already_finished(run)
+    checked(lambda: _readable_prompt(cfg))
+    setup = prepare_run(cfg, run, resuming=launches[0].mode == "resume", writer=args.should_save)
+    setup.tokenizer.padding_side = "right"  # the training collator pads like `heads.probabilities`
     _init_wandb(cfg, run)
-
     results: dict[str, dict[str, Any]] = {}
     costs = []
-    for group, out, ckpt in groups(cfg, run, data):
-        heads = heads_of(group)
-        if _all_ranks_agree(resuming and (out / HEADS_FILE).exists()):  # finished in an earlier launch
-            model, _ = load_trained(cfg, out, tokenizer)
-            costs.append(json.loads((out / COST_FILE).read_text()))
+    for part, launch in zip(parts(cfg, run), launches, strict=True):
+        data, writer = tasks_of(part, setup.data), args.should_save
+        heads = heads_of(data)
+        if not any_rank(not (part.final / HEADS_FILE).exists()):  # finished in an earlier launch (never after "new")
+            model, _ = load_trained(cfg, part.final, setup.tokenizer)
+            costs.append(json.loads((part.final / COST_FILE).read_text()))
         else:
-            trainer, stop, cost = _fit(cfg, run, group, heads, formatter, ckpt, resuming)
-            if stop.requested is not None:
-                if state.is_main_process:
-                    print(f"stopped at step {trainer.state.global_step} with a checkpoint; run the same command again to resume")
+            part_args = sft_config(cfg, part)
+            part_args.gradient_accumulation_steps = launch.grad_accum
+            trainer = build_trainer(cfg, part, part_args, setup, data, heads)
+            if not fit(trainer, launch.checkpoint):
                 return {}
-            save_final(trainer, out)
+            save_outputs(trainer, part, setup.tokenizer)
+            cost = cost_of(trainer)
             if writer:
-                tokenizer.save_pretrained(str(out))
-                state_file = run.root / "trainer_state.json" if cfg.strategy == "joint" else out / "trainer_state.json"
-                trainer.state.save_to_json(str(state_file))
-                (run.root / "launch.json").write_text(json.dumps(launch_facts(trainer), indent=2))
-                (out / COST_FILE).write_text(json.dumps(cost))
-                heads.save(out)  # last: marks these weights complete
-            state.wait_for_everyone()
+                if isinstance(part, TaskRun):
+                    trainer.state.save_to_json(str(part.final / "trainer_state.json"))
+                (part.final / COST_FILE).write_text(json.dumps(cost))
+                heads.save(part.final)  # last: marks these weights complete
+            trainer.accelerator.wait_for_everyone()
             model, costs = trainer.model, costs + [cost]
-        # every rank scores (a sharded model needs them all); the writer reports
-        results |= evaluate(model, formatter, group, heads, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+        # every rank scores (a sharded model needs them all); the writers report
+        results |= evaluate(model, setup.formatter, data, heads, batch_size=cfg.eval.batch_size, seed=cfg.seed)
         del model
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
-    if writer:
-        total = {k: sum(c[k] for c in costs) for k in ("train_seconds", "trainable_params", "tokens_seen")}
-        (run.root / COST_FILE).write_text(json.dumps(total, indent=2))
+    if args.should_save:
+        (run.root / COST_FILE).write_text(json.dumps({k: sum(c[k] for c in costs) for k in COST_KEYS}, indent=2))
         write_results(run.root, results, _header(cfg))
         print(format_table(results))
         run.mark_done()
-    state.wait_for_everyone()
+    PartialState().wait_for_everyone()
     return results
 
 
-def _header(cfg: Config) -> str:
-    return f"multitune validation (classifier head, {cfg.strategy}): {cfg.model.name_or_path} ({cfg.peft.method})"
+def _header(cfg: Config, note: str = "") -> str:
+    return f"multitune validation (classifier head, {cfg.strategy}{note}): {cfg.model.name_or_path} ({cfg.peft.method})"
 
 
 # ---------------------------------------------------------------- eval and predict on a finished run
 
 
 def evaluate_run(run: RunDir, cfg: Config, *, mode: str | None = None, max_rows: int | None = None) -> dict[str, dict[str, Any]]:
-    """`multitune eval` for a classifier run: re-score the recorded validation split with the saved heads."""
+    """`multitune eval` for a classifier run: re-score the recorded validation split with the saved heads.
+
+    All rows rewrite metrics.json; --max-rows writes metrics-classifier-<N>rows.json beside it (as the LM path)."""
+    from multitune.data import load_tasks
+
     if mode not in (None, MODE):
         raise UserError(f"--mode {mode} applies to head: lm runs; this run predicts with its classifier head (leave --mode out)")
     data = load_tasks(cfg, run.splits, create=False)
     results: dict[str, dict[str, Any]] = {}
-    for group, out, _ in groups(cfg, run, data):
-        tokenizer = load_tokenizer(cfg.model, None, source=str(out))
-        model, heads = load_trained(cfg, out, tokenizer)
+    for part in parts(cfg, run):
+        tokenizer = load_tokenizer(cfg.model, None, source=str(part.final))
+        model, heads = load_trained(cfg, part.final, tokenizer)
+        group = tasks_of(part, data)
         formatter = Formatter(tokenizer, cfg.model.max_length)
         results |= evaluate(model, formatter, group, heads, batch_size=cfg.eval.batch_size, max_rows=max_rows, seed=cfg.seed)
         del model
-    write_results(run.root, results, _header(cfg))
+    name = f"{MODE}-{max_rows}rows" if max_rows else ""
+    write_results(run.root, results, _header(cfg, f", at most {max_rows} rows per task" if max_rows else ""), name)
     print(format_table(results))
+    print(f"wrote {run.root / (f'metrics-{name}.json' if name else 'metrics.json')}")
     return results
 
 
-def predict(run: RunDir, cfg: Config, task: Task, inputs: list[dict[str, Any] | str]) -> list[dict[str, Any]]:
+def predict(run: RunDir, cfg: Config, task: Task, examples: list[Example]) -> list[dict[str, Any]]:
     """`multitune predict` for a classifier run: the label with the highest head probability, and that probability."""
-    examples = [task.example_from_input(x) for x in inputs]
-    out = weights_dir(cfg, run, task.name)
+    out = part_of(cfg, run, task.name).final
     tokenizer = load_tokenizer(cfg.model, None, source=str(out))
     model, heads = load_trained(cfg, out, tokenizer)
     if heads.labels.get(task.name) != task.label_names:

@@ -98,7 +98,7 @@ class SlicedLoss:
 
 
 def prompt_ids(formatter: Formatter, examples: list[Example]) -> list[list[int]]:
-    """The LM path's prompt tokens (cut from the left to max_length); the head reads the last one.
+    """The LM path's prompt tokens (input text cut in the middle to fit max_length); the head reads the last one.
 
     The sequence classifier pools the rightmost token that is not the pad token (transformers 5.24,
     GenericForSequenceClassification), so a prompt ending in the pad token would be pooled one token
@@ -121,7 +121,7 @@ def build_model(cfg: Config, heads: Heads, tokenizer):
     import peft
     from transformers import AutoModelForSequenceClassification
 
-    model = _load_base(cfg, heads, tokenizer, AutoModelForSequenceClassification)
+    model = _load_base(cfg, heads, tokenizer, AutoModelForSequenceClassification, for_training=True)
     init_from_label_words(model, heads, tokenizer, lambda: _output_embeddings(cfg, model))
     if cfg.peft.method == "qlora":
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -182,9 +182,9 @@ class _Rows:
         return torch.cat([self.sliced[i : i + 1] for i in ids])
 
 
-def _load_base(cfg: Config, heads: Heads, tokenizer, loader):
+def _load_base(cfg: Config, heads: Heads, tokenizer, loader, *, for_training: bool = False):
     id2label = heads.id2label()
-    model = load_model(cfg, loader=loader, num_labels=heads.size, id2label=id2label,
+    model = load_model(cfg, for_training=for_training, loader=loader, num_labels=heads.size, id2label=id2label,
                        label2id={v: k for k, v in id2label.items()})
     # Llama checkpoints set no pad token; the head finds each row's last real token by it
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -133,9 +133,11 @@ def test_config_refuses_what_a_head_cannot_do(assets, tmp_path, extra, fragment)
 @pytest.mark.parametrize("extra, fragment", [
     ({}, "task(s) ['chat'] are chat tasks"),
     ({"hub": {"push": True, "repo_id": "me/x"}}, "hub.push is not supported with head: classifier"),
+    ({"hub": {"repo_id": "me/x"}, "train": {"hub_checkpoints": True}}, "train.hub_checkpoints is not supported with head"),
 ])
 def test_train_refuses_chat_tasks_and_push_writing_nothing(run_cli, assets, tmp_path, extra, fragment):  # noqa: F811
-    raw = tiny_config(assets, tmp_path / "run") | {"head": "classifier"} | extra
+    raw = tiny_config(assets, tmp_path / "run") | {"head": "classifier"} | {k: v for k, v in extra.items() if k != "train"}
+    raw["train"] |= extra.get("train", {})
     if extra:
         raw["tasks"] = raw["tasks"][:1]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
