@@ -4,8 +4,8 @@ The run is laid out like an LM run (config.yaml, splits/, checkpoints/, final/, 
 report.md, DONE), so `multitune eval` and `multitune predict` work on it and its metrics have the same
 schema. With ``strategy: joint`` one adapter is trained on every task with one score layer holding
 each task's head (final/); with ``strategy: per_task`` each task gets its own adapter and head,
-trained one after the other (final/<task>/, checkpoints/<task>/; the run's trainer_state.json is the
-last task's, each task's own is in final/<task>/).
+trained one after the other (final/<task>/ with its own trainer_state.json and cost.json,
+checkpoints/<task>/; the run's cost.json is their sum).
 
 A launch goes through the LM path's stages (multitune.train): ``plan_launch`` for each model the run
 trains (the same refusals, resume agreement across ranks and relaunch of a finished run),
@@ -29,7 +29,7 @@ from accelerate import PartialState
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from multitune.adapter_state import PortableAdapterCheckpoints
-from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints
+from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
 from multitune.config import Config
 from multitune.data import TaskData, _weighted, subsample
 from multitune.distributed import any_rank, checked
@@ -39,15 +39,14 @@ from multitune.formatting import Formatter, TooLong
 from multitune.heads import HEADS_FILE, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.hub import mirror_root
 from multitune.model import adapters_in_fp32, load_tokenizer
-from multitune.run import RunDir
+from multitune.run import RunDir, TaskRun, part_of, parts
 from multitune.tasks import Example, Task, resolve_tasks
 from multitune.train import (
-    Setup, _init_wandb, already_finished, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs, sft_config,
+    COST_FILE, Setup, _init_wandb, already_finished, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
+    sft_config, total_cost,
 )
 
 MODE = "classifier"  # the `mode` recorded in metrics.json, beside the LM path's likelihood / generate
-COST_FILE = "cost.json"
-COST_KEYS = ("train_seconds", "trainable_params", "tokens_seen")
 
 
 def check(cfg: Config) -> None:
@@ -60,26 +59,6 @@ def check(cfg: Config) -> None:
         raise UserError("hub.push is not supported with head: classifier yet; upload run_dir/final with `hf upload`")
     if cfg.train.hub_checkpoints:
         raise UserError("train.hub_checkpoints is not supported with head: classifier yet; keep run_dir on a volume")
-
-
-@dataclass(frozen=True)
-class TaskRun(RunDir):
-    """The run directory as one task's model sees it (strategy: per_task): its own checkpoints and weights,
-    the run's config, split, metrics and DONE, so the LM path's stages apply to it unchanged."""
-
-    task: str = ""
-
-    checkpoints = property(lambda self: self.root / "checkpoints" / self.task)
-    final = property(lambda self: self.root / "final" / self.task)
-
-
-def parts(cfg: Config, run: RunDir) -> list[RunDir]:
-    """Where each model the run trains lives: the run itself (joint), or one TaskRun per task."""
-    return [run] if cfg.strategy == "joint" else [TaskRun(run.root, t.name) for t in cfg.tasks]
-
-
-def part_of(cfg: Config, run: RunDir, task: str) -> RunDir:
-    return run if cfg.strategy == "joint" else TaskRun(run.root, task)
 
 
 def tasks_of(part: RunDir, data: list[TaskData]) -> list[TaskData]:
@@ -171,7 +150,7 @@ class HeadTrainer(PortableAdapterCheckpoints, Trainer):
         return super()._run_epoch(*args, **kwargs)
 
 
-def build_trainer(cfg: Config, part: RunDir, args, setup: Setup, data: list[TaskData], heads: Heads) -> HeadTrainer:
+def build_trainer(cfg: Config, args, setup: Setup, data: list[TaskData], heads: Heads, resume_from: Path | None = None) -> HeadTrainer:
     """The Trainer of one model (adapter + heads) on ``data``, with the LM path's callbacks."""
     args.include_num_input_tokens_seen = "non_padding"  # kept in the trainer state, so it survives a resume
     set_seed(cfg.seed)  # before the head and adapter exist: their initialisation draws random numbers
@@ -182,19 +161,8 @@ def build_trainer(cfg: Config, part: RunDir, args, setup: Setup, data: list[Task
         eval_dataset=validation_datasets(data, heads, setup.formatter, cfg.train.eval_rows_during_training or None, cfg.seed),
         processing_class=setup.tokenizer, data_collator=DataCollatorWithPadding(setup.tokenizer, padding=True),
         compute_loss_func=SlicedLoss(heads), compute_metrics=metrics_during_training(data, heads),
-        callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop()],
+        callbacks=[TrainingClock(resume_from), CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop()],
     )
-
-
-def cost_of(trainer: Trainer) -> dict[str, float | int]:
-    """What this model cost: wall time of the launch that finished it, trainable parameters, tokens trained on."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    ended = next((e for e in reversed(trainer.state.log_history) if "train_runtime" in e), {})
-    return {
-        "train_seconds": round(ended.get("train_runtime", 0.0), 2),  # this launch's share of a resumed run
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-    }
 
 
 def _readable_prompt(cfg: Config) -> None:
@@ -225,19 +193,16 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         heads = heads_of(data)
         if not any_rank(not (part.final / HEADS_FILE).exists()):  # finished in an earlier launch (never after "new")
             model, _ = load_trained(cfg, part.final, setup.tokenizer)
-            costs.append(json.loads((part.final / COST_FILE).read_text()))
+            costs.append(json.loads((part.logs / COST_FILE).read_text()) if writer else {})
         else:
             part_args = sft_config(cfg, part)
             part_args.gradient_accumulation_steps = launch.grad_accum
-            trainer = build_trainer(cfg, part, part_args, setup, data, heads)
+            trainer = build_trainer(cfg, part_args, setup, data, heads, launch.checkpoint)
             if not fit(trainer, launch.checkpoint):
                 return {}
-            save_outputs(trainer, part, setup.tokenizer)
-            cost = cost_of(trainer)
+            save_outputs(trainer, part, setup.tokenizer)  # cost.json in part.logs
+            cost = json.loads((part.logs / COST_FILE).read_text()) if writer else {}
             if writer:
-                if isinstance(part, TaskRun):
-                    trainer.state.save_to_json(str(part.final / "trainer_state.json"))
-                (part.final / COST_FILE).write_text(json.dumps(cost))
                 heads.save(part.final)  # last: marks these weights complete
             trainer.accelerator.wait_for_everyone()
             model, costs = trainer.model, costs + [cost]
@@ -248,7 +213,8 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     if args.should_save:
-        (run.root / COST_FILE).write_text(json.dumps({k: sum(c[k] for c in costs) for k in COST_KEYS}, indent=2))
+        if cfg.strategy == "per_task":  # each task's model wrote its own; the run's is their sum
+            (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
         write_results(run.root, results, _header(cfg))
         print(format_table(results))
         run.mark_done()

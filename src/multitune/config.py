@@ -188,8 +188,13 @@ class Config(_Strict):
             raise ValueError("train.hub_checkpoints needs hub.repo_id (checkpoints go to the private repo <repo_id>-checkpoints)")
         if self.train.padding_free and not self.train.packing and self.model.attn_implementation != "flash_attention_2":
             raise ValueError("train.padding_free without packing needs model.attn_implementation=flash_attention_2")
-        if self.strategy == "per_task" and self.head == "lm":  # per-task LM adapters: not built yet
-            raise ValueError("strategy: per_task is supported with head: classifier only (for now); use strategy: joint")
+        if self.strategy == "per_task":
+            if self.head == "lm" and self.peft.method == "full":
+                raise ValueError("strategy: per_task trains one adapter per task on one base; peft.method=full would "
+                                 "train a whole model per task: choose an adapter method (lora, qlora, ...) or strategy: joint")
+            if self.hub.push or self.train.hub_checkpoints:
+                raise ValueError("strategy: per_task cannot use hub.push or train.hub_checkpoints yet; upload "
+                                 "run_dir/final/<task> with `hf upload`, or use strategy: joint")
         if self.head == "classifier":
             if self.peft.method in PROMPT_LEARNING:
                 raise ValueError(f"head: classifier cannot use peft.method={self.peft.method} (the head reads the last "

@@ -210,3 +210,38 @@ def load_for_inference(cfg: Config, weights_dir: Path):
     if cfg.peft.method != "qlora":
         model.to(device())
     return model.eval()
+
+
+def load_task_adapters(cfg: Config, adapters: dict[str, Path]):
+    """One base model with each task's trained adapter (strategy: per_task), named by its task, in eval mode.
+
+    PEFT's multi-adapter support: the first adapter wraps the base, the others are added with
+    ``load_adapter(..., adapter_name=task)``; :func:`use_adapter` switches between them without
+    reloading the base. The first task's adapter is active.
+    """
+    import peft
+
+    (first, path), *rest = adapters.items()
+    model = peft.PeftModel.from_pretrained(load_model(cfg), str(path), adapter_name=first)
+    for task, path in rest:
+        model.load_adapter(str(path), adapter_name=task)
+    if cfg.peft.method != "qlora":
+        model.to(device())
+    return model.eval()
+
+
+def load_for_tasks(cfg: Config, run, tasks: list[str]):
+    """A run's trained model for ``tasks``: its one model (strategy: joint), or the base with each task's
+    adapter from final/<task>/ (strategy: per_task), the first task's active."""
+    if cfg.strategy == "joint":
+        return load_for_inference(cfg, run.final)
+    from multitune.run import TaskRun
+
+    return load_task_adapters(cfg, {t: TaskRun(run.root, t).final for t in tasks})
+
+
+def use_adapter(model, task: str) -> None:
+    """Make ``task``'s adapter the active one (see :func:`load_task_adapters`)."""
+    if task not in model.peft_config:
+        raise UserError(f"no adapter for task {task!r} in this model; it holds {sorted(model.peft_config)}")
+    model.set_adapter(task)
