@@ -120,7 +120,6 @@ def test_a_prompt_ending_in_the_pad_token_is_refused(tokenizer):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    ({"strategy": "per_task"}, "strategy: per_task is supported with head: classifier only"),
     ({"head": "classifier", "peft": {"method": "prompt_tuning"}}, "cannot use peft.method=prompt_tuning"),
     ({"head": "classifier", "train": {"packing": True}}, "set train.packing and train.padding_free to false"),
     ({"head": "sideways"}, "invalid config at head"),
