@@ -30,7 +30,7 @@ from accelerate import PartialState
 
 from multitune.config import Config
 from multitune.data import TaskData
-from multitune.distributed import any_rank
+from multitune.distributed import any_rank, main_print
 from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.model import load_for_tasks, use_adapter
@@ -65,7 +65,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     setup = prepare_run(cfg, run, resuming=launches[0].mode == "resume", writer=args.should_save)
     for part, launch in zip(parts(cfg, run), launches, strict=True):
         if not any_rank(not (part.logs / COST_FILE).exists()):  # finished in an earlier launch (never after "new")
-            print(f"task {part.task}: its adapter was trained by an earlier launch ({part.final})")
+            main_print(f"task {part.task}: its adapter was trained by an earlier launch ({part.final})")
             continue
         part_args = sft_config(cfg, part)
         part_args.gradient_accumulation_steps = launch.grad_accum
