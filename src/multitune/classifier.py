@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from multitune.config import config_from_dict
