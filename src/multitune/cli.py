@@ -43,21 +43,26 @@ def eval_(
     other-mode evaluation writes metrics-<mode>[-<N>rows].json and report-<...>.md beside them.
     """
     from multitune.data import load_tasks
-    from multitune.evaluate import evaluate_tasks, format_table, write_results
+    from multitune.evaluate import format_table, write_results
     from multitune.formatting import Formatter
-    from multitune.model import load_for_inference, load_tokenizer
+    from multitune.model import load_tokenizer
+    from multitune.per_task import evaluate_trained, tokenizer_dir
     from multitune.run import RunDir
 
     run = RunDir(run_dir)
     run.require_finished()
     cfg = run.load_config()
+    if cfg.head == "classifier":  # scored with its classification heads
+        from multitune import classifier
+
+        classifier.evaluate_run(run, cfg, mode=mode, max_rows=max_rows)
+        return
     mode = mode or cfg.eval.mode
     if mode not in ("likelihood", "generate"):
         raise UserError(f"--mode {mode!r}: choose likelihood or generate")
     data = load_tasks(cfg, run.splits, create=False)
-    formatter = Formatter(load_tokenizer(cfg.model, None, source=str(run.final)), cfg.model.max_length)
-    results = evaluate_tasks(load_for_inference(cfg, run.final), formatter, data, mode=mode, batch_size=cfg.eval.batch_size,
-                             max_rows=max_rows, seed=cfg.seed)
+    formatter = Formatter(load_tokenizer(cfg.model, None, source=str(tokenizer_dir(cfg, run))), cfg.model.max_length)
+    results = evaluate_trained(cfg, run, formatter, data, mode=mode, max_rows=max_rows, seed=cfg.seed)  # joint or per_task
     name = "-".join([mode] + ([f"{max_rows}rows"] if max_rows else [])) if mode != cfg.eval.mode or max_rows else ""
     header = f"multitune validation ({mode}{f', at most {max_rows} rows per task' if max_rows else ''}): {cfg.model.name_or_path} ({cfg.peft.method})"
     write_results(run.root, results, header, name)
@@ -174,6 +179,7 @@ def push(
     run = RunDir(run_dir)
     run.require_finished()
     cfg = run.load_config()
+    _one_model(cfg, "push")
     hub = cfg.hub.model_copy(update={"repo_id": repo_id or cfg.hub.repo_id})
     run_push(run, cfg.model_copy(update={"hub": hub}), merged=merged, dry_run=dry_run, private=private)
 
@@ -190,7 +196,15 @@ def export(
 
     run = RunDir(run_dir)
     run.require_finished()
-    run_export(run, run.load_config(), out_dir, merged=merged)
+    cfg = run.load_config()
+    _one_model(cfg, "export")
+    run_export(run, cfg, out_dir, merged=merged)
+
+
+def _one_model(cfg, command: str) -> None:
+    if cfg.strategy == "per_task" or cfg.head == "classifier":
+        raise UserError(f"`multitune {command}` handles a run with one language-model adapter (head: lm, strategy: joint); "
+                        f"this run is head: {cfg.head}, strategy: {cfg.strategy}: upload or copy run_dir/final with `hf upload`")
 
 
 @app.command()

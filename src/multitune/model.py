@@ -121,13 +121,13 @@ def load_tokenizer(mcfg: ModelConfig, mirror: Path | None, source: str | None = 
     return tok
 
 
-def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool = False):
-    """The base causal LM: bf16 on a bf16-capable GPU, fp32 on CPU (and for full fine-tuning), SDPA
-    attention; 4-bit NF4 for QLoRA."""
+def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool = False, loader=AutoModelForCausalLM, **extra):
+    """The base causal LM (or ``loader``'s head on it, with ``extra`` from_pretrained kwargs): bf16 on a
+    bf16-capable GPU, fp32 on CPU (and for full fine-tuning), SDPA attention; 4-bit NF4 for QLoRA."""
     check_requirements(cfg)
     mcfg = cfg.model
     dtype = weights_dtype(cfg, for_training=for_training)
-    kwargs = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation}
+    kwargs = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation, **extra}
     if quantize if quantize is not None else cfg.peft.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -136,7 +136,7 @@ def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool 
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype,  # FSDP flattens params of one dtype: storage must match compute
         )
-    model = _from_pretrained(AutoModelForCausalLM, mcfg.name_or_path, mcfg, hub.mirror_root(cfg.hub_mirror), **kwargs)
+    model = _from_pretrained(loader, mcfg.name_or_path, mcfg, hub.mirror_root(cfg.hub_mirror), **kwargs)
     log.info("loaded %s (%s, %.1fM params)", mcfg.name_or_path, dtype, model.num_parameters() / 1e6)
     return model
 
@@ -218,3 +218,38 @@ def load_for_inference(cfg: Config, weights_dir: Path):
     if cfg.peft.method != "qlora":
         model.to(device())
     return model.eval()
+
+
+def load_task_adapters(cfg: Config, adapters: dict[str, Path]):
+    """One base model with each task's trained adapter (strategy: per_task), named by its task, in eval mode.
+
+    PEFT's multi-adapter support: the first adapter wraps the base, the others are added with
+    ``load_adapter(..., adapter_name=task)``; :func:`use_adapter` switches between them without
+    reloading the base. The first task's adapter is active.
+    """
+    import peft
+
+    (first, path), *rest = adapters.items()
+    model = peft.PeftModel.from_pretrained(load_model(cfg), str(path), adapter_name=first)
+    for task, path in rest:
+        model.load_adapter(str(path), adapter_name=task)
+    if cfg.peft.method != "qlora":
+        model.to(device())
+    return model.eval()
+
+
+def load_for_tasks(cfg: Config, run, tasks: list[str]):
+    """A run's trained model for ``tasks``: its one model (strategy: joint), or the base with each task's
+    adapter from final/<task>/ (strategy: per_task), the first task's active."""
+    if cfg.strategy == "joint":
+        return load_for_inference(cfg, run.final)
+    from multitune.run import TaskRun
+
+    return load_task_adapters(cfg, {t: TaskRun(run.root, t).final for t in tasks})
+
+
+def use_adapter(model, task: str) -> None:
+    """Make ``task``'s adapter the active one (see :func:`load_task_adapters`)."""
+    if task not in model.peft_config:
+        raise UserError(f"no adapter for task {task!r} in this model; it holds {sorted(model.peft_config)}")
+    model.set_adapter(task)

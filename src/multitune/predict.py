@@ -8,8 +8,8 @@ from typing import Any
 
 from multitune.errors import UserError
 from multitune.formatting import Formatter
-from multitune.model import load_for_inference, load_tokenizer
-from multitune.run import RunDir
+from multitune.model import load_for_tasks, load_tokenizer
+from multitune.run import RunDir, part_of
 from multitune.scoring import Scorer
 from multitune.tasks import Task, build_task
 
@@ -55,8 +55,13 @@ def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | 
             examples.append(task.example_from_input(value))
         except UserError as e:
             raise UserError(f"input {n}: {e}") from None
-    tokenizer = load_tokenizer(cfg.model, None, source=str(run.final))
-    scorer = Scorer(load_for_inference(cfg, run.final), Formatter(tokenizer, cfg.model.max_length), cfg.eval.batch_size)
+    if cfg.head == "classifier":  # the run's classification head gives the label and its probability
+        from multitune import classifier
+
+        return classifier.predict(run, cfg, task, examples)
+    tokenizer = load_tokenizer(cfg.model, None, source=str(part_of(cfg, run, task.name).final))
+    model = load_for_tasks(cfg, run, [task.name])  # per_task: the base with this task's adapter
+    scorer = Scorer(model, Formatter(tokenizer, cfg.model.max_length), cfg.eval.batch_size)
     if task.kind == "chat":
         return [{"response": r} for r in scorer.generate(examples, max_new_tokens)]
     probs = scorer.likelihood(examples, task.label_names).softmax(-1)

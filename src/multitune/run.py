@@ -7,6 +7,9 @@
     RUN_DIR/metrics.json     per-task validation metrics; report.md the same, readable
     RUN_DIR/cost.json        training seconds (all launches), trainable parameters, tokens seen
     RUN_DIR/DONE             written last: the run finished
+
+With ``strategy: per_task`` each task's model has its own checkpoints/<task>/ and final/<task>/
+(its adapter, tokenizer, trainer_state.json, launch.json and cost.json), beside the others.
 """
 
 from __future__ import annotations
@@ -137,3 +140,33 @@ class RunDir:
 
     def mark_done(self) -> None:
         atomic_write(self.done, "finished\n")
+
+    @property
+    def logs(self) -> Path:
+        """Where this model's trainer_state.json, launch.json and cost.json go."""
+        return self.root
+
+
+@dataclass(frozen=True)
+class TaskRun(RunDir):
+    """The run directory as one task's model sees it (strategy: per_task): its own checkpoints and weights,
+    the run's config, split, metrics and DONE, so the stages of a launch apply to it unchanged."""
+
+    task: str = ""
+
+    checkpoints = property(lambda self: self.root / "checkpoints" / self.task)
+    final = property(lambda self: self.root / "final" / self.task)
+
+    @property
+    def logs(self) -> Path:
+        return self.final
+
+
+def parts(cfg: Config, run: RunDir) -> list[RunDir]:
+    """Where each model the run trains lives: the run itself (joint), or one TaskRun per task (per_task)."""
+    return [run] if cfg.strategy == "joint" else [TaskRun(run.root, t.name) for t in cfg.tasks]
+
+
+def part_of(cfg: Config, run: RunDir, task: str) -> RunDir:
+    """The part of ``run`` that holds ``task``'s model."""
+    return run if cfg.strategy == "joint" else TaskRun(run.root, task)

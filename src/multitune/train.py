@@ -181,6 +181,14 @@ def _init_wandb(cfg: Config, run: RunDir) -> None:
 
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
+    if cfg.head == "classifier":  # a classification head per task instead of writing the label
+        from multitune import classifier
+
+        return classifier.train(cfg, resume=resume, overwrite=overwrite)
+    if cfg.strategy == "per_task":  # one adapter per task, trained in turn
+        from multitune import per_task
+
+        return per_task.train(cfg, resume=resume, overwrite=overwrite)
     cfg = checkpointing_for_peft(resolve_tasks(cfg))
     run = RunDir(Path(cfg.run_dir))
     args = sft_config(cfg, run)
@@ -343,12 +351,14 @@ def fit(trainer: SFTTrainer, checkpoint: Path | None) -> bool:
 
 
 def save_outputs(trainer: SFTTrainer, run: RunDir, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The weights and tokenizer in run.final; the history, launch facts and cost in run.logs (the run
+    directory, or final/<task>/ for one task's model of a per_task run). cost.json is written last."""
     save_final(trainer, run.final)
     if trainer.args.should_save:
         tokenizer.save_pretrained(str(run.final))
-        trainer.state.save_to_json(str(run.root / "trainer_state.json"))  # the whole loss/LR/eval history
-        (run.root / "launch.json").write_text(json.dumps(launch_facts(trainer), indent=2))
-        (run.root / "cost.json").write_text(json.dumps(cost_facts(trainer), indent=2))
+        trainer.state.save_to_json(str(run.logs / "trainer_state.json"))  # the whole loss/LR/eval history
+        (run.logs / "launch.json").write_text(json.dumps(launch_facts(trainer), indent=2))
+        (run.logs / COST_FILE).write_text(json.dumps(cost_facts(trainer), indent=2))
 
 
 def evaluate_and_report(trainer: SFTTrainer, cfg: Config, run: RunDir, setup: Setup) -> dict[str, Any]:
@@ -404,6 +414,15 @@ def _check_adapter_saved(model: torch.nn.Module, path: Path) -> None:
     trainable = sum(p.requires_grad for p in model.parameters())
     if saved != trainable:
         raise RuntimeError(f"the saved adapter holds {saved} tensors but the model trains {trainable}: {file} is incomplete")
+
+
+COST_FILE = "cost.json"
+COST_KEYS = ("train_seconds", "trainable_params", "tokens_seen")
+
+
+def total_cost(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A per_task run's cost: its models' seconds, trainable parameters and tokens, summed."""
+    return {k: round(sum(c[k] for c in costs), 1) if k == "train_seconds" else sum(c[k] for c in costs) for k in COST_KEYS}
 
 
 def cost_facts(trainer: SFTTrainer) -> dict[str, Any]:
