@@ -117,7 +117,13 @@ class TrainConfig(_Strict):
     save_total_limit: int = Field(3, ge=2, description="the newest complete checkpoint is never the only one")
     save_on_each_node: bool = Field(False, description="nodes without shared storage: each keeps a full copy")
     bf16: Literal["auto", True, False] = "auto"
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the model; batches padded to a multiple of 64, dynamic shapes")
+    loss_positions: Literal["supervised", "all"] = Field(
+        "supervised", description="run the LM head and loss only where a label is supervised (all: every position)"
+    )
+    liger: Literal["auto", True, False] = Field(
+        "auto", description="Liger kernels (RMSNorm, RoPE, SwiGLU); auto: on with CUDA and liger-kernel installed"
+    )
     gradient_checkpointing: bool = False
     packing: bool = False
     padding_free: bool = False

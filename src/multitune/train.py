@@ -20,6 +20,7 @@ from multitune.data import TaskData, save_splits
 from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.hub import mirror_root
+from multitune.loss import trainer_loss
 from multitune.model import apply_peft, load_model, load_tokenizer
 from multitune.prepared import prepare
 from multitune.run import RunDir
@@ -53,6 +54,12 @@ class MultitaskTrainer(SFTTrainer):
             self.log(extra)
             metrics.update(extra)
         return metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`train.loss_positions: supervised`: the LM head and loss on supervised positions only (multitune.loss)."""
+        if self.mt_cfg.train.loss_positions == "all" or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return trainer_loss(self, model, inputs, num_items_in_batch)
 
 
 def _bf16(cfg: Config) -> bool:
