@@ -24,6 +24,7 @@ from multitune.loss import trainer_loss
 from multitune.model import apply_peft, load_model, load_tokenizer
 from multitune.prepared import prepare
 from multitune.run import RunDir
+from multitune.speed import sft_args
 from multitune.tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         save_on_each_node=t.save_on_each_node,
         bf16=_bf16(cfg),
         use_cpu=not torch.cuda.is_available(),
-        torch_compile=t.compile,
+        **sft_args(t),  # train.compile: padded to a multiple of 64, dynamic shapes; train.liger checked (multitune.speed)
         activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         dataloader_num_workers=t.dataloader_workers,
