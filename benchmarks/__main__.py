@@ -173,7 +173,8 @@ def targets(record: dict) -> list[dict]:
     if prep:
         add("data_prep_cold_s", prep["cold_s"])
         add("data_prep_cached_s", prep["cached_s"])
-    return rows
+    order = list(TARGETS)
+    return sorted(rows, key=lambda t: order.index(t["target"]))
 
 
 def target_line(t: dict) -> str:
