@@ -122,7 +122,8 @@ def mean_example_length(config: Path) -> float:
 def run_side(side: str, config: Path, args, out: Path) -> dict:
     script, overrides = SIDES[side]
     cmd = [sys.executable, "-m", "benchmarks.train_speed", "--side", script, "--config", str(config), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--out", str(out), "--overrides", json.dumps(overrides), "--lora"]
+           "--warmup", str(args.warmup), "--out", str(out), "--overrides", json.dumps(overrides), "--lora",
+           "--eval-rows", str(args.eval_rows)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"side": side, "error": proc.stderr[-3000:]}
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sides", nargs="*", default=["trl-defaults", "trl-expert", "multitune"], choices=list(SIDES))
     ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-gpu")
     ap.add_argument("--config", type=Path, default=None, help="tasks and tokenizer (default: the benchmark workspace's)")
+    ap.add_argument("--eval-rows", type=int, default=50, help="validation rows per task scored after training")
     ap.add_argument("--json", type=Path, default=None, help="results file, rewritten after every side (default: WORKDIR/gpu-results.json)")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     raw["train"].update(batch_size=args.examples, gradient_checkpointing=False, learning_rate=1e-4, eval_rows_during_training=0,
                         save_steps=100_000, save_minutes=None, logging_steps=1, eval_steps=100_000)
     for t in raw["tasks"]:
-        t["max_eval_rows"] = 50
+        t["max_eval_rows"] = args.eval_rows
     config = args.workdir / "gpu.yaml"
     config.write_text(yaml.safe_dump(raw))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -96,12 +96,12 @@ class StepWindow:
                                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
-def _val_loss(model, formatter, data) -> float:
+def _val_loss(model, formatter, data, rows: int = EVAL_ROWS) -> float:
     from multitune.data import subsample
     from multitune.scoring import Scorer
 
     scorer = Scorer(model.eval(), formatter, batch_size=32)
-    losses = [scorer.loss(subsample(td.val, EVAL_ROWS, 0)) for td in data]
+    losses = [scorer.loss(subsample(td.val, rows, 0)) for td in data]
     return sum(r["loss"] * r["n"] for r in losses) / sum(r["n"] for r in losses)
 
 
@@ -109,7 +109,7 @@ def _last_loss(log_history: list[dict]) -> float:
     return [e for e in log_history if "loss" in e][-1]["loss"]
 
 
-def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: StepWindow) -> dict[str, Any]:
+def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: StepWindow, eval_rows: int = EVAL_ROWS) -> dict[str, Any]:
     from multitune import train as train_module
     from multitune.config import load_config
     from multitune.formatting import Formatter
@@ -140,7 +140,7 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
     data = prepare(cfg, formatter, run.splits).data
     model = load_for_inference(cfg, run.final)
     adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) if cfg.peft.method != "full" else None
-    return {"train_loss_last": _last_loss(state["log_history"]), "val_answer_loss": _val_loss(model, formatter, data),
+    return {"train_loss_last": _last_loss(state["log_history"]), "val_answer_loss": _val_loss(model, formatter, data, eval_rows),
             "adapter_params": adapter, "batch_size": cfg.train.batch_size}
 
 
@@ -159,7 +159,8 @@ def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: bool = False) -> dict[str, Any]:
+def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: bool = False,
+            eval_rows: int = EVAL_ROWS) -> dict[str, Any]:
     """`trl-defaults` (docs usage) or `trl-expert` (tuned), with the config's LoRA as `peft_config` when `lora`."""
     import datasets
     import torch
@@ -205,7 +206,7 @@ def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: boo
                          callbacks=[window.callback])
     window.trainer = trainer
     trainer.train()
-    return {"train_loss_last": _last_loss(trainer.state.log_history), "val_answer_loss": _val_loss(trainer.model, formatter, data),
+    return {"train_loss_last": _last_loss(trainer.state.log_history), "val_answer_loss": _val_loss(trainer.model, formatter, data, eval_rows),
             "adapter_params": _trainable(trainer.model) if lora else None, "batch_size": args.per_device_train_batch_size,
             "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "packing": args.packing,
             "liger": bool(args.use_liger_kernel)}
@@ -220,19 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--overrides", type=json.loads, default={}, help="JSON {key: value} on top of the side's")
     ap.add_argument("--lora", action="store_true", help="TRL sides: give SFTTrainer the config's LoRA as peft_config")
+    ap.add_argument("--eval-rows", type=int, default=EVAL_ROWS, help="validation rows per task for the answer loss")
     args = ap.parse_args(argv)
     if not 0 <= args.warmup < args.steps:
         raise SystemExit(f"--warmup must be in [0, --steps): {args.warmup}")
     t0 = time.perf_counter()
     window = StepWindow(args.warmup)
     if args.side in TRL_SIDES:
-        result = run_trl(args.side, args.config, args.steps, window, lora=args.lora)
+        result = run_trl(args.side, args.config, args.steps, window, lora=args.lora, eval_rows=args.eval_rows)
     else:
         raw = yaml.safe_load(args.config.read_text())
         side_cfg = args.out.with_suffix(".yaml")
         raw["run_dir"] = str(args.out.parent / f"train-{args.out.stem}")
         side_cfg.write_text(yaml.safe_dump(raw))
-        result = run_ours(side_cfg, args.steps, {**SIDES[args.side], **args.overrides}, window)
+        result = run_ours(side_cfg, args.steps, {**SIDES[args.side], **args.overrides}, window, args.eval_rows)
     result |= window.result | {"side": args.side, "steps": args.steps, "wall_s": time.perf_counter() - t0,
                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     result["tokens_per_s"] = result["tokens"] / result["train_s"]

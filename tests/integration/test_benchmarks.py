@@ -31,7 +31,8 @@ def test_training_sides_report_comparable_numbers(assets, tmp_path):
     sides = {}
     for side in ("trl-defaults", "trl-expert", "multitune"):
         out = tmp_path / f"{side}.json"
-        _run("benchmarks.train_speed", "--side", side, "--config", str(config), "--steps", "3", "--warmup", "1", "--out", str(out))
+        _run("benchmarks.train_speed", "--side", side, "--config", str(config), "--steps", "3", "--warmup", "1", "--out", str(out),
+             "--eval-rows", "16")
         sides[side] = json.loads(out.read_text())
     for r in sides.values():
         assert r["steps"] == 3 and r["timed_steps"] == 2 and r["train_s"] > 0 and r["peak_rss_mb"] > 0
@@ -75,7 +76,7 @@ def test_gpu_check_writes_every_section_at_a_tiny_shape(assets, tmp_path):
     assert all(r["mfu_measured"] > 0 and r["adapter_params"] > 0 for r in a.values())
     assert a["trl-expert"]["adapter_params"] == a["multitune"]["adapter_params"]  # the same LoRA on both sides
     assert [r["side"] for r in sections["b"]["results"]["rows"]] == ["qlora"]
-    assert set(sections["c"]["summary"]) == {"multitune+liger-off", "multitune+compile", "multitune+padded"}
+    assert set(sections["c"]["summary"]) == {"multitune+liger-off", "multitune+padded"}  # compile: tests/unit/test_speed.py
     for n in "de":  # SIGTERM stopped the first run at a checkpoint, the same command resumed and finished
         facts = sections[n]["stop_resume"]
         assert facts["first"]["sigterm_sent"] and facts["resumed"] and facts["done"]
