@@ -1,15 +1,25 @@
-# Fresh-machine entry points. `make demo` and `make test` create .venv, install the pinned CPU build of
-# torch first (a plain `torch` would pull a multi-GB CUDA build), then the package and its pins.
+# Fresh-machine entry points. `make demo` and `make test` create .venv, install the pinned torch first,
+# then the package and its pins. On Linux without an NVIDIA GPU the default index's torch is the CUDA
+# build (several GB of CUDA libraries): there torch comes from the PyTorch CPU index when it answers,
+# and from the default index otherwise (machines that reach only PyPI or a local mirror).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup demo test test-fast bench gpu-bundle gpu-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@if [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1 && \
+	  $(PY) -c "import urllib.request; urllib.request.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" 2>/dev/null; then \
+	  echo "no GPU: the CPU build of torch from $(TORCH_CPU_INDEX)"; \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)" --index-url "$(TORCH_CPU_INDEX)"; \
+	else \
+	  echo "torch from the default index"; \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)"; \
+	fi
 	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
 	touch $@
 

@@ -1,25 +1,30 @@
-"""Checkpoints that survive a crash or a reclaimed pod.
+"""Checkpoints that survive a crash, a reclaimed pod or a smaller pod.
 
 Trainer writes ``checkpoint-N/`` piece by piece (weights, optimizer, RNG, state), so a kill in the
 middle leaves a folder that looks like a checkpoint but is not one. These callbacks add what Trainer
-lacks: a COMPLETE marker written only after every rank finished saving, a checkpoint every M minutes
-as well as every N steps, and a checkpoint plus clean stop on SIGTERM/SIGINT. Resume picks the
-newest *complete* checkpoint and says which incomplete ones it skipped.
+lacks: a COMPLETE marker written only after every rank finished saving (it also records the batch
+layout, so that a resume on another number of processes keeps the global batch), a checkpoint every M
+minutes as well as every N steps, and a checkpoint plus clean stop on SIGTERM/SIGINT. Every decision
+that starts a save is agreed by all ranks. Resume picks the newest checkpoint whose every file is
+there and intact, and says which incomplete ones it skipped.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-log = logging.getLogger(__name__)
+from multitune.distributed import any_rank, main_print, max_over_ranks, node_print
+from multitune.errors import UserError
+
 MARKER = "COMPLETE"
-_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "pytorch_model_fsdp_0")
+DCP_DIRS = ("pytorch_model_fsdp_0", "optimizer_0")  # FSDP sharded state dicts (torch.distributed.checkpoint)
 
 
 def _barrier() -> None:
@@ -29,20 +34,43 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint's examples per optimizer step were made: processes x batch_size x grad_accum."""
+
+    world_size: int
+    batch_size: int
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.grad_accum
+
+    def __str__(self) -> str:
+        return f"{self.world_size} process(es) x batch_size {self.batch_size} x grad_accum {self.grad_accum}"
+
+
 class CompleteMarker(TrainerCallback):
-    """After Trainer has saved a checkpoint on every rank, mark it complete (main process only)."""
+    """After Trainer has saved a checkpoint on every rank, mark it complete (each writing process)."""
 
     def on_save(self, args, state, control, **kwargs):
-        _barrier()  # every rank has written its shard and RNG state
+        _barrier()  # every rank has written its part and RNG state
         if args.should_save:  # the main process, or each node's first one with save_on_each_node
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (folder / MARKER).write_text(json.dumps({"global_step": state.global_step, "time": time.time()}))
+            layout = {"world_size": args.world_size, "batch_size": args.per_device_train_batch_size,
+                      "grad_accum": args.gradient_accumulation_steps}
+            (folder / MARKER).write_text(json.dumps({"global_step": state.global_step, "time": time.time(), **layout}))
         _barrier()
         return control
 
 
 class TimedCheckpoints(TrainerCallback):
-    """Ask for a checkpoint when ``minutes`` have passed since the last one (on top of save_steps)."""
+    """Ask for a checkpoint when ``minutes`` have passed since the last one (on top of save_steps).
+
+    Each rank's clock starts after its own model load, so the ranks cross the deadline at different
+    steps; one that saved alone would wait in the save's barrier while the others wait in the next
+    gradient all-reduce. The ranks agree (one all_reduce per step): all save once any is due.
+    """
 
     def __init__(self, minutes: float | None):
         self.seconds = minutes * 60 if minutes else None
@@ -53,7 +81,7 @@ class TimedCheckpoints(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.seconds and time.monotonic() - self.last >= self.seconds:
+        if self.seconds and any_rank(time.monotonic() - self.last >= self.seconds):
             control.should_save = True
         return control
 
@@ -80,30 +108,21 @@ class GracefulStop(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_requested():
+        # ranks may get the signal at different steps; all must stop at the same one, or a collective hangs
+        agreed = max_over_ranks(self.requested or 0)
+        if agreed:
+            self.requested = self.requested or agreed
             control.should_save = True
             control.should_training_stop = True
         return control
-
-    def _any_rank_requested(self) -> bool:
-        """Ranks may get the signal at different steps; all must stop at the same one, or a collective hangs."""
-        import torch
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested is not None
-        flag = torch.tensor([0 if self.requested is None else self.requested], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.requested is None:
-            self.requested = int(flag.item())
-        return bool(flag.item())
 
     def on_train_end(self, args, state, control, **kwargs):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return control
+
+
+# ---------------------------------------------------------------- completeness
 
 
 def _safetensors_intact(path: Path) -> bool:
@@ -121,19 +140,70 @@ def _safetensors_intact(path: Path) -> bool:
     return 8 + n + end == size
 
 
+def _torch_file_intact(path: Path) -> bool:
+    """torch.save writes a zip whose directory comes last: a truncated file has none."""
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def _dcp_intact(folder: Path) -> bool:
+    """A DCP folder is whole when its .metadata reads and every shard file it names holds its bytes.
+
+    With save_on_each_node under FSDP, each node keeps only its own ranks' shard files and only node 0
+    writes .metadata: neither node's folder is complete on its own.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception:  # missing or unreadable (pickle) metadata
+        return False
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    return bool(needed) and all((folder / name).is_file() and (folder / name).stat().st_size >= end for name, end in needed.items())
+
+
+def _weights_intact(folder: Path) -> bool:
+    if (folder / "adapter_model.safetensors").exists():
+        return _safetensors_intact(folder / "adapter_model.safetensors")
+    if (folder / "model.safetensors").exists():
+        return _safetensors_intact(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            return False
+        return bool(files) and all(_safetensors_intact(folder / f) for f in files)
+    return (folder / DCP_DIRS[0]).is_dir() and _dcp_intact(folder / DCP_DIRS[0])
+
+
+def _optimizer_intact(folder: Path) -> bool:
+    if (folder / DCP_DIRS[1]).is_dir():
+        state = _dcp_intact(folder / DCP_DIRS[1])
+    else:
+        state = _torch_file_intact(folder / "optimizer.pt")
+    return state and _torch_file_intact(folder / "scheduler.pt")
+
+
 def is_complete(folder: Path) -> bool:
+    """Marked complete, and every file a resume reads is there and whole (weights, optimizer, scheduler, state)."""
     if not (folder / MARKER).exists():
         return False
     try:
         json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    weights = [folder / w for w in _WEIGHTS if (folder / w).exists()]
-    return bool(weights) and all(_safetensors_intact(w) for w in weights if w.suffix == ".safetensors")
+    return _weights_intact(folder) and _optimizer_intact(folder)
+
+
+def is_sharded(folder: Path) -> bool:
+    """Written under FSDP as per-rank shards of the whole model (full fine-tuning): needs FSDP to load."""
+    return (folder / DCP_DIRS[0]).is_dir() and not (folder / "adapter_model.safetensors").exists()
 
 
 def latest_complete(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint; incomplete or corrupt newer ones are skipped with a warning."""
+    """The newest complete checkpoint; incomplete or corrupt newer ones are skipped with a warning (once per node)."""
     if not checkpoints.is_dir():
         return None
     found = sorted(
@@ -144,25 +214,48 @@ def latest_complete(checkpoints: Path) -> Path | None:
     for folder in found:
         if is_complete(folder):
             return folder
-        print(f"warning: skipping incomplete or corrupt checkpoint {folder}")
+        node_print(f"warning: skipping incomplete or corrupt checkpoint {folder}")
     return None
 
 
-def agree_on_resume(resuming: bool, last: Path | None) -> None:
-    """Every rank must resume from the same step. Without shared storage a node may hold no copy of the
-    checkpoint the others found; stop with a message instead of letting ranks diverge or hang."""
-    import torch.distributed as dist
+def step_of(folder: Path | None) -> int:
+    return int(folder.name.split("-")[-1]) if folder else -1
 
-    from multitune.errors import UserError
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    mine = (resuming, int(last.name.split("-")[-1]) if last else -1)
-    seen: list = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, mine)
-    if len(set(seen)) > 1:
-        detail = ", ".join(f"rank {r}: {'step ' + str(s) if s >= 0 else 'none'}" for r, (_, s) in enumerate(seen))
-        raise UserError(
-            f"ranks disagree on the checkpoint to resume from ({detail}); put run_dir on storage shared by all "
-            "nodes, or set train.save_on_each_node=true so that every node keeps a full copy"
-        )
+# ---------------------------------------------------------------- resuming on another number of processes
+
+
+def saved_layout(folder: Path) -> Layout | None:
+    """The batch layout recorded in the checkpoint's marker (None for checkpoints from before it was recorded)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        return Layout(marker["world_size"], marker["batch_size"], marker["grad_accum"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def grad_accum_for_resume(saved: Layout | None, now: Layout, *, grad_accum_from_user: bool) -> int:
+    """The grad_accum that keeps the checkpoint's global batch on this launch's processes.
+
+    A pod that comes back with fewer GPUs resumes with the same examples per optimizer step: when
+    only the number of processes (or batch_size) changed, grad_accum is adjusted automatically; a
+    grad_accum the user changed must itself give the same global batch. Otherwise: a clear error.
+    """
+    if saved is None or now.global_batch == saved.global_batch:
+        return now.grad_accum
+    target, per_step = saved.global_batch, now.world_size * now.batch_size
+    if not grad_accum_from_user and target % per_step == 0:
+        ga = target // per_step
+        main_print(f"notice: the checkpoint was trained on {saved}; on {now.world_size} process(es) train.grad_accum "
+                   f"becomes {ga} (automatically) to keep the global batch of {target} examples per step")
+        return ga
+    if target % now.world_size:
+        fix = f"resume on a number of processes that divides {target}"
+    else:
+        per_rank = target // now.world_size
+        bs = max(d for d in range(1, min(now.batch_size, per_rank) + 1) if per_rank % d == 0)
+        fix = f"e.g. train.batch_size={bs} train.grad_accum={per_rank // bs}"
+    raise UserError(
+        f"the checkpoint was trained with a global batch of {target} examples per step ({saved}); "
+        f"{now} = {now.global_batch} would change the training: set processes x batch_size x grad_accum = {target} ({fix})"
+    )

@@ -37,7 +37,11 @@ def eval_(
     mode: Annotated[str | None, typer.Option(help="likelihood or generate (default: the run's eval.mode)")] = None,
     max_rows: Annotated[int | None, typer.Option(help="score at most this many validation rows per task")] = None,
 ) -> None:
-    """Score a trained run on its recorded validation split; writes metrics.json and report.md."""
+    """Score a trained run on its recorded validation split.
+
+    The run's own mode on every row rewrites metrics.json and report.md; a partial (--max-rows) or
+    other-mode evaluation writes metrics-<mode>[-<N>rows].json and report-<...>.md beside them.
+    """
     from multitune.data import load_tasks
     from multitune.evaluate import evaluate_tasks, format_table, write_results
     from multitune.formatting import Formatter
@@ -54,15 +58,18 @@ def eval_(
     formatter = Formatter(load_tokenizer(cfg.model, None, source=str(run.final)), cfg.model.max_length)
     results = evaluate_tasks(load_for_inference(cfg, run.final), formatter, data, mode=mode, batch_size=cfg.eval.batch_size,
                              max_rows=max_rows, seed=cfg.seed)
-    write_results(run.root, results, f"multitune validation ({mode}): {cfg.model.name_or_path} ({cfg.peft.method})")
+    name = "-".join([mode] + ([f"{max_rows}rows"] if max_rows else [])) if mode != cfg.eval.mode or max_rows else ""
+    header = f"multitune validation ({mode}{f', at most {max_rows} rows per task' if max_rows else ''}): {cfg.model.name_or_path} ({cfg.peft.method})"
+    write_results(run.root, results, header, name)
     print(format_table(results))
+    print(f"wrote {run.root / (f'metrics-{name}.json' if name else 'metrics.json')}")
 
 
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `train`")],
     text: Annotated[list[str] | None, typer.Argument(help="input text(s)")] = None,
-    task: Annotated[str, typer.Option(help="which trained task to apply")] = ...,
+    task: Annotated[str | None, typer.Option(help="which trained task to apply (default: a one-task run's task)")] = None,
     input: Annotated[Path | None, typer.Option("--input", help="JSON lines: rows in the task's schema, or strings")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="write predictions here as JSON lines")] = None,
 ) -> None:
@@ -110,24 +117,29 @@ def validate(
 @app.command("make-tiny-model")
 def make_tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="where to save the model and tokenizer")],
-    config: Annotated[Path | None, typer.Option(help="train the tokenizer on this config's task texts (default: generated data)")] = None,
+    config: Annotated[Path | None, typer.Option(help="train on this config's training rows (default: generated data)")] = None,
     hidden: int = 128,
     layers: int = 4,
     vocab_size: int = 4096,
 ) -> None:
-    """Build a tiny Llama-architecture model with a BPE tokenizer trained on task texts (HF format)."""
+    """Build a tiny Llama-architecture model with a BPE tokenizer trained on task texts (HF format).
+
+    With --config, the tokenizer and the short pretraining see the training rows of the config's split
+    only (the split is deterministic: `train` with that config makes the same one), never its
+    validation rows, so that comparisons on the validation rows stay fair.
+    """
     from multitune import tiny
 
     if config is not None:
         from multitune.config import load_config
+        from multitune.data import load_tasks
         from multitune.hub import mirror_root
-        from multitune.tasks import build_task
 
         cfg = load_config(config)
         texts = []
-        for tcfg in cfg.tasks:
-            task = build_task(tcfg)
-            texts += tiny.dataset_texts(task.load(mirror_root(cfg.hub_mirror)), task.label_names)
+        for td in load_tasks(cfg, None, create=True):
+            rows = td.task.load(mirror_root(cfg.hub_mirror)).select(td.split["train"])
+            texts += tiny.dataset_texts(rows, td.task.label_names)
     else:
         texts = tiny.corpus(tiny.synthetic_datasets(out_dir / "generated-data"))
     tiny.make_tiny_model(out_dir, texts, vocab_size=vocab_size, hidden=hidden, layers=layers)
@@ -151,20 +163,79 @@ def demo(
 def push(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     repo_id: Annotated[str | None, typer.Option(help="Hub repo (default: the run's hub.repo_id)")] = None,
-    private: Annotated[bool, typer.Option(help="create the repo private")] = True,
+    private: Annotated[bool | None, typer.Option("--private/--public", help="repo visibility (default: the run's hub.private)")] = None,
+    merged: Annotated[bool, typer.Option("--merged", help="upload the adapter merged into the base weights")] = False,
+    dry_run: Annotated[Path | None, typer.Option("--dry-run", help="write the folder that would be uploaded here instead")] = None,
 ) -> None:
-    """Upload a finished run's adapter, tokenizer, metrics and model card to the Hugging Face Hub."""
+    """Upload a finished run (adapter or merged weights, tokenizer, config, metrics, model card) in one commit."""
     from multitune.publish import push as run_push
     from multitune.run import RunDir
 
     run = RunDir(run_dir)
     run.require_finished()
     cfg = run.load_config()
-    hub = cfg.hub.model_copy(update={"repo_id": repo_id or cfg.hub.repo_id, "private": private})
-    if not hub.repo_id:
-        raise UserError("no repo to push to: pass --repo-id me/name or set hub.repo_id in the config")
-    results = json.loads(run.metrics.read_text()) if run.metrics.exists() else {}
-    run_push(run, cfg.model_copy(update={"hub": hub}), results)
+    hub = cfg.hub.model_copy(update={"repo_id": repo_id or cfg.hub.repo_id})
+    run_push(run, cfg.model_copy(update={"hub": hub}), merged=merged, dry_run=dry_run, private=private)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    out_dir: Annotated[Path, typer.Argument(help="new directory for the model")],
+    merged: Annotated[bool, typer.Option("--merged", help="merge the adapter into the base weights (QLoRA: dequantised first)")] = False,
+) -> None:
+    """Write the run's model (adapter, or merged into the base: a plain transformers model) with its model card."""
+    from multitune.export import export as run_export
+    from multitune.run import RunDir
+
+    run = RunDir(run_dir)
+    run.require_finished()
+    run_export(run, run.load_config(), out_dir, merged=merged)
+
+
+@app.command()
+def doctor(
+    config: Annotated[Path | None, typer.Argument(help="YAML config to check against (optional)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides")] = None,
+) -> None:
+    """Check this machine before paying for it: versions, GPUs, kernels, disk, tokens, nodes, writable dirs."""
+    from multitune.doctor import format_table, run_checks
+
+    cfg = None
+    if config is not None:
+        from multitune.config import load_config
+
+        cfg = load_config(config, overrides or [])
+    checks = run_checks(cfg)
+    print(format_table(checks))
+    if any(c.status == "fail" for c in checks):
+        raise SystemExit(1)  # click returns a typer.Exit code instead of exiting when not standalone
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs per node")] = 1,
+    nodes: Annotated[int, typer.Option(help="number of nodes")] = 1,
+    gpu: Annotated[str, typer.Option(help="a100-80gb, a100-40gb, h100-80gb, h100-pcie, h200, l40s, a6000, rtx4090")] = "a100-80gb",
+    price: Annotated[float | None, typer.Option(help="dollars per GPU-hour, for the cost")] = None,
+    global_batch: Annotated[int | None, typer.Option(help="examples per optimizer step (default: the config's at this size)")] = None,
+    mfu: Annotated[float | None, typer.Option(help="model FLOPs utilisation to assume (default 0.35, QLoRA 0.25)")] = None,
+    examples: Annotated[int | None, typer.Option(help="training examples per epoch (default: counted from the data)")] = None,
+    tokens_per_example: Annotated[float | None, typer.Option(help="mean tokens per example (default: measured)")] = None,
+) -> None:
+    """Per-GPU memory, whether it fits, the launch config and batch to use, tokens/s, wall time and cost."""
+    from multitune import plan as planner
+    from multitune.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    data = planner.DataStats(examples, tokens_per_example, "given") if examples and tokens_per_example else None
+    result = planner.make_plan(cfg, gpus=gpus, nodes=nodes, gpu=gpu, global_batch=global_batch, mfu=mfu, data=data)
+    if examples and not tokens_per_example or tokens_per_example and not examples:
+        measured = result.data
+        result.data = planner.DataStats(examples or measured.examples, tokens_per_example or measured.tokens, measured.source)
+    print(planner.report(cfg, result, price, str(config)), end="")
 
 
 def main() -> None:

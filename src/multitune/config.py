@@ -25,9 +25,17 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name_or_path: str = Field(description="Hub id or local directory of a causal LM with a chat template")
     revision: str | None = None
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    max_length: int = Field(512, gt=8, description="prompt + completion tokens; prompts are cut from the left")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="auto: bf16 on GPUs that compute it natively (not V100/T4), else fp32; full fine-tuning loads "
+        "fp32 weights and trains under bf16 autocast (an fp32 master copy for AdamW)",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="training attention; scoring always runs SDPA (flash_attention_2 takes no tree mask)"
+    )
+    max_length: int = Field(
+        512, gt=8, description="prompt + completion tokens; a longer example's input text is cut in the middle, never its answer"
+    )
     trust_remote_code: bool = False
 
 
@@ -60,6 +68,7 @@ class TaskConfig(_Strict):
     dataset: str | None = Field(None, description="Hub id or local path (dir, .csv, .json(l), .parquet)")
     subset: str | None = None
     split: str = "train"
+    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit) to pin; default: the latest")
     # classification
     text_column: str | None = None
     label_column: str | None = None
@@ -72,6 +81,9 @@ class TaskConfig(_Strict):
     messages_column: str | None = None
     prompt_column: str | None = None
     response_column: str | None = None
+    assistant_turns: Literal["all", "last"] = Field(
+        "all", description="chat: which assistant turns of a conversation carry loss (every one, or the last only)"
+    )
     # prompt wording ("hard prompts")
     template: str = "default"
     system_prompt: str | None = None
@@ -116,6 +128,8 @@ class TrainConfig(_Strict):
     save_minutes: float | None = Field(30, gt=0, description="also checkpoint when this many minutes passed")
     save_total_limit: int = Field(3, ge=2, description="the newest complete checkpoint is never the only one")
     save_on_each_node: bool = Field(False, description="nodes without shared storage: each keeps a full copy")
+    hub_checkpoints: bool = Field(False, description="also upload each complete checkpoint to the private Hub repo "
+                                  "<hub.repo_id>-checkpoints; a fresh pod with an empty run_dir resumes from there")
     bf16: Literal["auto", True, False] = "auto"
     compile: bool = Field(False, description="torch.compile the model; batches padded to a multiple of 64, dynamic shapes")
     loss_positions: Literal["supervised", "all"] = Field(
@@ -170,6 +184,8 @@ class Config(_Strict):
             raise ValueError(f"task names must be unique, repeated: {dupes}")
         if self.peft.method in PROMPT_LEARNING and (self.train.packing or self.train.padding_free):
             raise ValueError(f"peft.method={self.peft.method} cannot be combined with packing or padding_free")
+        if self.train.hub_checkpoints and not self.hub.repo_id:
+            raise ValueError("train.hub_checkpoints needs hub.repo_id (checkpoints go to the private repo <repo_id>-checkpoints)")
         if self.train.padding_free and not self.train.packing and self.model.attn_implementation != "flash_attention_2":
             raise ValueError("train.padding_free without packing needs model.attn_implementation=flash_attention_2")
         return self

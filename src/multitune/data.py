@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from multitune.config import Config
 from multitune.errors import UserError
-from multitune.formatting import Formatter, check_supervision
+from multitune.formatting import Formatter, TooLong, check_supervision
 from multitune.hub import mirror_root
 from multitune.tasks import Example, Task, build_task
 
@@ -27,7 +28,8 @@ class TaskData:
     task: Task
     train: list[Example]
     val: list[Example]
-    split: dict  # row indices of train and val in the loaded dataset, and the task's bound state
+    split: dict  # row indices of train and val in the loaded dataset, the task's bound state, a content fingerprint
+    truncated: int = 0  # training rows whose input text was cut to fit model.max_length
 
 
 def _examples(task: Task, ds: datasets.Dataset) -> list[Example]:
@@ -81,10 +83,49 @@ def make_split(task: Task, examples: list[Example], val_fraction: float, seed: i
     return {"n_rows": len(examples), "train": sorted(train_idx), "val": sorted(val_idx)}
 
 
-def check_split(name: str, split: dict) -> None:
-    overlap = set(split["train"]) & set(split["val"])
-    if overlap:
-        raise AssertionError(f"task {name}: train and validation share rows {sorted(overlap)[:5]}")
+def fingerprint(task: Task, ds: datasets.Dataset) -> str:
+    """A hash of the content of the columns the task reads, row by row in order.
+
+    A recorded split is a list of row indices: if the rows behind them changed (a Hub dataset updated
+    with the same row count), the indices would silently pick other rows. Columns the task ignores
+    are left out, so a dataset that only gained a column keeps its fingerprint.
+    """
+    cols = task.columns()
+    h = hashlib.sha256(json.dumps({c: str(ds.features[c]) for c in cols}, sort_keys=True).encode())
+    for batch in ds.select_columns(cols).iter(batch_size=1000):
+        h.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def check_split(name: str, split: dict, n_rows: int) -> None:
+    """Refuse a recorded split that cannot be right: indices out of range, repeated, or on both sides."""
+    train, val = split.get("train"), split.get("val")
+    problem = None
+    if not isinstance(train, list) or not isinstance(val, list) or not train or not val:
+        problem = "its train or val row list is missing or empty"
+    elif not all(isinstance(i, int) and 0 <= i < n_rows for i in train + val):
+        problem = f"it names rows outside the dataset's {n_rows}"
+    elif len(set(train + val)) != len(train) + len(val):
+        overlap = sorted(set(train) & set(val))
+        problem = f"train and validation share rows {overlap[:5]}" if overlap else "it lists a row twice"
+    if problem:
+        raise UserError(f"task {name}: the recorded split is damaged ({problem}); restore splits/{name}.json or train a new run")
+
+
+def _check_recorded(task: Task, split: dict, examples: list[Example], ds: datasets.Dataset) -> None:
+    name = task.name
+    if split["n_rows"] != len(examples):
+        raise UserError(
+            f"task {name}: the dataset now has {len(examples)} rows but the recorded split was made on "
+            f"{split['n_rows']}; the data changed since this run started"
+        )
+    check_split(name, split, len(examples))
+    if "fingerprint" in split and split["fingerprint"] != fingerprint(task, ds):  # runs recorded before fingerprints: count only
+        raise UserError(
+            f"task {name}: the dataset's content changed since the split was recorded ({len(examples)} rows, as before, "
+            f"but not the same ones), so its row indices would now pick other rows; pin tasks.{name}.revision to the "
+            f"revision this run used (recorded: {split.get('revision') or 'none, the latest'}) or train a new run"
+        )
 
 
 def load_tasks(cfg: Config, split_dir: Path | None, *, create: bool) -> list[TaskData]:
@@ -99,17 +140,12 @@ def load_tasks(cfg: Config, split_dir: Path | None, *, create: bool) -> list[Tas
         path = split_dir / f"{task.name}.json" if split_dir else None
         if path is not None and path.exists():
             split = json.loads(path.read_text())
-            if split["n_rows"] != len(examples):
-                raise UserError(
-                    f"task {task.name}: the dataset now has {len(examples)} rows but the recorded split was made on "
-                    f"{split['n_rows']}; the data changed since this run started"
-                )
+            _check_recorded(task, split, examples, ds)
         elif create:
             split = make_split(task, examples, cfg.data.val_fraction, cfg.data.split_seed, task.cfg.max_rows)
-            split["task_state"] = task.state()
+            split |= {"task_state": task.state(), "fingerprint": fingerprint(task, ds), "revision": task.cfg.revision}
         else:
             raise UserError(f"no recorded split for task {task.name} in {split_dir}")
-        check_split(task.name, split)
         out.append(TaskData(task, [examples[i] for i in split["train"]], [examples[i] for i in split["val"]], split))
         log.info("task %s: %d train / %d validation rows", task.name, len(out[-1].train), len(out[-1].val))
     return out
@@ -132,11 +168,20 @@ def _weighted(rows: list, weight: float, seed: int) -> list:
     return rows * whole + rng.sample(rows, part)
 
 
+def encode(td: TaskData, formatter: Formatter, rows: list[Example]) -> dict[str, list]:
+    """The task's rows tokenised for training or validation loss (see Formatter.encode), errors named."""
+    try:
+        return formatter.encode(rows)
+    except TooLong as e:
+        raise UserError(f"task {td.task.name}: {e}") from None
+
+
 def training_dataset(data: list[TaskData], formatter: Formatter, seed: int) -> datasets.Dataset:
     """One stream of tokenised training examples from all tasks, each task scaled by its weight."""
     columns: dict[str, list] = {"input_ids": [], "labels": [], "task": []}
     for td in data:
-        enc = formatter.encode(td.train)
+        enc = encode(td, formatter, td.train)
+        td.truncated = sum(enc["truncated"])
         check_supervision(td.task.name, enc, formatter)
         rows = _weighted(list(zip(enc["input_ids"], enc["labels"], strict=True)), td.task.cfg.weight, seed)
         columns["input_ids"] += [r[0] for r in rows]
@@ -158,5 +203,14 @@ def validation_datasets(data: list[TaskData], formatter: Formatter, max_rows: in
     for td in data:
         rows = subsample(td.val, max_rows, seed)
         if rows:
-            out[td.task.name] = datasets.Dataset.from_dict(formatter.encode(rows))
+            enc = encode(td, formatter, rows)
+            out[td.task.name] = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "labels": enc["labels"]})
     return out
+
+
+def training_summary(data: list[TaskData], n_examples: int, formatter: Formatter, cached: bool = False) -> str:
+    """The line printed before training: the mixed stream's size, each task's rows, and the rows cut to fit."""
+    parts = [f"{td.task.name}={len(td.train)}" + (f" ({td.truncated} cut to fit)" if td.truncated else "") for td in data]
+    cut = f"; input text cut in the middle to fit model.max_length={formatter.max_length}" if any(td.truncated for td in data) else ""
+    origin = " (tokenised data from the cache)" if cached else ""
+    return f"training on {n_examples} examples from {len(data)} tasks{origin}: " + ", ".join(parts) + cut

@@ -3,32 +3,74 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from multitune.data import TaskData, subsample
-from multitune.formatting import Formatter
+from multitune.distributed import all_gather, is_distributed, max_over_ranks, rank, world_size
+from multitune.formatting import IGNORE, Formatter
 from multitune.scoring import Scorer
 
 
 def evaluate_tasks(
     model, formatter: Formatter, data: list[TaskData], *, mode: str, batch_size: int, max_rows: int | None = None, seed: int = 0
 ) -> dict[str, dict[str, Any]]:
-    """Score every task's validation rows: labels by likelihood (or generation), chat by loss/perplexity."""
+    """Score every task's validation rows: labels by likelihood (or generation), chat by loss/perplexity.
+
+    Under torchrun/accelerate every rank calls this: each scores every world_size-th row, in batches
+    whose number (and size) all ranks agree on, since under FSDP each forward pass is a collective;
+    the results are gathered, and every rank returns the same full results.
+    """
     was_training = model.training
     model.eval()
-    scorer = Scorer(model, formatter, batch_size)
+    scorer = Scorer(model, formatter, batch_size, lockstep=is_distributed())
     results: dict[str, dict[str, Any]] = {}
     for td in data:
         rows = subsample(td.val, max_rows or td.task.cfg.max_eval_rows, seed)
         if td.task.kind == "chat":
-            results[td.task.name] = {"kind": "chat", **scorer.loss(rows)}
+            results[td.task.name] = {"kind": "chat", **_chat_loss(scorer, rows)}
             continue
-        pred, _ = scorer.predict_labels(rows, td.task.label_names, mode)
+        pred = _gathered(rows, lambda shard: scorer.predict_labels(shard, td.task.label_names, mode)[0])
         gold = [ex.label for ex in rows]
         results[td.task.name] = {"kind": td.task.kind, "mode": mode, **td.task.score(gold, pred)}
     model.train(was_training)
     return results
+
+
+def _gathered(rows: list, fn) -> list:
+    """``fn`` over this rank's share of ``rows`` (every world_size-th), gathered back into row order."""
+    size, me = world_size(), rank()
+    if size == 1:
+        return list(fn(rows))
+    out: list = [None] * len(rows)
+    for r, values in enumerate(all_gather(list(fn(rows[me::size])))):
+        out[r::size] = values
+    return out
+
+
+def _chat_loss(scorer: Scorer, rows: list) -> dict[str, float]:
+    if world_size() == 1:
+        return scorer.loss(rows)
+    # Scorer.loss makes one forward pass per batch: each rank scores its share in batches, as many as the
+    # rank with the most (a spare batch repeats a row and is not counted), and the summed losses are gathered.
+    mine = rows[rank()::world_size()]
+    chunks = [mine[s : s + scorer.batch_size] for s in range(0, len(mine), scorer.batch_size)]
+    total, tokens = 0.0, 0
+    for i in range(max_over_ranks(len(chunks))):
+        chunk = chunks[i] if i < len(chunks) else rows[:1]
+        r = scorer.loss(chunk)
+        if i < len(chunks):
+            n = supervised_tokens(scorer.formatter, chunk)
+            total, tokens = total + r["loss"] * n, tokens + n
+    summed = all_gather((total, tokens))
+    loss = sum(t for t, _ in summed) / max(sum(n for _, n in summed), 1)
+    return {"n": len(rows), "loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def supervised_tokens(formatter: Formatter, rows: list) -> int:
+    """The completion tokens a chat loss averages over (labels past the first position)."""
+    return sum(sum(t != IGNORE for t in labels[1:]) for labels in formatter.encode(rows)["labels"])
 
 
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -49,8 +91,11 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: str) -> None:
-    (run_root / "metrics.json").write_text(json.dumps(results, indent=2))
+def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: str, variant: str = "") -> None:
+    """metrics.json and report.md; with a ``variant``, metrics-<variant>.json and report-<variant>.md beside
+    them (a partial or other-mode evaluation, which must not replace the run's own results)."""
+    suffix = f"-{variant}" if variant else ""
+    (run_root / f"metrics{suffix}.json").write_text(json.dumps(results, indent=2))
     rows = summary_rows(results)
     md = [f"# {header}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -61,4 +106,4 @@ def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: st
         for cls, m in r["per_class"].items():
             if isinstance(m, dict) and cls not in ("macro avg", "weighted avg"):
                 md.append(f"| {cls} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1-score']:.3f} | {int(m['support'])} |")
-    (run_root / "report.md").write_text("\n".join(md) + "\n")
+    (run_root / f"report{suffix}.md").write_text("\n".join(md) + "\n")

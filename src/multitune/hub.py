@@ -42,8 +42,9 @@ def resolve(ref: str, kind: str, mirror: Path | None) -> str:
     return ref
 
 
-def load_rows(ref: str, *, subset: str | None, split: str, mirror: Path | None) -> datasets.Dataset:
-    """Load one split of a dataset as a ``datasets.Dataset``."""
+def load_rows(ref: str, *, subset: str | None, split: str, mirror: Path | None, revision: str | None = None) -> datasets.Dataset:
+    """Load one split of a dataset as a ``datasets.Dataset``; ``revision`` pins a Hub dataset (local copies
+    and mirrors are what they are)."""
     source = resolve(ref, "dataset", mirror)
     path = Path(source)
     try:
@@ -54,7 +55,7 @@ def load_rows(ref: str, *, subset: str | None, split: str, mirror: Path | None) 
             return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), subset, split=split)
-        return _load_from_hub(source, subset, split)
+        return _load_from_hub(source, subset, split, revision)
     except UserError:
         raise
     except ValueError as e:
@@ -70,15 +71,16 @@ def load_rows(ref: str, *, subset: str | None, split: str, mirror: Path | None) 
         ) from None
 
 
-def _load_from_hub(repo_id: str, subset: str | None, split: str) -> datasets.Dataset:
+def _load_from_hub(repo_id: str, subset: str | None, split: str, revision: str | None = None) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(repo_id, subset, split=split)
+        return datasets.load_dataset(repo_id, subset, split=split, revision=revision)
     except RuntimeError as e:
         # datasets >= 4 refuses legacy loading scripts (PolyAI/banking77 is one); the Hub keeps an automatic
         # parquet conversion of every public dataset on a separate revision, which loads without the script.
         if "Dataset scripts are no longer supported" not in str(e):
             raise
-        print(f"notice: {repo_id} is a loading-script repo; using its {PARQUET_REVISION} revision")
+        pinned = f" (revision {revision} is a loading script too; the split's content fingerprint guards the rows)" if revision else ""
+        print(f"notice: {repo_id} is a loading-script repo; using its {PARQUET_REVISION} revision{pinned}")
         return datasets.load_dataset(repo_id, subset or "default", split=split, revision=PARQUET_REVISION)
 
 

@@ -31,11 +31,65 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def bf16_supported() -> bool:
+    """A GPU that computes in bf16 natively (Ampere or newer). The one place this is decided.
+
+    ``torch.cuda.is_bf16_supported()`` also says yes on V100/T4, where bf16 is emulated (slowly, and
+    through fp32 without bf16 tensor cores); ``auto`` must not pick it there.
+    """
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+        return torch.bfloat16 if bf16_supported() else torch.float32
     return getattr(torch, name)
+
+
+def weights_dtype(cfg: Config, *, for_training: bool) -> torch.dtype:
+    """The dtype the base weights are loaded in.
+
+    Full fine-tuning trains with fp32 weights (and bf16 autocast through ``train.bf16``): AdamW on bf16
+    weights has no fp32 master copy, and updates smaller than bf16's resolution (1/256 of a weight) are
+    lost. Frozen weights under an adapter are only read, so they take the compute dtype.
+    """
+    if for_training and cfg.peft.method == "full" and cfg.model.dtype == "auto":
+        return torch.float32
+    return resolve_dtype(cfg.model.dtype)
+
+
+def check_requirements(cfg: Config) -> None:
+    """Optional packages the config needs, checked before anything is loaded or written."""
+    import importlib.util
+
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                "(pip install flash-attn --no-build-isolation), or set model.attn_implementation=sdpa"
+            )
+        if not torch.cuda.is_available():
+            raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
+    if cfg.peft.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("peft.method=qlora needs the bitsandbytes package (pip install bitsandbytes), or use peft.method=lora")
+
+
+def adapters_in_fp32(model) -> None:
+    """Keep every trainable parameter (and so its Adam moments) in fp32, whatever the base weights' dtype.
+
+    TRL's SFTTrainer casts a 4-bit model's trainable parameters to bf16, while PEFT keeps LoRA adapters on
+    a bf16 base in fp32: QLoRA and LoRA would train in different precisions. fp32 adapters cost little
+    memory (a few M parameters) and keep small updates that bf16 rounds away; compute still runs in bf16
+    under autocast. Call after the trainer is built and before it creates the optimizer. Full fine-tuning
+    is left as loaded (fp32 unless model.dtype says otherwise).
+    """
+    import peft
+
+    if not isinstance(model, peft.PeftModel):
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _from_pretrained(loader, ref: str, mcfg: ModelConfig, mirror: Path | None, **kwargs):
@@ -60,10 +114,12 @@ def load_tokenizer(mcfg: ModelConfig, mirror: Path | None, source: str | None = 
     return tok
 
 
-def load_model(cfg: Config, *, quantize: bool | None = None):
-    """The base causal LM: bf16 on a bf16-capable GPU, fp32 on CPU, SDPA attention; 4-bit NF4 for QLoRA."""
+def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool = False):
+    """The base causal LM: bf16 on a bf16-capable GPU, fp32 on CPU (and for full fine-tuning), SDPA
+    attention; 4-bit NF4 for QLoRA."""
+    check_requirements(cfg)
     mcfg = cfg.model
-    dtype = resolve_dtype(mcfg.dtype)
+    dtype = weights_dtype(cfg, for_training=for_training)
     kwargs = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation}
     if quantize if quantize is not None else cfg.peft.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(

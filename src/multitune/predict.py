@@ -14,9 +14,14 @@ from multitune.scoring import Scorer
 from multitune.tasks import Task, build_task
 
 
-def restore_task(run: RunDir, name: str) -> Task:
+def restore_task(run: RunDir, name: str | None) -> Task:
+    """The trained task, bound as in training (its columns and labels); ``None`` for a one-task run."""
     cfg = run.load_config()
     names = [t.name for t in cfg.tasks]
+    if name is None:
+        if len(names) > 1:
+            raise UserError(f"this run was trained on {len(names)} tasks; choose one with --task ({', '.join(names)})")
+        name = names[0]
     if name not in names:
         raise UserError(f"unknown task {name!r} for this run; it was trained on {names}")
     task = build_task(next(t for t in cfg.tasks if t.name == name))
@@ -37,12 +42,19 @@ def read_inputs(path: Path) -> list[dict[str, Any] | str]:
     return rows
 
 
-def predict(run_dir: Path, task_name: str, inputs: list[dict[str, Any] | str], max_new_tokens: int = 128) -> list[dict[str, Any]]:
+def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | str], max_new_tokens: int = 128) -> list[dict[str, Any]]:
     run = RunDir(Path(run_dir))
     run.require_finished()
     cfg = run.load_config()
     task = restore_task(run, task_name)
-    examples = [task.example_from_input(x) for x in inputs]
+    examples = []
+    for n, value in enumerate(inputs, 1):
+        if not isinstance(value, (dict, str)):
+            raise UserError(f"input {n} is a {type(value).__name__}; give a JSON object in the task's schema or a string")
+        try:
+            examples.append(task.example_from_input(value))
+        except UserError as e:
+            raise UserError(f"input {n}: {e}") from None
     tokenizer = load_tokenizer(cfg.model, None, source=str(run.final))
     scorer = Scorer(load_for_inference(cfg, run.final), Formatter(tokenizer, cfg.model.max_length), cfg.eval.batch_size)
     if task.kind == "chat":

@@ -110,7 +110,7 @@ def _build(cfg: Config, formatter: Formatter, split_dir: Path | None, cached: bo
 
 def _read(entry: Path, tasks) -> Prepared:
     splits = pickle.loads((entry / "tasks.pkl").read_bytes())
-    data = [TaskData(task, train, val, split) for task, (train, val, split) in zip(tasks, splits, strict=True)]
+    data = [TaskData(task, train, val, split, truncated) for task, (train, val, split, truncated) in zip(tasks, splits, strict=True)]
     evals = {name: datasets.load_from_disk(str(entry / f"eval-{i}")) for i, name in enumerate(json.loads((entry / "eval.json").read_text()))}
     return Prepared(data, datasets.load_from_disk(str(entry / "train")), evals, cached=True)
 
@@ -120,7 +120,7 @@ def _write(entry: Path, prepared: Prepared) -> None:
     tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
-        (tmp / "tasks.pkl").write_bytes(pickle.dumps([(td.train, td.val, td.split) for td in prepared.data]))
+        (tmp / "tasks.pkl").write_bytes(pickle.dumps([(td.train, td.val, td.split, td.truncated) for td in prepared.data]))
         prepared.train.save_to_disk(str(tmp / "train"))
         for i, ds in enumerate(prepared.eval.values()):
             ds.save_to_disk(str(tmp / f"eval-{i}"))

@@ -1,9 +1,19 @@
-"""Uploading a finished run to the Hugging Face Hub with a model card. The token comes from the
-environment (HF_TOKEN or `hf auth login`) and is never written anywhere."""
+"""Publishing a finished run: the folder that goes to the Hub (adapter or merged weights, tokenizer, resolved
+config, metrics, plots, model card) and the upload. The token comes from the environment (HF_TOKEN or
+`hf auth login`) and is never written anywhere.
+
+`push --dry-run OUT` and `export OUT` write the very folder the upload sends (one Hub commit: nothing half
+uploaded). The card's YAML header is written by huggingface_hub's own ModelCardData (model-index with one
+result per task and metric); its body shows each task's exact chat messages, because a model fine-tuned on
+one wording answers another wording with the wrong task's kind of answer.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from multitune.config import Config
@@ -11,55 +21,221 @@ from multitune.errors import UserError
 from multitune.evaluate import summary_rows
 from multitune.run import RunDir
 
+TASK_TYPES = {"classification": "text-classification", "multiple_choice": "multiple-choice", "chat": "text-generation"}
+METRICS = {"classification": [("accuracy", "accuracy", "accuracy", None), ("f1", "macro_f1", "macro-F1", "macro")],
+           "multiple_choice": [("accuracy", "accuracy", "accuracy", None), ("f1", "macro_f1", "macro-F1", "macro")],
+           "chat": [("loss", "loss", "validation loss", None), ("perplexity", "perplexity", "perplexity", None)]}
+PLOTS = ("*.png", "plots/*.png", "plots/*.svg")
 
-def model_card(cfg: Config, results: dict[str, Any]) -> str:
-    rows = summary_rows(results) if results else [["task"]]
-    table = "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+def _hub_id(ref: str | None) -> str | None:
+    """A dataset/model reference that names a Hub repo (``org/name``), not a local path."""
+    if not ref or ref.startswith((".", "/", "~")) or ref.count("/") != 1 or Path(ref).suffix:
+        return None
+    return ref
+
+
+def _shown(ref: str | None) -> str:
+    """How a dataset is named in the card: its Hub id, or a local file's name (never the builder's paths)."""
+    return _hub_id(ref) or Path(str(ref)).name
+
+
+def base_license(cfg: Config) -> tuple[dict[str, str], str]:
+    """The base model's licence fields from its own card (local dir, mirror or Hub), and where they came from."""
+    from huggingface_hub import ModelCard
+
+    from multitune.hub import mirror_root, resolve
+
+    try:
+        source = resolve(cfg.model.name_or_path, "model", mirror_root(cfg.hub_mirror))
+        local = Path(source) / "README.md"
+        card = ModelCard.load(local) if local.is_file() else ModelCard.load(source)
+    except Exception as e:  # offline, gated without a token, or no card at all
+        return {}, f"the base model's card was not readable ({type(e).__name__}); set the licence on the Hub page"
+    fields = {k: getattr(card.data, k, None) for k in ("license", "license_name", "license_link")}
+    return {k: v for k, v in fields.items() if v}, "inherited from the base model's card"
+
+
+def eval_results(cfg: Config, results: dict[str, Any]):
+    from huggingface_hub import EvalResult
+
+    tasks = {t.name: t for t in cfg.tasks}
+    split = f"train (held-out {cfg.data.val_fraction:.0%} validation, split seed {cfg.data.split_seed})"
+    out = []
+    for name, r in results.items():
+        dataset = tasks[name].dataset if name in tasks else name
+        for metric_type, key, label, config in METRICS[r["kind"]]:
+            out.append(EvalResult(task_type=TASK_TYPES[r["kind"]], task_name=name, dataset_type=_hub_id(dataset) or name,
+                                  dataset_name=f"{name} ({_shown(dataset)})", dataset_split=split, metric_type=metric_type,
+                                  metric_name=label, metric_config=config, metric_value=round(float(r[key]), 6)))
+    return out
+
+
+def task_prompts(run: RunDir, cfg: Config, tokenizer) -> list[dict[str, Any]]:
+    """Each task's exact chat messages (placeholders for the input), rendered prompt and answers."""
+    from multitune.formatting import Formatter
+    from multitune.predict import restore_task
+
+    eot = Formatter(tokenizer, cfg.model.max_length).eot
+    out = []
+    for tcfg in cfg.tasks:
+        task = restore_task(run, tcfg.name)
+        if task.kind == "classification":
+            ex = task.example({task.text_col: "{text}"})
+        elif task.kind == "multiple_choice":
+            ex = task.example({task.q_col: "{question}", task.c_col: {"label": task.label_names,
+                               "text": [f"{{choice {x}}}" for x in task.label_names]}})
+        else:
+            ex = task.example_from_text("{prompt}")
+        rendered = tokenizer.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True)
+        out.append({"task": task.name, "kind": task.kind, "messages": ex.messages, "rendered": rendered,
+                    "answers": list(task.label_names), "end_of_turn": eot})
+    return out
+
+
+def model_card(run: RunDir, cfg: Config, results: dict[str, Any], tokenizer, *, repo_id: str, merged: bool) -> str:
+    from huggingface_hub import ModelCardData
+
     base = cfg.model.name_or_path
-    tasks = ", ".join(t.name for t in cfg.tasks)
-    lib = "peft" if cfg.peft.method != "full" else "transformers"
-    return f"""---
-base_model: {base}
-library_name: {lib}
-tags: [multitune, {cfg.peft.method}, multi-task]
----
-
-# Multi-task fine-tune of {base}
-
-Trained with [multitune](https://pypi.org/project/multitune/) on: {tasks}.
-Method: `{cfg.peft.method}` (r={cfg.peft.r}, alpha={cfg.peft.alpha}, targets={cfg.peft.target_modules}),
-{cfg.train.epochs:g} epochs, learning rate {cfg.train.learning_rate:g} with a {cfg.train.lr_scheduler} schedule.
-
-## Validation ({cfg.data.val_fraction:.0%} stratified split, seed {cfg.data.split_seed})
-
-{table}
-
-Classification and multiple-choice tasks are scored by label likelihood: the summed log-probability of
-each candidate answer given the prompt, argmax.
-
-## Training config
-
-```json
-{json.dumps(cfg.model_dump(mode="json"), indent=2)}
-```
-"""
+    lic, lic_note = base_license(cfg)
+    datasets = sorted({d for d in (_hub_id(t.dataset) for t in cfg.tasks) if d})
+    lib = "transformers" if merged or cfg.peft.method == "full" else "peft"
+    data = ModelCardData(
+        model_name=repo_id.split("/")[-1], base_model=_hub_id(base) or base, datasets=datasets or None, library_name=lib,
+        tags=["multitune", cfg.peft.method, "multi-task", *(["merged"] if merged else [])], pipeline_tag="text-generation",
+        eval_results=eval_results(cfg, results) or None, **lic,
+    )
+    return f"---\n{data.to_yaml()}\n---\n\n" + _body(run, cfg, results, tokenizer, repo_id, merged, lic_note)
 
 
-def push(run: RunDir, cfg: Config, results: dict[str, Any]) -> str:
-    from huggingface_hub import HfApi
+def _table(rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+
+def _body(run, cfg, results, tokenizer, repo_id, merged, lic_note) -> str:
+    base, p, t = cfg.model.name_or_path, cfg.peft, cfg.train
+    launch = json.loads((run.root / "launch.json").read_text()) if (run.root / "launch.json").exists() else {}
+    world = launch.get("world_size", 1)
+    method = f"`{p.method}`" + (f" (r={p.r}, alpha={p.alpha}, dropout={p.dropout}, targets={p.target_modules})"
+                                if p.method in ("lora", "qlora", "dora", "rslora") else "")
+    prompts = task_prompts(run, cfg, tokenizer)
+    eot = prompts[0]["end_of_turn"] if prompts else ""
+    lines = [f"# {repo_id.split('/')[-1]}", "",
+             f"`{base}` fine-tuned with [multitune](https://pypi.org/project/multitune/) on {len(cfg.tasks)} tasks at once: "
+             + ", ".join(f"`{x.name}`" for x in cfg.tasks) + "." + (" The adapter is merged into the weights." if merged else ""),
+             f"Licence: {lic_note}.", "", "## Results", "",
+             f"On a held-out {cfg.data.val_fraction:.0%} stratified split of each dataset's train split (seed {cfg.data.split_seed}). "
+             "Classification and multiple choice are scored by label likelihood: the answer with the highest summed "
+             "log-probability (answer tokens + end of turn) given the prompt.", "",
+             _table(summary_rows(results)) if results else "(no metrics.json: evaluate with `multitune eval`)", "",
+             "## Training setup", "",
+             f"- method: {method}; {t.epochs:g} epochs, learning rate {t.learning_rate:g}, {t.lr_scheduler} schedule, "
+             f"warmup {t.warmup_ratio:g}",
+             f"- batch: {t.batch_size} per GPU x {t.grad_accum} accumulation x {world} process(es) = {t.batch_size * t.grad_accum * world}"
+             f" examples per step; max length {cfg.model.max_length} tokens; seed {cfg.seed}",
+             f"- launch: {launch.get('distributed_type', 'single process')}" + (f", {launch.get('device')}" if launch else ""),
+             "- data: " + "; ".join(f"`{x.name}` from `{_shown(x.dataset)}`" for x in cfg.tasks),
+             "- the resolved config is `multitune.yaml` in this repo", "",
+             "## Prompts: use exactly these", "",
+             "Each task was trained on these chat messages (placeholders in braces), rendered with the tokenizer's "
+             f"chat template; the model answers with one of the answers listed, then `{eot}`. "
+             "Other wordings can get another task's kind of answer.", ""]
+    for pr in prompts:
+        answers = ", ".join(f"`{a}`" for a in pr["answers"][:20]) + (f" ... ({len(pr['answers'])} in all)" if len(pr["answers"]) > 20 else "")
+        lines += [f"### `{pr['task']}` ({pr['kind']})", "", "```json", json.dumps(pr["messages"], indent=2, ensure_ascii=False), "```", "",
+                  "Rendered prompt (the model continues from here):", "", "```text", pr["rendered"], "```", "",
+                  f"Answers: {answers}" if pr["answers"] else "Answers: free text", ""]
+    labelled = next((pr for pr in prompts if pr["answers"]), prompts[0] if prompts else None)
+    lines += _usage(repo_id, base, merged or p.method == "full", p.r, labelled, eot)
+    return "\n".join(lines) + "\n"
+
+
+def _usage(repo_id: str, base: str, plain: bool, r: int, pr: dict | None, eot: str) -> list[str]:
+    messages = json.dumps(pr["messages"], ensure_ascii=False) if pr else "[...]"
+    load = (f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype=torch.bfloat16, device_map="auto")' if plain else
+            f'model = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.bfloat16, device_map="auto")\n'
+            f'model = PeftModel.from_pretrained(model, "{repo_id}")')
+    serve = (f"vllm serve {repo_id}" if plain else
+             f"vllm serve {base} --enable-lora --max-lora-rank {max(r, 8)} --lora-modules multitune={repo_id}")
+    served = repo_id if plain else "multitune"
+    return [
+        "## Use with transformers" + ("" if plain else " and PEFT"), "",
+        "```python", "import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        *([] if plain else ["from peft import PeftModel"]), "", f'tok = AutoTokenizer.from_pretrained("{repo_id}")', load, "",
+        f"messages = {messages}  # one task's messages, placeholders filled in", "",
+        "# generation", "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\").to(model.device)",
+        "out = model.generate(ids, max_new_tokens=32, do_sample=False)",
+        "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "",
+        "# or score the answers like multitune does: the highest summed log-probability wins",
+        "def classify(messages, answers):",
+        "    prompt = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids",
+        "    scores = []", "    for answer in answers:",
+        f"        completion = tok(answer + {eot!r}, add_special_tokens=False).input_ids",
+        "        ids = torch.tensor([prompt + completion], device=model.device)",
+        "        with torch.no_grad():",
+        "            logp = model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)",
+        "        scores.append(logp[torch.arange(len(completion)), torch.tensor(completion)].sum().item())",
+        "    return answers[max(range(len(answers)), key=scores.__getitem__)]", "```", "",
+        "## Serve with vLLM", "", "```bash", serve, "```", "",
+        "```python", "from openai import OpenAI", 'client = OpenAI(base_url="http://localhost:8000/v1", api_key="none")',
+        f'reply = client.chat.completions.create(model="{served}", messages=messages, temperature=0, max_tokens=32)',
+        "print(reply.choices[0].message.content)", "```",
+    ]
+
+
+def build_folder(run: RunDir, cfg: Config, out: Path, *, repo_id: str, merged: bool = False) -> Path:
+    """Write exactly what `push` uploads into ``out`` (which must not exist, or be empty)."""
+    from multitune.export import write_weights
+    from multitune.model import load_tokenizer
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new directory (nothing was written)")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        write_weights(run, cfg, out, merged=merged)
+        shutil.copyfile(run.config, out / "multitune.yaml")
+        results = {}
+        if run.metrics.exists():
+            shutil.copyfile(run.metrics, out / "metrics.json")
+            results = json.loads(run.metrics.read_text())
+        for pattern in PLOTS:
+            for plot in sorted(run.root.glob(pattern)):
+                (out / plot.relative_to(run.root)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(plot, out / plot.relative_to(run.root))
+        tokenizer = load_tokenizer(cfg.model, None, source=str(run.final))
+        (out / "README.md").write_text(model_card(run, cfg, results, tokenizer, repo_id=repo_id, merged=merged))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def push(run: RunDir, cfg: Config, results: dict[str, Any] | None = None, *, merged: bool = False,
+         dry_run: Path | None = None, private: bool | None = None) -> str:
+    """Upload the run (one commit) to ``cfg.hub.repo_id``; with ``dry_run``, write the folder there instead."""
+    repo_id = cfg.hub.repo_id
+    if not repo_id:
+        raise UserError("no repo to push to: pass --repo-id me/name or set hub.repo_id in the config")
+    if dry_run is not None:
+        build_folder(run, cfg, dry_run, repo_id=repo_id, merged=merged)
+        print(f"wrote {dry_run}: exactly what would be uploaded to {repo_id}")
+        return str(dry_run)
+    from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    repo_id = cfg.hub.repo_id
-    (run.final / "README.md").write_text(model_card(cfg, results))
-    if run.metrics.exists():
-        (run.final / "metrics.json").write_text(run.metrics.read_text())
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=cfg.hub.private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(run.final), commit_message="multitune: upload fine-tuned model")
-    except HfHubHTTPError as e:
-        raise UserError(f"upload to {repo_id} failed: {str(e).splitlines()[0]}; check HF_TOKEN has write access") from None
-    except OSError as e:
-        raise UserError(f"upload to {repo_id} failed ({e}); are you online, with HF_TOKEN set or `hf auth login` done?") from None
-    print(f"uploaded {run.final} to https://huggingface.co/{repo_id}")
-    return str(info)
+    if not get_token():
+        raise UserError("no Hugging Face token: export HF_TOKEN=hf_... (write access) or run `hf auth login`; nothing was uploaded")
+    private = cfg.hub.private if private is None else private
+    with tempfile.TemporaryDirectory(prefix="multitune-push-") as tmp:
+        folder = build_folder(run, cfg, Path(tmp) / "repo", repo_id=repo_id, merged=merged)
+        api = HfApi()
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="multitune: upload fine-tuned model")
+        except HfHubHTTPError as e:
+            raise UserError(f"upload to {repo_id} failed: {str(e).splitlines()[0]}; check HF_TOKEN has write access") from None
+        except OSError as e:
+            raise UserError(f"upload to {repo_id} failed ({e}); are you online?") from None
+    print(f"uploaded {'merged model' if merged else 'adapter'} to https://huggingface.co/{repo_id} ({'private' if private else 'public'})")
+    return f"https://huggingface.co/{repo_id}"

@@ -27,6 +27,22 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# Changes a relaunch may make to a run's config without changing what it trains: where and how often it
+# evaluates, logs, saves and reports, and where it lives. Anything else changes the result and is refused.
+HARMLESS = (
+    "run_dir", "hub_mirror", "eval.", "hub.", "train.report_to", "train.wandb.", "train.logging_steps",
+    "train.eval_steps", "train.eval_rows_during_training", "train.save_steps", "train.save_minutes",
+    "train.save_total_limit", "train.save_on_each_node", "train.dataloader_workers",
+)
+# The batch layout may change on resume (a pod that comes back with fewer GPUs) as long as the global
+# batch stays that of the checkpoint; train.py checks that against the checkpoint itself.
+BATCH_LAYOUT = ("train.batch_size", "train.grad_accum")
+
+
+def _harmless(key: str, allowed: tuple[str, ...]) -> bool:
+    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
+
+
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(a) | set(b))
     out = []
@@ -37,6 +53,15 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{prefix}{k}")
     return out
+
+
+@dataclass(frozen=True)
+class Relaunch:
+    """What a launch does with its run directory: "new" (start or start over), "resume", or "finished"
+    (the same run already finished: nothing to do), and which allowed config keys changed."""
+
+    mode: str
+    changed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,23 +89,37 @@ class RunDir:
         if not self.final.exists():
             raise UserError(f"{self.root} has no trained weights yet (no final/); finish training by relaunching `multitune train`")
 
-    def check(self, cfg: Config, *, resume: bool, overwrite: bool) -> bool:
-        """Refuse what would lose work, writing nothing; returns True when an earlier run will be resumed."""
-        if self.is_finished() and not overwrite:
+    def changes(self, cfg: Config) -> list[str]:
+        """The dotted keys in which ``cfg`` differs from the recorded config."""
+        return _diff(yaml.safe_load(self.config.read_text()) or {}, cfg.model_dump(mode="json"))
+
+    def check(self, cfg: Config, *, resume: bool, overwrite: bool) -> Relaunch:
+        """What a launch with ``cfg`` does here: start, resume, or nothing (the same run finished).
+
+        Refuses, writing nothing, what would lose work or silently change a run.
+        """
+        if overwrite or not (self.config.exists() or self.is_finished()):
+            return Relaunch("new")
+        changed = tuple(self.changes(cfg)) if self.config.exists() else ("config.yaml (missing)",)
+        if self.is_finished():
+            differ = [k for k in changed if not _harmless(k, HARMLESS)]
+            if resume and not differ:
+                return Relaunch("finished", changed)
+            detail = f" with a different config ({', '.join(differ[:5])})" if differ else ""
             raise UserError(
-                f"{self.root} holds a finished run; evaluate it with `multitune eval {self.root}`, "
+                f"{self.root} holds a finished run{detail}; evaluate it with `multitune eval {self.root}`, "
                 "train into another directory (run_dir=...), or pass --overwrite to replace it"
             )
-        if overwrite or not self.config.exists():
-            return False
-        old = yaml.safe_load(self.config.read_text())
-        changed = [k for k in _diff(old, cfg.model_dump(mode="json")) if not k.startswith(("train.report_to", "train.wandb", "hub."))]
-        if resume and changed:
+        if not resume:
+            return Relaunch("new")
+        differ = [k for k in changed if not _harmless(k, HARMLESS + BATCH_LAYOUT)]
+        if differ:
             raise UserError(
-                f"{self.root} holds an unfinished run with a different config ({', '.join(changed[:5])}); "
-                "relaunch with the same config to resume, use another run_dir, or pass --no-resume to start over"
+                f"{self.root} holds an unfinished run with a different config ({', '.join(differ[:5])}); relaunch "
+                "with the same config to resume (evaluation, logging, saving and reporting settings may change), "
+                "use another run_dir, or pass --no-resume to start over"
             )
-        return resume
+        return Relaunch("resume", changed)
 
     def prepare(self, cfg: Config, *, resuming: bool) -> None:
         """Make the directory ready: start over unless resuming, then record the config."""
@@ -91,6 +130,7 @@ class RunDir:
                 elif path.exists():
                     path.unlink()
             print(f"notice: starting {self.root} over (earlier checkpoints removed)")
+        self.done.unlink(missing_ok=True)  # resuming a node that finished while another did not
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(self.config, dump_config(cfg))
 

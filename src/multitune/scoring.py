@@ -9,6 +9,8 @@ distinct prefixes instead of 77 full passes; 5 one-letter choices cost the promp
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Sequence
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from multitune.distributed import any_rank, max_over_ranks
 from multitune.formatting import IGNORE, Formatter
 from multitune.tasks import Example
 from multitune.tasks.base import normalize_label
@@ -25,6 +28,53 @@ def _uses_prompt_learning(model) -> bool:
     # Prompt/prefix tuning put virtual tokens in front of the input or in the KV cache themselves,
     # which does not compose with a cache we build; those models take the full-sequence path.
     return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
+def _virtual_positions(model) -> int:
+    """Positions a prompt-tuning model puts in front of the input, and so in front of its logits.
+
+    PEFT prepends ``num_virtual_tokens`` soft-prompt embeddings (and -100 labels) to every sequence;
+    prefix tuning puts them in the attention cache instead, leaving the logits aligned with the input.
+    """
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is None or not cfg.is_prompt_learning or str(cfg.peft_type).endswith("PREFIX_TUNING"):
+        return 0
+    return cfg.num_virtual_tokens
+
+
+def _input_logits(model, **inputs) -> torch.Tensor:
+    """The logits of a forward pass, one position per input token (virtual tokens dropped)."""
+    return model(**inputs).logits[:, _virtual_positions(model) :]
+
+
+@contextlib.contextmanager
+def sdpa_attention(model):
+    """Score with SDPA whatever attention the model trains with, then put the training choice back.
+
+    The tree attention mask needs an attention that takes an arbitrary mask (SDPA, eager);
+    flash_attention_2 does not, and scoring would fall back to one full forward per label (77 per
+    banking77 row). SDPA reads the same weights, so only the kernel changes.
+    """
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}
+    before = {k: c._attn_implementation_internal for k, c in configs.items()}
+    switch = any(v not in ("sdpa", None) for v in before.values()) and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if switch:  # restored as it was, without re-checking an implementation that loaded fine
+            for k, c in configs.items():
+                c._attn_implementation_internal = before[k]
+
+
+def _with_sdpa(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with sdpa_attention(self.model):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _left_pad(seqs: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +106,7 @@ def candidate_logprobs_reference(model, prompts: list[list[int]], cands: list[li
         chunk = rows[start : start + batch_size]
         ids = _right_pad([r[2] for r in chunk], pad_id, dev)
         mask = _right_pad([[1] * len(r[2]) for r in chunk], 0, dev)
-        logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        logp = F.log_softmax(_input_logits(model, input_ids=ids, attention_mask=mask).float(), dim=-1)
         for j, (i, k, seq, plen) in enumerate(chunk):
             pos = torch.arange(plen - 1, len(seq) - 1, device=dev)
             out[i, k] = logp[j, pos, ids[j, pos + 1]].sum().double().cpu()
@@ -169,7 +219,7 @@ def candidate_logprobs(model, prompts: list[list[int]], cands: list[list[int]], 
 
 @torch.no_grad()
 def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: int, batch_size: int = 16,
-                    margin: float = 1e-4) -> tuple[list[int], list[float], int]:
+                    margin: float = 1e-4, lockstep: bool = False) -> tuple[list[int], list[float], int]:
     """The likelihood argmax without scoring every candidate: exact, and usually as cheap as greedy decoding.
 
     Follow the highest-scoring branch of the label trie token by token, like greedy decoding restricted
@@ -178,8 +228,14 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
     left behind scores below s - margin, the candidate reached is the argmax. Rows where one might win
     are rescored in full (one trie pass). Returns the indices, their scores, and how many rows were
     rescored.
+
+    With ``lockstep`` (every rank of a sharded model calls this on its own rows) the number of forward
+    passes must not depend on the rows, since under FSDP each one is a collective: each batch decodes
+    as many steps as the longest label needs (rows already done feed a filler token), and rescores
+    when any rank has a row to rescore (a rank with none makes one small pass).
     """
     dev = _model_device(model)
+    longest = max(len(c) for c in trie.cands)
     best, scores, rescored = [], [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -191,7 +247,7 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
         state, prefix, done = [-1] * B, [0.0] * B, [None] * B
         left_behind: list[list[tuple[float, int, int]]] = [[] for _ in range(B)]  # (bound, state, token)
         next_pos = pos[:, -1] + 1
-        while True:
+        for depth in range(longest):  # a candidate of n tokens is reached after n - 1 single-token passes
             feed = [0] * B
             for b in range(B):
                 if done[b] is not None:
@@ -211,7 +267,8 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
                     done[b] = cand
                 else:
                     state[b], feed[b] = node, pick
-            if all(d is not None for d in done):
+            finished = all(d is not None for d in done)
+            if depth == longest - 1 or (finished and not lockstep):
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
             step = torch.tensor(feed, device=dev)[:, None]
@@ -222,6 +279,8 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
         # branches (for any of these rows) and the ones reached; the others cannot win
         rivals = {b: [(s, t) for bound, s, t in left_behind[b] if bound > prefix[b] - margin] for b in range(B)}
         unsure = [b for b in range(B) if rivals[b]]
+        if lockstep and any_rank(bool(unsure)) and not unsure:
+            candidate_logprobs(model, batch[:1], trie.cands[:1], pad_id, batch_size)  # another rank rescores: keep pace
         if unsure:
             keep = sorted({k for b in unsure for st in rivals[b] for k in trie.under[st]} | {done[b] for b in unsure})
             sub = [trie.cands[k] for k in keep]
@@ -235,15 +294,22 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
 
 
 class Scorer:
-    """Scores one task's examples with a model, caching the tokenised label sets and their tries."""
+    """Scores one task's examples with a model, caching the tokenised label sets and their tries.
+
+    With ``lockstep`` (each rank of a distributed job scores its own rows with a model that may be
+    sharded, where every forward pass is a collective), every rank runs the same number of batches
+    of the same size, padded with repeated prompts whose results are dropped, and the same number of
+    forward passes per batch.
+    """
 
     # up to this many trie nodes (5 one-letter choices: 5), one pass over prompt + trie beats a search
     ONE_PASS_NODES = 64
 
-    def __init__(self, model, formatter: Formatter, batch_size: int = 16):
+    def __init__(self, model, formatter: Formatter, batch_size: int = 16, lockstep: bool = False):
         self.model = model
         self.formatter = formatter
         self.batch_size = batch_size
+        self.lockstep = lockstep
         self._cands: dict[tuple[str, ...], list[list[int]]] = {}
         self._tries: dict[tuple[str, ...], LabelTrie] = {}
         tok = formatter.tokenizer
@@ -261,6 +327,7 @@ class Scorer:
             self._tries[key] = LabelTrie(self.candidates(labels))
         return self._tries[key]
 
+    @_with_sdpa
     def best_labels(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> tuple[list[int], list[float]]:
         """The likelihood argmax and its log-prob: a search for large label sets, one trie pass for small ones."""
         trie = self.trie(labels)
@@ -271,7 +338,7 @@ class Scorer:
         self.rescored = 0
 
         def search(batch: list[list[int]]) -> list[tuple[int, float]]:
-            i, v, n = best_candidates(self.model, batch, trie, self.pad_id, len(batch))
+            i, v, n = best_candidates(self.model, batch, trie, self.pad_id, len(batch), lockstep=self.lockstep)
             self.rescored += n
             return list(zip(i, v, strict=True))
 
@@ -279,9 +346,9 @@ class Scorer:
         return [i for i, _ in found], [v for _, v in found]
 
     def _prompts(self, examples: list[Example], reserve: int) -> list[list[int]]:
-        raw = self.formatter._ids(self.formatter.prompt_texts(examples))
-        return [self.formatter.fit_prompt(p, reserve) for p in raw]
+        return self.formatter.prompt_ids(examples, reserve)
 
+    @_with_sdpa
     def likelihood(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> torch.Tensor:
         """[N, K] every label's summed log-prob, one pass over prompt + label trie per batch."""
         cands, trie = self.candidates(labels), self.trie(labels)
@@ -292,13 +359,19 @@ class Scorer:
     def _in_length_order(self, prompts: list[list[int]], fn, desc: str) -> list:
         """fn over batches of prompts of similar length (less padding); results in the input order."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        n_batches = max_over_ranks(len(batches)) if self.lockstep else len(batches)
         out: list = [None] * len(prompts)
-        for s in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", leave=False):
-            idx = order[s : s + self.batch_size]
-            for i, r in zip(idx, fn([prompts[i] for i in idx]), strict=True):
+        for b in tqdm(range(n_batches), desc=desc, unit="batch", leave=False):
+            idx = batches[b] if b < len(batches) else []
+            batch = [prompts[i] for i in idx]
+            if self.lockstep:  # full batches only; a rank out of rows repeats a prompt (or a pad token)
+                batch += [batch[0] if batch else (prompts[0] if prompts else [self.pad_id])] * (self.batch_size - len(batch))
+            for i, r in zip(idx, fn(batch)[: len(idx)], strict=True):  # results for repeated prompts are dropped
                 out[i] = r
         return out
 
+    @_with_sdpa
     @torch.no_grad()
     def generate(self, examples: list[Example], max_new_tokens: int, desc: str = "generating") -> list[str]:
         tok = self.formatter.tokenizer
@@ -311,11 +384,13 @@ class Scorer:
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=[eot_ids[-1], tok.eos_token_id], pad_token_id=self.pad_id,
+                synced_gpus=self.lockstep,  # a rank that is done keeps stepping until all are (transformers' own)
             )
             return tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
         return [t.strip() for t in self._in_length_order(prompts, greedy, desc)]
 
+    @_with_sdpa
     def predict_labels(self, examples: list[Example], labels: Sequence[str], mode: str = "likelihood") -> tuple[list[int], list[float]]:
         """Predicted label indices and their scores (log-prob for likelihood, 1/0 parse success for generation)."""
         if mode == "likelihood":
@@ -325,6 +400,7 @@ class Scorer:
         preds = [lookup.get(normalize_label(t), -1) for t in self.generate(examples, width)]
         return preds, [float(p >= 0) for p in preds]
 
+    @_with_sdpa
     @torch.no_grad()
     def loss(self, examples: list[Example]) -> dict[str, float]:
         """Mean completion-token loss and perplexity (chat tasks)."""
@@ -337,7 +413,7 @@ class Scorer:
             ids = _right_pad(enc["input_ids"][s : s + self.batch_size], self.pad_id, dev)
             labels = _right_pad(enc["labels"][s : s + self.batch_size], IGNORE, dev)
             mask = _right_pad([[1] * len(x) for x in enc["input_ids"][s : s + self.batch_size]], 0, dev)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = _input_logits(self.model, input_ids=ids, attention_mask=mask).float()
             shift = labels[:, 1:]
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), shift, ignore_index=IGNORE, reduction="sum")
             total += nll.item()

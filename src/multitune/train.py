@@ -1,4 +1,9 @@
-"""Training: thin wiring of the config, tasks, data and model onto TRL's SFTTrainer."""
+"""Training: thin wiring of the config, tasks, data and model onto TRL's SFTTrainer.
+
+Under torchrun/accelerate every rank runs :func:`train`, stage by stage: agree on what this launch
+does with the run directory, prepare the data and the run directory, build the trainer, fit, then
+save, evaluate and report. Each stage that leads to a collective is entered by every rank.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,31 @@ import json
 import logging
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, agree_on_resume, latest_complete
-from multitune.config import Config
-from multitune.data import TaskData, save_splits
+from multitune.adapter_state import PortableAdapterCheckpoints
+from multitune.checkpoints import (
+    CompleteMarker, GracefulStop, Layout, TimedCheckpoints, grad_accum_for_resume, is_sharded, latest_complete,
+    saved_layout, step_of,
+)
+from multitune.config import PROMPT_LEARNING, Config
+from multitune.data import TaskData, save_splits, training_summary
+from multitune.distributed import checked, gather_checked, main_print, node_print, rank
+from multitune.errors import UserError
 from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.hub import mirror_root
+from multitune.hub_checkpoints import fetch_newest_checkpoint, hub_callbacks
 from multitune.loss import trainer_loss
-from multitune.model import apply_peft, load_model, load_tokenizer
-from multitune.prepared import prepare
+from multitune.model import adapters_in_fp32, apply_peft, bf16_supported, check_requirements, load_model, load_tokenizer
+from multitune.prepared import Prepared, prepare
 from multitune.run import RunDir
 from multitune.speed import sft_args
 from multitune.tasks import resolve_tasks
@@ -30,15 +43,17 @@ from multitune.tasks import resolve_tasks
 log = logging.getLogger(__name__)
 
 
-class MultitaskTrainer(SFTTrainer):
+class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
     """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss).
 
     The override exists because Trainer's ``compute_metrics`` sees per-token logits of the eval set,
-    while label-likelihood accuracy needs its own scoring passes over the candidate labels.
+    while label-likelihood accuracy needs its own scoring passes over the candidate labels. Under FSDP,
+    adapter checkpoints are gathered whole (PortableAdapterCheckpoints).
     """
 
     def __init__(self, *args, task_data: list[TaskData], formatter: Formatter, cfg: Config, **kwargs):
         super().__init__(*args, **kwargs)
+        adapters_in_fp32(self.model)  # TRL made a 4-bit model's adapters bf16; every method trains fp32 adapters
         self.task_data, self.formatter, self.mt_cfg = task_data, formatter, cfg
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -62,11 +77,25 @@ class MultitaskTrainer(SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return trainer_loss(self, model, inputs, num_items_in_batch)
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint saved at the last step (a kill during the final save or evaluation),
+        # Trainer (5.24) would still run one more step before it checks max_steps: a step past the end,
+        # logged and saved. Nothing is left to train.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
 
 def _bf16(cfg: Config) -> bool:
     if cfg.train.bf16 == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bf16_supported()
     return bool(cfg.train.bf16)
+
+
+def _fsdp_launch() -> bool:
+    """Launched by accelerate with an FSDP config (how accelerate itself decides, before any Trainer exists)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _fsdp_checkpointing() -> bool:
@@ -115,6 +144,10 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         save_on_each_node=t.save_on_each_node,
+        # Every parameter our PEFT methods (and full fine-tuning) train takes part in every forward, so DDP
+        # need not search the graph for unused ones each step; Trainer would turn the search on for any
+        # model that is not a PreTrainedModel (a PeftModel). Were one unused, DDP stops with an error.
+        ddp_find_unused_parameters=False,
         bf16=_bf16(cfg),
         use_cpu=not torch.cuda.is_available(),
         **sft_args(t),  # train.compile: padded to a multiple of 64, dynamic shapes; train.liger checked (multitune.speed)
@@ -133,9 +166,10 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
     )
 
 
+
 def _init_wandb(cfg: Config, run: RunDir) -> None:
     """Start (or continue) the wandb run; its id is kept in the run dir so a resumed job is one wandb run."""
-    if cfg.train.report_to != "wandb" or int(os.environ.get("RANK", "0")) != 0:
+    if cfg.train.report_to != "wandb" or rank() != 0:
         return
     import wandb
 
@@ -149,85 +183,203 @@ def _init_wandb(cfg: Config, run: RunDir) -> None:
     )
 
 
+# ---------------------------------------------------------------- the stages of a launch
+
+
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Train and evaluate; under torchrun/accelerate every rank calls this, and only rank 0 writes files."""
-    cfg = resolve_tasks(cfg)
+    """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
+    cfg = checkpointing_for_peft(resolve_tasks(cfg))
     run = RunDir(Path(cfg.run_dir))
-    cfg = checkpointing_for_peft(cfg)
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
-    state = PartialState()
-    # Everything that can reject the input runs before anything is written to the run directory.
-    resuming = run.check(cfg, resume=resume, overwrite=overwrite)
+    fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume and not overwrite)  # a fresh pod: its newest Hub checkpoint
+    launch = plan_launch(cfg, run, args, resume=resume, overwrite=overwrite)
+    if launch.mode == "finished":
+        return already_finished(run)
+    args.gradient_accumulation_steps = launch.grad_accum
+    setup = prepare_run(cfg, run, resuming=launch.mode == "resume", writer=args.should_save)
+    trainer = build_trainer(cfg, run, args, setup)
+    if not fit(trainer, launch.checkpoint):
+        return {}
+    save_outputs(trainer, run, setup.tokenizer)
+    return evaluate_and_report(trainer, cfg, run, setup)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What every rank agreed this launch does: "new", "resume" (from ``checkpoint``, if any) or "finished"."""
+
+    mode: str
+    checkpoint: Path | None
+    grad_accum: int
+
+
+@dataclass
+class Setup:
+    tokenizer: PreTrainedTokenizerBase
+    formatter: Formatter
+    prepared: Prepared
+
+    @property
+    def data(self) -> list[TaskData]:
+        return self.prepared.data
+
+
+def refuse_unresumable(cfg: Config) -> None:
+    """Combinations whose checkpoints nobody could resume from: refused before anything runs."""
+    if not _fsdp_launch():
+        return
+    if cfg.peft.method in PROMPT_LEARNING:
+        raise UserError(
+            f"peft.method={cfg.peft.method} cannot run under FSDP (PEFT builds the prompt from a sharded embedding and "
+            "cannot save it); its few thousand parameters train on one GPU or with DDP (configs/accelerate/ddp-1x4.yaml)"
+        )
+    if cfg.peft.method == "full" and cfg.train.save_on_each_node:
+        raise UserError(
+            "train.save_on_each_node with FSDP full fine-tuning cannot resume: each node would keep only its own ranks' "
+            "shards of the model; put run_dir on storage shared by all nodes (save_on_each_node=false), or train an adapter"
+        )
+
+
+def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, overwrite: bool) -> Launch:
+    """Decide, on every rank alike and before anything is written, what this launch does.
+
+    Each rank reads its own view of the run directory (with save_on_each_node, its node's copy); the
+    views are gathered, and any refusal on one rank is raised on all (none is left waiting).
+    """
+    check_requirements(cfg)
+    refuse_unresumable(cfg)
+
+    def inspect() -> tuple[str, int, tuple[str, ...]]:
+        relaunch = run.check(cfg, resume=resume, overwrite=overwrite)
+        last = latest_complete(run.checkpoints) if relaunch.mode != "new" else None
+        return relaunch.mode, step_of(last), relaunch.changed
+
+    seen = gather_checked(inspect)
+    if all(mode == "finished" for mode, _, _ in seen):
+        return Launch("finished", None, args.gradient_accumulation_steps)
+    # a finished node beside unfinished ones (node-local run dirs: a node died before finishing) resumes too
+    seen = [("new" if mode == "new" else "resume", step, changed) for mode, step, changed in seen]
+    if len({(mode, step) for mode, step, _ in seen}) > 1:
+        detail = ", ".join(f"rank {r}: {'step ' + str(s) if s >= 0 else 'none'}" for r, (_, s, _) in enumerate(seen))
+        raise UserError(
+            f"ranks disagree on the checkpoint to resume from ({detail}); put run_dir on storage shared by all "
+            "nodes, or set train.save_on_each_node=true so that every node keeps a full copy"
+        )
+    mode, step, changed = seen[rank()]
+    checkpoint = run.checkpoints / f"checkpoint-{step}" if step >= 0 else None
+    if checkpoint is None:
+        return Launch(mode, None, args.gradient_accumulation_steps)
+    grad_accum = checked(lambda: _resume_grad_accum(cfg, args, checkpoint, "train.grad_accum" in changed))
+    return Launch(mode, checkpoint, grad_accum)
+
+
+def _resume_grad_accum(cfg: Config, args: SFTConfig, checkpoint: Path, grad_accum_from_user: bool) -> int:
+    """The grad_accum that resumes ``checkpoint`` on this launch's processes, or a clear refusal."""
+    if is_sharded(checkpoint) and not _fsdp_launch():
+        raise UserError(f"{checkpoint} holds FSDP shards of the whole model; resume it under FSDP "
+                        "(accelerate launch --config_file configs/accelerate/fsdp2-1x4.yaml ...)")
+    if cfg.peft.method == "full" and _fsdp_launch() and not is_sharded(checkpoint):
+        raise UserError(f"{checkpoint} was written without FSDP; resume full fine-tuning without FSDP, as it started, "
+                        "or start over with --no-resume")
+    saved, now = saved_layout(checkpoint), Layout(args.world_size, cfg.train.batch_size, cfg.train.grad_accum)
+    if saved and saved.world_size != now.world_size and cfg.train.group_by_length and not cfg.train.packing:
+        raise UserError(f"train.group_by_length groups examples by each process's batch, so resuming {checkpoint} "
+                        f"({saved}) on {now.world_size} process(es) would reorder the data; resume on "
+                        f"{saved.world_size} process(es)")
+    return grad_accum_for_resume(saved, now, grad_accum_from_user=grad_accum_from_user)
+
+
+def already_finished(run: RunDir) -> dict[str, Any]:
+    """A relaunch of a finished run (a pod start script reruns the same command): nothing to do, status 0."""
+    node_print(f"{run.root} holds a finished run with this config: nothing to do. Evaluate it with "
+               f"`multitune eval {run.root}`, or pass --overwrite to train it again.")
+    return json.loads(run.metrics.read_text()) if run.metrics.exists() else {}
+
+
+def prepare_run(cfg: Config, run: RunDir, *, resuming: bool, writer: bool) -> Setup:
+    """Tokenizer, tasks and tokenised data (the cache when it has them); then the run directory is written."""
+    import torch.distributed as dist
+
     tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
     formatter = Formatter(tokenizer, cfg.model.max_length)
-    prepared = prepare(cfg, formatter, run.splits if resuming else None)
-    data, train_ds, eval_ds = prepared.data, prepared.train, prepared.eval
-    state.wait_for_everyone()  # every rank has read the run dir before rank 0 changes it
-    # the process that writes this node's run dir: the main one, or each node's first with save_on_each_node
-    writer = state.is_local_main_process if cfg.train.save_on_each_node else state.is_main_process
-    if writer:
+    prepared = checked(lambda: prepare(cfg, formatter, run.splits if resuming else None))  # a refusal stops every rank
+    barrier = dist.barrier if dist.is_available() and dist.is_initialized() else (lambda: None)
+    barrier()  # every rank has read the run dir before the writers change it
+    if writer:  # the main process, or each node's first with save_on_each_node
         run.prepare(cfg, resuming=resuming)
-        save_splits(data, run.splits)
-        print(f"training on {len(train_ds)} examples from {len(data)} tasks{' (tokenised data from the cache)' if prepared.cached else ''}: " + ", ".join(f"{td.task.name}={len(td.train)}" for td in data))
-    state.wait_for_everyone()
+        save_splits(prepared.data, run.splits)
+        print(training_summary(prepared.data, len(prepared.train), formatter, prepared.cached))
+    barrier()
+    return Setup(tokenizer, formatter, prepared)
 
+
+def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup) -> MultitaskTrainer:
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
-    model = apply_peft(load_model(cfg), cfg, cfg.train.gradient_checkpointing)
+    model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
     _init_wandb(cfg, run)
-    stop = GracefulStop()
-    trainer = MultitaskTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tokenizer, task_data=data, formatter=formatter, cfg=cfg,
-        callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), stop],
+    return MultitaskTrainer(
+        model=model, args=args, train_dataset=setup.prepared.train, eval_dataset=setup.prepared.eval,
+        processing_class=setup.tokenizer, task_data=setup.data, formatter=setup.formatter, cfg=cfg,
+        callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop(), *hub_callbacks(cfg, run)],
     )
-    last = latest_complete(run.checkpoints) if resuming else None
-    agree_on_resume(resuming, last)
-    if last and state.is_main_process:
-        print(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+
+
+def fit(trainer: SFTTrainer, checkpoint: Path | None) -> bool:
+    """Train (from ``checkpoint`` if given); False when a signal stopped it with a checkpoint."""
+    if checkpoint:
+        main_print(f"resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
     if stop.requested is not None:
-        if state.is_main_process:
-            print(f"stopped at step {trainer.state.global_step} with a checkpoint; run the same command again to resume")
-        return {}
+        main_print(f"stopped at step {trainer.state.global_step} with a checkpoint; run the same command again to resume")
+        return False
+    return True
+
+
+def save_outputs(trainer: SFTTrainer, run: RunDir, tokenizer: PreTrainedTokenizerBase) -> None:
     save_final(trainer, run.final)
-    if writer:
+    if trainer.args.should_save:
         tokenizer.save_pretrained(str(run.final))
         trainer.state.save_to_json(str(run.root / "trainer_state.json"))  # the whole loss/LR/eval history
         (run.root / "launch.json").write_text(json.dumps(launch_facts(trainer), indent=2))
 
-    # every rank scores (a sharded model needs them all); rank 0 reports
-    results = evaluate_tasks(trainer.model, formatter, data, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size, seed=cfg.seed)
-    if writer:
+
+def evaluate_and_report(trainer: SFTTrainer, cfg: Config, run: RunDir, setup: Setup) -> dict[str, Any]:
+    """Score the validation rows (shared out over the ranks), write the reports, mark the run done, push."""
+    results = evaluate_tasks(trainer.model, setup.formatter, setup.data, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
+                             seed=cfg.seed)
+    if trainer.args.should_save:
         write_results(run.root, results, f"multitune validation: {cfg.model.name_or_path} ({cfg.peft.method})")
         print(format_table(results))
         run.mark_done()
-        if cfg.hub.push and state.is_main_process:
-            from multitune.publish import push
+    if cfg.hub.push and rank() == 0:
+        from multitune.publish import push
 
-            push(run, cfg, results)
-    state.wait_for_everyone()
+        push(run, cfg, results)
+    trainer.accelerator.wait_for_everyone()
     return results
 
 
 def save_final(trainer: SFTTrainer, path: Path) -> None:
     """Save the trained adapter (or model) for `from_pretrained`, whole, whatever the sharding.
 
-    Trainer.save_model writes nothing at all under FSDP with a sharded state dict, the format the
-    checkpoints use (transformers 5.24). So under FSDP every rank joins in gathering the full state
-    dict (accelerate's get_state_dict: FSDP2 `get_model_state_dict`, offloaded to rank 0's CPU) and
-    the writer saves it. The FSDP tests check that the result holds every rank's shard (the failure
-    of accelerate PR 4206).
+    Trainer.save_model writes nothing at all under FSDP with a sharded state dict (transformers 5.24).
+    For an adapter, MultitaskTrainer.save_model gathers only the trainable parameters (every rank
+    joins in), never the frozen base. Full fine-tuning under FSDP gathers the full state dict
+    (accelerate's get_state_dict: FSDP2 `get_model_state_dict`, offloaded to rank 0's CPU). The FSDP
+    tests check that the result holds every rank's shard (the failure of accelerate PR 4206).
     """
-    if not trainer.is_fsdp_enabled:
-        trainer.save_model(str(path))
+    portable = isinstance(trainer, PortableAdapterCheckpoints) and trainer._portable()
+    if trainer.is_fsdp_enabled and not portable:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank calls it
+        if trainer.args.should_save:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(path), state_dict=state_dict)
+        trainer.accelerator.wait_for_everyone()
         return
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank calls it
+    trainer.save_model(str(path))
     if trainer.args.should_save:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        model.save_pretrained(str(path), state_dict=state_dict)
-        _check_adapter_saved(model, path)
-    trainer.accelerator.wait_for_everyone()
+        _check_adapter_saved(trainer.accelerator.unwrap_model(trainer.model), path)
 
 
 def _check_adapter_saved(model: torch.nn.Module, path: Path) -> None:
@@ -255,4 +407,6 @@ def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:
         "device": str(acc.device),
         "wrapped_model": type(trainer.model_wrapped).__name__,
         "is_fsdp": trainer.is_fsdp_enabled,
+        "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
     }

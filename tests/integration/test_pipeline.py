@@ -47,8 +47,10 @@ def test_training_writes_checkpoints_metrics_and_splits(trained):
     assert set(metrics) == {"claims", "banking77", "commonsense_qa", "chat"}
     for name in ("claims", "banking77", "commonsense_qa"):
         m = metrics[name]
-        assert 0 <= m["accuracy"] <= 1 and "confusion_matrix" in m and m["n"] > 0
-    assert metrics["chat"]["perplexity"] > 1
+        matrix = m["confusion_matrix"]["matrix"]
+        assert sum(map(sum, matrix)) == m["n"] == len(json.loads((trained / "splits" / f"{name}.json").read_text())["val"])
+        assert m["accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(len(matrix))) / m["n"])
+    assert metrics["chat"]["n"] == len(json.loads((trained / "splits" / "chat.json").read_text())["val"])
     assert "| banking77 |" in (trained / "report.md").read_text()
     for name in metrics:
         split = json.loads((trained / "splits" / f"{name}.json").read_text())
@@ -81,27 +83,59 @@ def test_no_secret_in_run_dir(trained):
             assert SECRET.encode() not in path.read_bytes(), path
 
 
-def test_eval_reproduces_the_training_metrics(trained):
+def _final(trained):
+    from multitune.data import load_tasks
+    from multitune.model import load_for_inference, load_tokenizer
+    from multitune.run import RunDir
+
+    run = RunDir(trained)
+    cfg = run.load_config()
+    model = load_for_inference(cfg, run.final)
+    return model, load_tokenizer(cfg.model, None, source=str(run.final)), {td.task.name: td for td in load_tasks(cfg, run.splits, create=False)}
+
+
+def test_eval_reproduces_the_oracles_metrics(trained):
+    from tests import oracle
+
     before = json.loads((trained / "metrics.json").read_text())
     res = cli("eval", str(trained))
     assert res.returncode == 0, res.stderr
     after = json.loads((trained / "metrics.json").read_text())
-    for name in ("claims", "banking77", "commonsense_qa"):
-        assert after[name]["accuracy"] == pytest.approx(before[name]["accuracy"])
+    model, tokenizer, data = _final(trained)
+    for name in ("claims", "commonsense_qa"):  # banking77's 12 labels x rows are left out for time
         assert name in res.stdout
+        # at the end of training, and from the saved model
+        oracle.accuracy_check(model, tokenizer, data[name].val, data[name].task.label_names, before[name]["accuracy"],
+                              after[name]["accuracy"])
+    assert after["banking77"]["accuracy"] == pytest.approx(before["banking77"]["accuracy"])
+    chat = data["chat"].val
+    prompts, _ = oracle.chat_inputs(tokenizer, chat, [])
+    completions = [tokenizer(ex.target + "<|eot_id|>", add_special_tokens=False)["input_ids"] for ex in chat]
+    loss = oracle.mean_loss(model, [p + c for p, c in zip(prompts, completions, strict=True)],
+                            [[oracle.IGNORE] * len(p) + c for p, c in zip(prompts, completions, strict=True)])
+    assert before["chat"]["loss"] == pytest.approx(loss, abs=1e-4)
 
 
-def test_eval_generate_mode(trained):
+def test_eval_generate_mode_writes_beside_the_run_metrics(trained):
+    before = (trained / "metrics.json").read_bytes()
     res = cli("eval", str(trained), "--mode", "generate", "--max-rows", "8")
     assert res.returncode == 0, res.stderr
-    assert json.loads((trained / "metrics.json").read_text())["claims"]["mode"] == "generate"
+    assert (trained / "metrics.json").read_bytes() == before  # push uploads these: never replaced by a partial eval
+    partial = json.loads((trained / "metrics-generate-8rows.json").read_text())
+    assert partial["claims"]["mode"] == "generate" and partial["claims"]["n"] == 8
 
 
 def test_predict_text_and_jsonl(trained, tmp_path):
-    res = cli("predict", str(trained), "--task", "claims", "My car was rear-ended, I want to file a claim.")
+    from tests import oracle
+
+    text = "My car was rear-ended, I want to file a claim."
+    res = cli("predict", str(trained), "--task", "claims", text)
     assert res.returncode == 0, res.stderr
     label, score, _ = res.stdout.strip().splitlines()[-1].split("\t")
-    assert label in ("Claim", "Not a Claim") and 0.5 <= float(score) <= 1
+    model, tokenizer, data = _final(trained)
+    task = data["claims"].task
+    probs = oracle.logprobs(model, *oracle.chat_inputs(tokenizer, [task.example_from_text(text)], task.label_names))[0].softmax(-1)
+    assert label == task.label_names[int(probs.argmax())] and float(score) == pytest.approx(float(probs.max()), abs=1e-4)
     rows = [{"question": "Where do fish live?", "choices": {"label": list("ABCDE"), "text": ["desk", "water", "sky", "car", "hat"]}}]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     res = cli("predict", str(trained), "--task", "commonsense_qa", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"))
@@ -110,11 +144,14 @@ def test_predict_text_and_jsonl(trained, tmp_path):
     assert pred["label"] in list("ABCDE")
 
 
-def test_finished_run_is_not_overwritten(trained, assets):
-    before = (trained / "metrics.json").read_bytes()
-    with pytest.raises(UserError, match="holds a finished run"):
-        train(config_from_dict(tiny_config(assets, trained)))
-    assert (trained / "metrics.json").read_bytes() == before
+def test_finished_run_is_not_overwritten(trained, assets, capsys):
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    # the same command again (a pod start script after a restart): finished, nothing to do
+    assert train(config_from_dict(tiny_config(assets, trained))) == json.loads(before[trained / "metrics.json"])
+    assert "holds a finished run with this config: nothing to do" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"holds a finished run with a different config \(train.learning_rate\)"):
+        train(config_from_dict(tiny_config(assets, trained, learning_rate=0.5)))
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before
 
 
 def test_sigkill_then_relaunch_resumes(assets, tmp_path):

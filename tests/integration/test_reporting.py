@@ -1,6 +1,7 @@
 """wandb reporting offline, and the Hub upload with its model card, without a network."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,8 @@ def test_push_uploads_adapter_and_model_card(assets, tmp_path, monkeypatch):
     from multitune.publish import push
     from multitune.run import RunDir
 
+    token = "hf_NOTsupposedTOleak"
+    monkeypatch.setenv("HF_TOKEN", token)  # in the environment from the start: training could capture it too
     raw = tiny_config(assets, tmp_path / "run", max_steps=2, save_steps=1, eval_rows_during_training=0)
     raw["tasks"] = raw["tasks"][:1]
     raw["peft"]["method"] = "lora"
@@ -44,18 +47,21 @@ def test_push_uploads_adapter_and_model_card(assets, tmp_path, monkeypatch):
     class FakeApi:
         def create_repo(self, repo_id, private, exist_ok):
             calls["create"] = (repo_id, private)
+            calls["token"] = huggingface_hub.get_token()  # what a real upload authenticates with
 
         def upload_folder(self, repo_id, folder_path, commit_message):
-            calls["upload"] = (repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()))
+            files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+            calls["upload"] = (repo_id, files)
             return "ok"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setenv("HF_TOKEN", "hf_NOTsupposedTOleak")
     hub_cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"push": True, "repo_id": "me/tiny-multitask"})})
     push(RunDir(tmp_path / "run"), hub_cfg, results)
     assert calls["create"] == ("me/tiny-multitask", True)
-    repo, files = calls["upload"]
+    assert calls["token"] == token  # the token was there to leak...
+    _, files = calls["upload"]
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.json", "tokenizer.json"} <= set(files)
-    card = (tmp_path / "run" / "final" / "README.md").read_text()
-    assert "base_model:" in card and "| claims |" in card and "hf_NOTsupposedTOleak" not in card
-    assert json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())["claims"]["n"] > 0
+    assert [name for name, data in files.items() if token.encode() in data] == []  # ...and no uploaded file holds it
+    card = files["README.md"].decode()
+    assert "base_model:" in card and "| claims |" in card
+    assert json.loads(files["metrics.json"])["claims"]["n"] > 0

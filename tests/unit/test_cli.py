@@ -56,6 +56,8 @@ def config(tmp_path, assets):
         (["tasks.0.label_column=nolabel"], "columns found"),
         (["tasks.0.labels=[Claim, Other]"], "not in the label space"),
         (["tasks.0.max_rows=3"], "leaves a class without validation rows"),
+        (["model.attn_implementation=flash_attention_2"], "flash_attention_2 needs"),  # no flash-attn (or GPU) here
+        (["model.max_length=40"], "does not fit model.max_length=40"),
     ],
 )
 def test_train_bad_input(run_cli, config, tmp_path, extra, fragment):

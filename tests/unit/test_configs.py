@@ -34,3 +34,48 @@ def test_demo_file_matches_embedded_default():
 def test_llama_configs_use_the_right_methods():
     assert load_config(CONFIGS[0].parent / "llama3-8b-qlora.yaml").peft.method == "qlora"
     assert load_config(CONFIGS[0].parent / "llama3-8b-lora.yaml").peft.method == "lora"
+
+
+ACCELERATE = sorted((CONFIGS[0].parent / "accelerate").glob("*.yaml"))
+
+
+def test_the_launch_configs_ship():
+    names = {p.name for p in ACCELERATE}
+    assert {"1gpu.yaml", "ddp-1x4.yaml", "fsdp2-1x4.yaml", "ddp-3x4.yaml", "fsdp2-3x4.yaml", "hsdp-3x4.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_config_loads_with_accelerates_own_launcher(path):
+    """accelerate's config loader (unknown keys are errors) and its launch-argument validation accept the file,
+    and the processes it declares add up."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    cfg = load_config_from_file(str(path))
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.num_machines == raw["num_machines"] and cfg.num_processes == raw["num_processes"]
+    assert cfg.num_processes % cfg.num_machines == 0
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "multitune.cli", "train", "c.yaml"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == cfg.num_processes
+    if raw["distributed_type"] == "FSDP":
+        assert args.use_fsdp and str(raw["fsdp_config"]["fsdp_version"]) == "2"
+
+
+def test_hsdp_config_shards_within_a_node_and_replicates_across_nodes(monkeypatch):
+    """The environment accelerate's launcher builds from hsdp-3x4.yaml gives a 3 x 4 (replicate x shard) mesh."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    path = CONFIGS[0].parent / "accelerate" / "hsdp-3x4.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "multitune.cli", "train", "c.yaml"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for key, value in env.items():
+        if key.startswith("PARALLELISM_CONFIG_"):
+            monkeypatch.setenv(key, value)
+    pc = ParallelismConfig()
+    assert pc._get_mesh() == (("dp_replicate", "dp_shard"), (3, 4))
+    assert pc.total_size == args.num_processes == 3 * 4

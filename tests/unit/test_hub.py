@@ -59,3 +59,21 @@ def test_gated_model_through_the_loader(monkeypatch):
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", gated)
     with pytest.raises(UserError, match="is gated"):
         load_tokenizer(ModelConfig(name_or_path="meta-llama/Llama-3.1-8B-Instruct"), None)
+
+
+def test_a_pinned_dataset_revision_is_loaded_and_recorded_in_the_split(monkeypatch):
+    from multitune.config import config_from_dict
+    from multitune.data import load_tasks
+
+    calls = []
+
+    def fake_load(repo, subset=None, split=None, revision=None, **kw):
+        calls.append((repo, revision))
+        return datasets.Dataset.from_dict({"text": [f"message {i}" for i in range(10)], "label": ["Claim", "Not a Claim"] * 5})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    cfg = config_from_dict({"model": {"name_or_path": "m"},
+                            "tasks": [{"name": "claims", "dataset": "org/claims", "revision": "3f2c1ab"}]})
+    (td,) = load_tasks(cfg, None, create=True)
+    assert calls == [("org/claims", "3f2c1ab")]
+    assert td.split["revision"] == "3f2c1ab" and len(td.split["fingerprint"]) == 32

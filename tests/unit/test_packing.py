@@ -1,27 +1,48 @@
-"""Packed training rows must not attend across examples.
+"""Packed training rows must train each example as if it were alone, through our collator path.
 
-`train.packing` concatenates examples into one row with restarting position_ids (TRL's padding-free
-"bfd" packing). transformers 5 turns those position_ids into a block-diagonal mask for sdpa and eager
-attention only when no KV cache is built; TRL's SFTTrainer.compute_loss passes use_cache=False. This
-pins the transformers half of that: with a cache (the model config's default) the second example
-does see the first.
+`train.packing` hands TRL's SFTTrainer the tokenised stream; its BFD packing concatenates examples into
+one row with restarting position_ids, and transformers turns those into a block-diagonal mask only when
+no KV cache is built. This takes a batch from the trainer's own dataloader, as training does, and
+checks the loss the trainer computes on it against the oracle: each packed example's NLL from the
+model's own loss with the example alone (tests/oracle.py).
 """
+
+import itertools
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+
+from multitune.config import config_from_dict
+from multitune.formatting import Formatter
+from multitune.model import load_model
+from multitune.prepared import prepare
+from multitune.run import RunDir
+from tests import oracle
+from tests.conftest import tiny_config
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_examples_are_isolated_without_a_cache(assets, attn):
-    model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation=attn).train()
-    torch.manual_seed(0)
-    a, b = torch.randint(5, 1000, (1, 7)), torch.randint(5, 1000, (1, 5))
-    packed = torch.cat([a, b], 1)
-    pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
+def test_a_packed_batch_trains_each_example_as_if_alone(assets, tokenizer, tmp_path):
+    from multitune.train import MultitaskTrainer, sft_config
+
+    raw = tiny_config(assets, tmp_path / "run", packing=True, batch_size=4, eval_rows_during_training=0)
+    raw["tasks"] = raw["tasks"][:2]
+    cfg = config_from_dict(raw)
+    formatter = Formatter(tokenizer, cfg.model.max_length)
+    prepared = prepare(cfg, formatter, None)
+    trainer = MultitaskTrainer(model=load_model(cfg, for_training=True), args=sft_config(cfg, RunDir(tmp_path / "run")),
+                               train_dataset=prepared.train, eval_dataset=prepared.eval, processing_class=tokenizer,
+                               task_data=prepared.data, formatter=formatter, cfg=cfg)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1  # padding-free: the batch is one packed row
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    assert len(starts) - 1 >= 4  # several examples share the row
+    rows = {tuple(ids): labels for ids, labels in zip(prepared.train["input_ids"], prepared.train["labels"], strict=True)}
+    total, count = 0.0, 0
+    for a, b in itertools.pairwise(starts):
+        ids, labels = batch["input_ids"][0, a:b].tolist(), batch["labels"][0, a:b].tolist()
+        assert rows.get(tuple(ids)) == labels  # each segment is one training example, its labels intact
+        nll, n = oracle.summed_nll(trainer.model, ids, labels)
+        total, count = total + nll, count + n
     with torch.no_grad():
-        alone_b = model(b, use_cache=False).logits[0]
-        isolated = model(input_ids=packed, position_ids=pos, use_cache=False).logits[0, 7:]
-        leaky = model(input_ids=packed, position_ids=pos, use_cache=True).logits[0, 7:]
-    torch.testing.assert_close(isolated, alone_b, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(leaky, alone_b, atol=1e-4)  # why use_cache=False matters
+        loss = trainer.compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(total / count, abs=1e-4)

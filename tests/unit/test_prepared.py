@@ -45,8 +45,8 @@ def test_second_prepare_is_a_hit_equal_to_a_fresh_build(assets, tokenizer, tmp_p
 def test_any_changed_input_misses(assets, tokenizer, tmp_path, cache):
     cfg = _cfg(assets, tmp_path)
     prepare(cfg, Formatter(tokenizer, cfg.model.max_length), None)
-    shorter = _cfg(assets, tmp_path, model={"max_length": 64})
-    assert not prepare(shorter, Formatter(tokenizer, 64), None).cached
+    shorter = _cfg(assets, tmp_path, model={"max_length": 185})
+    assert not prepare(shorter, Formatter(tokenizer, 185), None).cached
     other_split = _cfg(assets, tmp_path, data={"split_seed": 7})
     assert not prepare(other_split, Formatter(tokenizer, cfg.model.max_length), None).cached
     # the data itself changes: a copy of the claims file with one row fewer
@@ -63,3 +63,21 @@ def test_any_changed_input_misses(assets, tokenizer, tmp_path, cache):
     pq.write_table(table.slice(0, table.num_rows - 1), file)
     changed = prepare(cfg, f, None)
     assert not changed.cached and changed.data[0].split["n_rows"] == before - 1
+
+
+def test_rows_cut_to_fit_are_counted_per_task_and_printed(assets, tokenizer, tmp_path, cache):
+    from multitune.data import training_summary
+
+    cfg = _cfg(assets, tmp_path, model={"max_length": 185})
+    f = Formatter(tokenizer, 185)
+    fresh, cached = prepare(cfg, f, None), prepare(cfg, f, None)
+    assert cached.cached
+    whole = Formatter(tokenizer, 10_000)
+    expected = {td.task.name: sum(len(ids) > 185 for ids in whole.encode(td.train)["input_ids"]) for td in fresh.data}
+    assert expected["banking77"] > 0  # its prompt lists the 12 labels
+    for p in (fresh, cached):
+        assert {td.task.name: td.truncated for td in p.data} == expected
+        assert max(len(ids) for ids in p.train["input_ids"]) <= 185
+    line = training_summary(cached.data, len(cached.train), f, cached=True)
+    n = len(cached.data[1].train)
+    assert f"banking77={n} ({expected['banking77']} cut to fit)" in line and "max_length=185" in line

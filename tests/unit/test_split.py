@@ -52,9 +52,56 @@ def test_class_without_validation_rows_is_an_error():
         make_split(_task([str(i) for i in range(10)]), _examples({i: 2 for i in range(10)}), 0.2, seed=6, max_rows=None)
 
 
-def test_check_split_catches_overlap():
-    with pytest.raises(AssertionError):
-        check_split("t", {"train": [1, 2], "val": [2, 3]})
+def _recorded(tmp_path, rows):
+    """A one-task config on a local copy of `rows`, with its split recorded as `train` records it."""
+    import datasets
+
+    from multitune.config import config_from_dict
+    from multitune.data import load_tasks, save_splits
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    datasets.Dataset.from_list(rows).to_parquet(str(data / "train.parquet"))
+    cfg = config_from_dict({"model": {"name_or_path": "m"}, "tasks": [{"name": "claims", "dataset": str(data)}]})
+    save_splits(load_tasks(cfg, None, create=True), tmp_path / "splits")
+    return cfg, data / "train.parquet", tmp_path / "splits" / "claims.json"
+
+
+ROWS = [{"text": f"message number {i} about my policy", "label": "Claim" if i % 2 else "Not a Claim"} for i in range(20)]
+
+
+def test_a_changed_dataset_with_the_same_row_count_is_refused(tmp_path):
+    import datasets
+
+    from multitune.data import load_tasks
+
+    cfg, file, record = _recorded(tmp_path, ROWS)
+    assert len(load_tasks(cfg, record.parent, create=False)[0].val) == 4  # unchanged: read back
+    changed = [dict(r) for r in ROWS]
+    changed[3]["text"] = "a different message"  # same count, other content
+    datasets.Dataset.from_list(changed).to_parquet(str(file))
+    with pytest.raises(UserError, match=r"content changed since the split was recorded.*pin tasks.claims.revision"):
+        load_tasks(cfg, record.parent, create=False)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda s: s["val"].append(s["train"][0]), "share rows"),
+    (lambda s: s["train"].append(99), "outside the dataset"),
+    (lambda s: s.update(val=[]), "missing or empty"),
+])
+def test_a_damaged_recorded_split_is_refused(tmp_path, edit, problem):
+    import json
+
+    from multitune.data import load_tasks
+
+    cfg, _, record = _recorded(tmp_path, ROWS)
+    split = json.loads(record.read_text())
+    edit(split)
+    record.write_text(json.dumps(split))
+    with pytest.raises(UserError, match=f"recorded split is damaged.*{problem}"):
+        load_tasks(cfg, record.parent, create=False)
+    with pytest.raises(UserError, match=problem):
+        check_split("t", split, n_rows=20)
 
 
 def test_max_rows_below_the_number_of_classes_is_a_clear_error():

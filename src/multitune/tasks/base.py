@@ -24,9 +24,13 @@ from multitune.tasks import templates
 
 @dataclass(frozen=True)
 class Example:
-    messages: list[dict[str, str]]  # system + user turns: the prompt
+    messages: list[dict[str, str]]  # the conversation before the answer: system, user (and earlier) turns
     target: str  # the assistant's answer text (a label name, a letter, or a free response)
     label: int  # index into Task.label_names, or -1 for chat
+    # (message index, text in that message) that truncation may shorten: the row's input, never an answer
+    cuttable: tuple[tuple[int, str], ...] = ()
+    # indices of earlier assistant messages that carry loss as well as the target (multi-turn chat)
+    supervised: tuple[int, ...] = ()
 
 
 class Task:
@@ -43,7 +47,7 @@ class Task:
     def load(self, mirror: Path | None) -> datasets.Dataset:
         if not self.cfg.dataset:
             raise UserError(f"task {self.name}: no dataset set (tasks.{self.name}.dataset=org/name or a path)")
-        ds = hub.load_rows(self.cfg.dataset, subset=self.cfg.subset, split=self.cfg.split, mirror=mirror)
+        ds = hub.load_rows(self.cfg.dataset, subset=self.cfg.subset, split=self.cfg.split, mirror=mirror, revision=self.cfg.revision)
         self.bind(ds)
         return ds
 
@@ -76,9 +80,23 @@ class Task:
     def stratify_key(self, ex: Example) -> Any:
         return ex.label
 
+    def columns(self) -> list[str]:
+        """The dataset columns this task reads (after :meth:`bind`): what a split's fingerprint covers."""
+        raise NotImplementedError
+
+    def input_columns(self) -> list[str]:
+        """The columns a row needs for a prediction (no answer)."""
+        raise NotImplementedError
+
     def example_from_input(self, value: str | dict[str, Any]) -> Example:
         """An example from user input for `predict`: a row in the dataset's schema, or plain text."""
         if isinstance(value, dict):
+            missing = [c for c in self.input_columns() if c not in value]
+            if missing:
+                raise UserError(
+                    f"task {self.name}: an input row has no {', '.join(map(repr, missing))} key (it has {sorted(value)}); "
+                    f"give rows with the keys {self.input_columns()}, or plain strings"
+                )
             return self.example(value)
         return self.example_from_text(value)
 
@@ -129,6 +147,12 @@ class ClassificationTask(Task):
             self.label_names = list(self.cfg.labels or values)
         if len(self.label_names) < 2:
             raise UserError(f"task {self.name}: needs at least 2 labels, found {self.label_names} in {cols}")
+
+    def columns(self) -> list[str]:
+        return [self.text_col, self.label_col]
+
+    def input_columns(self) -> list[str]:
+        return [self.text_col]
 
     def example_from_text(self, text: str) -> Example:
         return self.example({self.text_col: text})
@@ -182,9 +206,10 @@ class ClassificationTask(Task):
     def example(self, row: dict[str, Any]) -> Example:
         label = self.label_index(row[self.label_col]) if row.get(self.label_col) is not None else -1
         instruction = self.cfg.instruction or "Classify the text."
-        user = self.template(instruction, str(row[self.text_col]), self.label_names)
+        text = str(row[self.text_col])
+        messages = self.system() + [{"role": "user", "content": self.template(instruction, text, self.label_names)}]
         target = self.label_names[label] if label >= 0 else ""
-        return Example(self.system() + [{"role": "user", "content": user}], target, label)
+        return Example(messages, target, label, cuttable=((len(messages) - 1, text),))
 
 
 class MultipleChoiceTask(Task):
@@ -199,6 +224,12 @@ class MultipleChoiceTask(Task):
         self._require(ds, self.q_col, self.c_col, self.a_col)
         first = self._choices(ds[0])
         self.label_names = list(self.cfg.labels or [letter for letter, _ in first])
+
+    def columns(self) -> list[str]:
+        return [self.q_col, self.c_col, self.a_col]
+
+    def input_columns(self) -> list[str]:
+        return [self.q_col, self.c_col]
 
     def _choices(self, row: dict[str, Any]) -> list[tuple[str, str]]:
         raw = row[self.c_col]
@@ -218,9 +249,10 @@ class MultipleChoiceTask(Task):
                 )
             label = self.label_names.index(letter)
         instruction = self.cfg.instruction or "Choose the best answer."
-        user = self.template(instruction, str(row[self.q_col]), choices)
+        question = str(row[self.q_col])
+        messages = self.system() + [{"role": "user", "content": self.template(instruction, question, choices)}]
         target = self.label_names[label] if label >= 0 else ""
-        return Example(self.system() + [{"role": "user", "content": user}], target, label)
+        return Example(messages, target, label, cuttable=((len(messages) - 1, question),))
 
 
 class ChatTask(Task):
@@ -241,23 +273,48 @@ class ChatTask(Task):
             )
         self._require(ds, *([self.messages_col] if self.messages_col else [self.prompt_col, self.response_col]))
 
+    def columns(self) -> list[str]:
+        return [self.messages_col] if self.messages_col else [self.prompt_col, self.response_col]
+
+    def input_columns(self) -> list[str]:
+        return [self.messages_col] if self.messages_col else [self.prompt_col]
+
     def example(self, row: dict[str, Any]) -> Example:
-        if self.messages_col:
-            msgs = [{"role": m["role"], "content": m["content"]} for m in row[self.messages_col]]
-            if not msgs or msgs[-1]["role"] != "assistant":
-                raise UserError(f"task {self.name}: each conversation must end with an assistant turn")
-            prompt, target = msgs[:-1], msgs[-1]["content"]
-            if self.cfg.system_prompt and prompt[0]["role"] != "system":
-                prompt = self.system() + prompt
-            return Example(prompt, target, -1)
-        user = self.template(self.cfg.instruction or "", str(row[self.prompt_col]))
-        return Example(self.system() + [{"role": "user", "content": user}], str(row[self.response_col]), -1)
+        if not self.messages_col:
+            prompt = str(row[self.prompt_col])
+            answer = row.get(self.response_col)
+            return self._conversation([{"role": "user", "content": prompt}], None if answer is None else str(answer))
+        msgs = [{"role": m["role"], "content": m["content"]} for m in row[self.messages_col]]
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise UserError(f"task {self.name}: each conversation must end with an assistant turn")
+        return self._conversation(msgs[:-1], msgs[-1]["content"])
+
+    def _conversation(self, msgs: list[dict[str, str]], answer: str | None) -> Example:
+        """The system prompt and instruction added, the user turns marked as input text, the earlier
+        assistant turns marked as supervised (unless tasks.<name>.assistant_turns=last)."""
+        if self.cfg.system_prompt and not (msgs and msgs[0]["role"] == "system"):
+            msgs = self.system() + msgs
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        cuttable = tuple((i, msgs[i]["content"]) for i in users)  # the user's words, not the instruction
+        if self.cfg.instruction and users:
+            first = msgs[users[0]]
+            msgs[users[0]] = {**first, "content": self.template(self.cfg.instruction, first["content"])}
+        supervised = tuple(i for i, m in enumerate(msgs) if m["role"] == "assistant") if self.cfg.assistant_turns == "all" else ()
+        return Example(msgs, answer or "", -1, cuttable=cuttable, supervised=supervised)
 
     def stratify_key(self, ex: Example) -> Any:
         return None
 
     def example_from_text(self, text: str) -> Example:
-        return Example(self.system() + [{"role": "user", "content": text}], "", -1)
+        return self._conversation([{"role": "user", "content": text}], None)
+
+    def example_from_input(self, value: str | dict[str, Any]) -> Example:
+        # a conversation to continue: it ends with the user's turn, not with an answer
+        if isinstance(value, dict) and self.messages_col and isinstance(value.get(self.messages_col), list):
+            msgs = [{"role": m["role"], "content": m["content"]} for m in value[self.messages_col]]
+            if msgs and msgs[-1]["role"] != "assistant":
+                return self._conversation(msgs, None)
+        return super().example_from_input(value)
 
     def score(self, gold: list[int], pred: list[int]) -> dict[str, Any]:
         raise TypeError("chat tasks are scored by loss and perplexity, not labels")

@@ -48,7 +48,11 @@ CLASSIFICATION: dict[str, Callable[..., str]] = {
     "minimal": cls_minimal,
 }
 MULTIPLE_CHOICE: dict[str, Callable[..., str]] = {"default": mc_default, "inline": mc_inline}
-CHAT: dict[str, Callable[..., str]] = {"default": lambda instruction, prompt: prompt}
+def chat_default(instruction: str, prompt: str) -> str:
+    return f"{instruction}\n\n{prompt}" if instruction else prompt
+
+
+CHAT: dict[str, Callable[..., str]] = {"default": chat_default}
 
 BY_KIND = {"classification": CLASSIFICATION, "multiple_choice": MULTIPLE_CHOICE, "chat": CHAT}
 

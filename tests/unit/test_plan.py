@@ -1,0 +1,130 @@
+"""`plan`'s parameter, weight, gradient and optimizer byte counts equal a real tiny model's after a real
+optimizer step (the independent oracle: what PyTorch, bitsandbytes, PEFT and TRL actually allocate)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from multitune.config import config_from_dict
+from multitune.model import apply_peft, load_model, load_tokenizer, resolve_dtype
+from multitune.plan import GPUS, Layout, count, memory, nf4_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def real_counts(model, method: str) -> dict[str, int]:
+    """Bytes the live model holds: each base tensor once, with bitsandbytes' 4-bit statistics."""
+    storages = {}
+    for p in model.parameters():
+        if p.requires_grad and method != "full":
+            continue
+        storages[p.data_ptr()] = _tensor_bytes(p)
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            extra = [qs.absmax, qs.code, qs.offset] + ([qs.state2.absmax, qs.state2.code] if qs.nested else [])
+            storages |= {t.data_ptr(): _tensor_bytes(t) for t in extra}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {"weights": sum(storages.values()), "trainable": sum(p.numel() for p in trainable), "tensors": len(trainable)}
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "prompt_tuning", "full"])
+def test_plan_counts_equal_a_real_model_after_a_real_step(assets, tmp_path, method):
+    pytest.importorskip("bitsandbytes") if method == "qlora" else None
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = config_from_dict({"model": {"name_or_path": str(assets["model"])}, "peft": {"method": method, "r": 4, "alpha": 8},
+                            "tasks": [{"name": "claims", "dataset": str(assets["claims"])}]})
+    planned = count(cfg, compute_dtype=resolve_dtype(cfg.model.dtype))
+
+    torch.manual_seed(0)
+    model = apply_peft(load_model(cfg), cfg)
+    rows = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7, 8, 9, 10]] * 4})
+    trainer = SFTTrainer(model=model, train_dataset=rows, processing_class=load_tokenizer(cfg.model, None),
+                         args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[],
+                                        per_device_train_batch_size=2, max_steps=1))
+    model = trainer.model  # after TRL's own preparation (it casts QLoRA adapters to bf16)
+    real = real_counts(model, method)
+    base = load_model(cfg, quantize=False)  # 4-bit tensors report packed sizes
+    assert planned.params == sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
+    assert planned.weight_bytes == real["weights"]
+    assert planned.trainable == real["trainable"] and planned.trainable_tensors == real["tensors"]
+
+    optimizer = trainer.create_optimizer()
+    batch = {k: v.to(model.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
+    model(**batch).loss.backward()
+    grads = sum(_tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    optimizer.step()
+    states = sum(_tensor_bytes(t) for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+    assert planned.trainable_bytes == grads
+    assert planned.optimizer_bytes == states
+
+
+def test_nf4_bytes_follow_bitsandbytes(assets):
+    """One 4-bit weight: bytes of every tensor bitsandbytes keeps for it, against the formula."""
+    bnb = pytest.importorskip("bitsandbytes")
+    weight = torch.randn(192, 320)
+    q = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")._quantize("cpu")
+    qs = q.quant_state
+    held = [q, qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+    assert nf4_bytes(weight.numel()) == sum(_tensor_bytes(t) for t in held)
+
+
+def test_llama3_8b_shape_and_the_adapter_size_from_the_issue():
+    cfg = config_from_dict({"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"}, "peft": {"method": "lora", "r": 16},
+                            "tasks": [{"name": "claims"}]})
+    c = count(cfg)
+    assert c.params == 8_030_261_248  # Llama-3.1-8B's published parameter count
+    assert c.trainable == 41_943_040 and c.trainable_bytes == 167_772_160  # the "~170 MB of adapter gradients"
+    parts = memory(c, cfg, Layout("ddp-3x4.yaml", 1), micro_batch=8, seq=512, world=12, checkpointing=True)
+    assert parts["weights"] == c.params * 2 and parts["DDP gradient buckets"] == c.trainable_bytes
+    assert sum(parts.values()) < GPUS["a100-80gb"].memory
+
+
+@pytest.fixture(scope="module")
+def seed_data_stats(mirror):
+    from multitune.config import load_config
+    from multitune.plan import data_stats
+
+    cfg = load_config(REPO / "configs" / "llama3-8b-lora.yaml", [f"hub_mirror={mirror}"])
+    return data_stats(cfg)
+
+
+@pytest.mark.mirror
+@pytest.mark.parametrize("name", ["llama3-8b-lora.yaml", "llama3-8b-qlora.yaml"])
+def test_llama_schedule_fires_at_a_192_global_batch(seed_data_stats, name):
+    """2 epochs at 192 examples a step are ~170 optimizer steps: evaluation and checkpoints must fire in them."""
+    from multitune.config import load_config
+
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.train.batch_size * cfg.train.grad_accum * 12 == 192  # 3 nodes x 4 GPUs
+    # the seed datasets' train rows (mirror README: 10,003 + 9,741 + 240), 80% of each for training
+    assert seed_data_stats.examples == round(10003 * 0.8) + round(9741 * 0.8) + round(240 * 0.8)
+    steps = math.ceil(seed_data_stats.examples / 192) * cfg.train.epochs
+    assert 160 <= steps <= 180
+    assert steps // cfg.train.eval_steps >= 3 and steps // cfg.train.save_steps >= 6
+
+
+def test_plan_command_offline_on_the_tiny_model(assets, tmp_path, capsys, monkeypatch):
+    import sys
+
+    import yaml
+
+    from multitune.cli import main
+
+    cfg = {"model": {"name_or_path": str(assets["model"]), "max_length": 128}, "peft": {"method": "lora"},
+           "tasks": [{"name": "claims", "dataset": str(assets["claims"])}], "train": {"batch_size": 4, "grad_accum": 2, "save_steps": 5}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(sys, "argv", ["multitune", "plan", str(tmp_path / "c.yaml"), "--gpus", "4", "--price", "2"])
+    main()
+    out = capsys.readouterr().out
+    assert "fits" in out and "ddp-1x4.yaml" in out and "measured with the model's tokenizer" in out
+    n_train = round(72 * 0.8)  # the generated claims data: 72 rows
+    assert f"data: {n_train:,} training examples" in out
+    assert "global 32 = micro-batch" in out and "cost: 4 GPU(s)" in out

@@ -1,0 +1,92 @@
+"""What a relaunch does with its run directory: resume, say it is finished, or refuse a change that alters the run."""
+
+from __future__ import annotations
+
+import pytest
+
+from multitune.config import config_from_dict, dump_config
+from multitune.errors import UserError
+from multitune.run import RunDir
+from multitune.train import refuse_unresumable
+
+
+def _cfg(tmp_path, **changes):
+    raw = {"run_dir": str(tmp_path / "run"), "model": {"name_or_path": "m"}, "tasks": [{"name": "claims", "dataset": "d"}]}
+    cfg = config_from_dict(raw)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        cfg = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update={key: value})})
+    return cfg
+
+
+def _recorded(tmp_path, finished: bool) -> RunDir:
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text(dump_config(_cfg(tmp_path)))
+    if finished:
+        run.mark_done()
+    return run
+
+
+HARMLESS = [
+    {"eval__batch_size": 4}, {"eval__mode": "generate"}, {"train__logging_steps": 1}, {"train__save_steps": 7},
+    {"train__save_minutes": 5.0}, {"train__save_total_limit": 5}, {"train__report_to": "wandb"}, {"hub__private": False},
+    {"train__eval_steps": 3}, {"train__eval_rows_during_training": 0}, {"train__dataloader_workers": 2},
+]
+RESULT_CHANGING = [{"train__learning_rate": 1.0}, {"train__epochs": 9.0}, {"peft__r": 4}, {"model__max_length": 64}]
+
+
+@pytest.mark.parametrize("changes", HARMLESS, ids=lambda c: next(iter(c)))
+def test_an_unfinished_run_resumes_despite_harmless_changes(tmp_path, changes):
+    run = _recorded(tmp_path, finished=False)
+    relaunch = run.check(_cfg(tmp_path, **changes), resume=True, overwrite=False)
+    assert relaunch.mode == "resume" and relaunch.changed == (next(iter(changes)).replace("__", "."),)
+
+
+@pytest.mark.parametrize("changes", RESULT_CHANGING, ids=lambda c: next(iter(c)))
+def test_a_change_to_what_is_trained_is_refused(tmp_path, changes):
+    run = _recorded(tmp_path, finished=False)
+    with pytest.raises(UserError, match="different config"):
+        run.check(_cfg(tmp_path, **changes), resume=True, overwrite=False)
+    finished = RunDir(tmp_path / "done")
+    finished.root.mkdir()
+    finished.config.write_text(run.config.read_text())
+    finished.mark_done()
+    with pytest.raises(UserError, match="holds a finished run with a different config"):
+        finished.check(_cfg(tmp_path, **changes).model_copy(update={"run_dir": finished.root}), resume=True, overwrite=False)
+
+
+def test_the_batch_layout_may_change_when_resuming(tmp_path):
+    # checked against the checkpoint's global batch in train.py (grad_accum_for_resume)
+    run = _recorded(tmp_path, finished=False)
+    assert run.check(_cfg(tmp_path, train__batch_size=4, train__grad_accum=2), resume=True, overwrite=False).mode == "resume"
+
+
+def test_relaunching_a_finished_run_is_a_no_op(tmp_path):
+    run = _recorded(tmp_path, finished=True)
+    assert run.check(_cfg(tmp_path), resume=True, overwrite=False).mode == "finished"
+    assert run.check(_cfg(tmp_path, eval__batch_size=4, train__report_to="wandb"), resume=True, overwrite=False).mode == "finished"
+    assert run.check(_cfg(tmp_path, train__learning_rate=1.0), resume=True, overwrite=True).mode == "new"
+    with pytest.raises(UserError, match="holds a finished run"):  # --no-resume asks to train again: --overwrite says so
+        run.check(_cfg(tmp_path), resume=False, overwrite=False)
+
+
+def test_a_moved_run_directory_still_resumes(tmp_path):
+    run = _recorded(tmp_path, finished=False)
+    moved = tmp_path / "moved"
+    run.root.rename(moved)
+    assert RunDir(moved).check(_cfg(tmp_path).model_copy(update={"run_dir": moved}), resume=True, overwrite=False).mode == "resume"
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"peft__method": "prompt_tuning"}, "cannot run under FSDP"),
+    ({"peft__method": "prefix_tuning"}, "cannot run under FSDP"),
+    ({"peft__method": "full", "train__save_on_each_node": True}, "save_on_each_node with FSDP full fine-tuning cannot resume"),
+])
+def test_fsdp_combinations_that_cannot_resume_are_refused(tmp_path, monkeypatch, changes, fragment):
+    cfg = _cfg(tmp_path, **changes)
+    refuse_unresumable(cfg)  # without FSDP: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match=fragment):
+        refuse_unresumable(cfg)
+    refuse_unresumable(_cfg(tmp_path, train__save_on_each_node=True))  # an adapter: each node keeps a whole copy
