@@ -64,6 +64,35 @@ class CompleteMarker(TrainerCallback):
         return control
 
 
+class TrainingClock(TrainerCallback):
+    """Training time summed over every launch of a run, for the cost columns of `compare`.
+
+    Trainer's own `train_runtime` covers only the last launch. Each checkpoint records the time so far
+    (``clock.json``, written before the COMPLETE marker), and a resumed run starts from it: work lost
+    after the last checkpoint to a crash is not counted.
+    """
+
+    FILE = "clock.json"
+
+    def __init__(self, resumed_from: Path | None = None):
+        saved = resumed_from / self.FILE if resumed_from else None
+        self.base = json.loads(saved.read_text())["train_seconds"] if saved and saved.exists() else 0.0
+        self.started = time.monotonic()
+
+    def seconds(self) -> float:
+        return self.base + time.monotonic() - self.started
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / self.FILE).write_text(json.dumps({"train_seconds": self.seconds()}))
+        return control
+
+
 class TimedCheckpoints(TrainerCallback):
     """Ask for a checkpoint when ``minutes`` have passed since the last one (on top of save_steps).
 

@@ -5,6 +5,7 @@
     RUN_DIR/checkpoints/     Trainer checkpoints (adapter, optimizer, scheduler, RNG), resumed automatically
     RUN_DIR/final/           the trained adapter (or full model) and tokenizer
     RUN_DIR/metrics.json     per-task validation metrics; report.md the same, readable
+    RUN_DIR/cost.json        training seconds (all launches), trainable parameters, tokens seen
     RUN_DIR/DONE             written last: the run finished
 """
 

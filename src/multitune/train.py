@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 from multitune.adapter_state import PortableAdapterCheckpoints
 from multitune.checkpoints import (
-    CompleteMarker, GracefulStop, Layout, TimedCheckpoints, grad_accum_for_resume, is_sharded, latest_complete,
+    CompleteMarker, GracefulStop, Layout, TimedCheckpoints, TrainingClock, grad_accum_for_resume, is_sharded, latest_complete,
     saved_layout, step_of,
 )
 from multitune.config import PROMPT_LEARNING, Config
@@ -137,6 +137,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
+        include_num_input_tokens_seen="non_padding",  # cost.json: tokens trained on (kept in the checkpoints)
         logging_steps=t.logging_steps,
         eval_strategy="steps" if t.eval_steps else "epoch",
         eval_steps=t.eval_steps,
@@ -198,7 +199,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         return already_finished(run)
     args.gradient_accumulation_steps = launch.grad_accum
     setup = prepare_run(cfg, run, resuming=launch.mode == "resume", writer=args.should_save)
-    trainer = build_trainer(cfg, run, args, setup)
+    trainer = build_trainer(cfg, run, args, setup, launch.checkpoint)
     if not fit(trainer, launch.checkpoint):
         return {}
     save_outputs(trainer, run, setup.tokenizer)
@@ -314,14 +315,15 @@ def prepare_run(cfg: Config, run: RunDir, *, resuming: bool, writer: bool) -> Se
     return Setup(tokenizer, formatter, prepared)
 
 
-def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup) -> MultitaskTrainer:
+def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None) -> MultitaskTrainer:
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
     model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
     _init_wandb(cfg, run)
     return MultitaskTrainer(
         model=model, args=args, train_dataset=setup.prepared.train, eval_dataset=setup.prepared.eval,
         processing_class=setup.tokenizer, task_data=setup.data, formatter=setup.formatter, cfg=cfg,
-        callbacks=[CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop(), *hub_callbacks(cfg, run)],
+        callbacks=[TrainingClock(resume_from), CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop(),
+                   *hub_callbacks(cfg, run)],
     )
 
 
@@ -343,6 +345,7 @@ def save_outputs(trainer: SFTTrainer, run: RunDir, tokenizer: PreTrainedTokenize
         tokenizer.save_pretrained(str(run.final))
         trainer.state.save_to_json(str(run.root / "trainer_state.json"))  # the whole loss/LR/eval history
         (run.root / "launch.json").write_text(json.dumps(launch_facts(trainer), indent=2))
+        (run.root / "cost.json").write_text(json.dumps(cost_facts(trainer), indent=2))
 
 
 def evaluate_and_report(trainer: SFTTrainer, cfg: Config, run: RunDir, setup: Setup) -> dict[str, Any]:
@@ -395,6 +398,17 @@ def _check_adapter_saved(model: torch.nn.Module, path: Path) -> None:
     trainable = sum(p.requires_grad for p in model.parameters())
     if saved != trainable:
         raise RuntimeError(f"the saved adapter holds {saved} tensors but the model trains {trainable}: {file} is incomplete")
+
+
+def cost_facts(trainer: SFTTrainer) -> dict[str, Any]:
+    """What the run cost, for `compare`: training seconds over all launches, trainable parameters, tokens seen."""
+    clock = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainingClock))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {
+        "train_seconds": round(clock.seconds(), 1),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),  # whole sizes, even sharded
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),  # non-padding tokens, every rank, every launch
+    }
 
 
 def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:

@@ -77,6 +77,25 @@ def test_training_learns(trained):
         assert len(val) == 2 and val[1] < val[0], name  # one evaluation per epoch, improving
 
 
+def test_cost_counts_every_training_token_and_parameter(trained):
+    from transformers import AutoModelForCausalLM
+
+    from multitune.formatting import Formatter
+    from multitune.model import load_tokenizer
+    from multitune.prepared import prepare
+    from multitune.run import RunDir
+
+    cost = json.loads((trained / "cost.json").read_text())
+    run = RunDir(trained)
+    cfg = run.load_config()
+    prepared = prepare(cfg, Formatter(load_tokenizer(cfg.model, None), cfg.model.max_length), run.splits)
+    # 2 epochs over the mixed training set: every row's tokens twice (the collator's padding not counted)
+    assert cost["tokens_seen"] == 2 * sum(len(ids) for ids in prepared.train["input_ids"])
+    assert cost["trainable_params"] == AutoModelForCausalLM.from_pretrained(trained / "final").num_parameters()  # full fine-tuning
+    started = min((trained / "splits").stat().st_mtime, (trained / "config.yaml").stat().st_mtime)
+    assert 0 < cost["train_seconds"] < (trained / "cost.json").stat().st_mtime - started
+
+
 def test_no_secret_in_run_dir(trained):
     for path in trained.rglob("*"):
         if path.is_file():
@@ -169,14 +188,20 @@ def test_sigkill_then_relaunch_resumes(assets, tmp_path):
     proc.wait()
     killed_at = max(int(p.name.split("-")[1]) for p in ckpt_dir.glob("checkpoint-*"))
     assert not (tmp_path / "run" / "DONE").exists()
+    clocks = {p.name: json.loads((p / "clock.json").read_text())["train_seconds"]
+              for p in ckpt_dir.glob("checkpoint-*") if (p / "COMPLETE").exists()}
 
     res = cli("train", str(path))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "resuming from" in res.stdout
+    resumed_from = Path(res.stdout.split("resuming from", 1)[1].split()[0])
     final = max(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     state = json.loads((final / "trainer_state.json").read_text())
     assert state["global_step"] > killed_at and state["epoch"] == pytest.approx(2.0)
     assert (tmp_path / "run" / "DONE").exists()
+    # the cost counts the first launch's time up to its checkpoint, and the resumed launch's
+    before_kill = clocks[resumed_from.name]
+    assert json.loads((tmp_path / "run" / "cost.json").read_text())["train_seconds"] > before_kill > 0
 
 
 def test_changed_config_does_not_silently_resume(assets, tmp_path):
