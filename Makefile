@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-bundle gpu-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -34,9 +34,21 @@ test: setup
 test-fast: setup
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow" tests
 
-# data preparation, training throughput against TRL's defaults, evaluation throughput (~10 min on 2 cores)
+# data preparation, training throughput against TRL (defaults and expert-tuned), evaluation throughput; one
+# verdict line per target at the end (under 20 min on 2 cores)
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks
+
+# On this (CPU) machine: wheels for the GPU machine (Python 3.12, manylinux x86_64) and the assets, in two
+# bundles of at most 64 MiB with the working tree: .gpu-bundle/run1 (sections a, d, e), run2 (b, c; bitsandbytes)
+GPU_BUNDLE ?= .gpu-bundle
+gpu-bundle: setup
+	HF_HUB_OFFLINE=1 $(PY) scripts/gpu_bundle.py --out $(GPU_BUNDLE)
+
+# On the bare GPU machine (no venv, no network), one run per bundle: make gpu-check RUN=1, then RUN=2
+RUN ?= 1
+gpu-check:
+	python3 scripts/gpu_check.py --run $(RUN) --bundle $(GPU_BUNDLE)/run$(RUN)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,12 +1,20 @@
-"""GPU mode: a Llama-3-8B-shaped model with random weights, LoRA bf16 and QLoRA at sequence length 2048.
+"""GPU mode: a Llama-3-8B-shaped model with random bf16 weights; TRL defaults, TRL expert, multitune; MFU, memory.
 
-    python -m benchmarks.gpu                        # on a CUDA machine: baseline, LoRA bf16, QLoRA; tokens/s, MFU, memory
-    python -m benchmarks.gpu --shape tiny --steps 2 # the same code path with a tiny shape (CPU; what the tests run)
+    python -m benchmarks.gpu                                    # on a CUDA machine: section a of `make gpu-check`
+    python -m benchmarks.gpu --sides qlora                      # section b (needs bitsandbytes)
+    python -m benchmarks.gpu --layers 2 --sides multitune multitune+liger-off multitune+compile multitune+padded
+    python -m benchmarks.gpu --shape tiny --steps 3 --warmup 1  # the same code path on a CPU (what the tests run)
 
 The Hub is not needed: speed does not depend on the weights' values, so the model is built from its
-config with random weights and saved once under --workdir. Sides: TRL's SFTTrainer with its defaults
-and a LoRA `peft_config` (as its docs show), then multitune's LoRA and QLoRA recipes (packed rows of
-2048 tokens, gradient checkpointing, bf16). MFU follows the formula in the README.
+config with random weights, directly in bf16 on the GPU, and saved once under --workdir. Every side
+sees the same tokens per optimizer step: the padded sides (TRL defaults) take `--examples` examples,
+the packed ones (TRL expert, multitune) as many rows of `--seq-len` as hold the same number of tokens
+on average. Tokens/s covers optimizer steps warmup+1..N, timed with `torch.cuda.synchronize()`; peak
+memory (allocated and reserved) is reset when training starts and read after the last step.
+
+MFU is given twice: against the card's bf16 matmul rate measured in this run (an 8192^3 product,
+`matmul_rate`) and against the datasheet figure. The FLOP count is the README's (`flops_per_token`),
+with the mean example length as the attention context.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -28,10 +37,15 @@ SHAPES = {
              "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 4096, "rope_theta": 500000.0},
 }
 PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10G": 125e12}  # dense, no sparsity
-SIDES = {
-    "baseline": {},
-    "lora-bf16": {"peft.method": "lora", "train.packing": True},
-    "qlora": {"peft.method": "qlora", "train.packing": True},
+LORA = {"peft.method": "lora", "train.packing": True}
+SIDES = {  # benchmarks.train_speed side, overrides
+    "trl-defaults": ("trl-defaults", {}),
+    "trl-expert": ("trl-expert", {}),
+    "multitune": ("multitune", LORA),
+    "qlora": ("multitune", {**LORA, "peft.method": "qlora"}),
+    "multitune+liger-off": ("multitune", {**LORA, "train.liger": False}),
+    "multitune+compile": ("multitune", {**LORA, "train.compile": True}),
+    "multitune+padded": ("multitune", {**LORA, "train.packing": False}),
 }
 
 
@@ -54,19 +68,66 @@ def peak_flops(device_name: str | None) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if device_name and k in device_name), None)
 
 
-def build_model(out: Path, shape_name: str, tokenizer_dir: Path) -> Path:
-    """A random-weight model of the shape (bf16), with the benchmark's tokenizer and chat template."""
+def matmul_rate(n: int | None = None, repeats: int = 10) -> dict:
+    """The card's bf16 matmul rate, measured: an n^3 product (8192 on a GPU) timed with synchronize, median of runs."""
+    import statistics
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    n = n or (8192 if cuda else 512)
+    dev = "cuda" if cuda else "cpu"
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(repeats + 2):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 2:  # two warm-up products
+            times.append(time.perf_counter() - t0)
+    return {"n": n, "device": dev, "flops_per_s": 2 * n**3 / statistics.median(times)}
+
+
+def build_model(out: Path, shape_name: str, tokenizer_dir: Path, layers: int | None = None) -> Path:
+    """A random-weight model of the shape with the benchmark's tokenizer, built in bf16 on the GPU (CPU without one)."""
     if (out / "config.json").exists():
         return out
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    config = LlamaConfig(**SHAPES[shape_name], tie_word_embeddings=False)
+    shape = SHAPES[shape_name] | ({"num_hidden_layers": layers} if layers else {})
+    config = LlamaConfig(**shape, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 16 GB of bf16 initialised on the GPU, not 32 GB fp32 on CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
+
+
+def mean_example_length(config: Path) -> float:
+    from multitune.config import load_config
+    from multitune.formatting import Formatter
+    from multitune.model import load_tokenizer
+    from multitune.prepared import prepare
+
+    cfg = load_config(config)
+    lengths = [len(x) for x in prepare(cfg, Formatter(load_tokenizer(cfg.model, None), cfg.model.max_length), None).train["input_ids"]]
+    return sum(lengths) / len(lengths)
+
+
+def run_side(side: str, config: Path, args, out: Path) -> dict:
+    script, overrides = SIDES[side]
+    cmd = [sys.executable, "-m", "benchmarks.train_speed", "--side", script, "--config", str(config), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--out", str(out), "--overrides", json.dumps(overrides), "--lora",
+           "--eval-rows", str(args.eval_rows)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"side": side, "error": proc.stderr[-3000:]}
+    return json.loads(out.read_text()) | {"side": side}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,48 +137,67 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="8b")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=4, help="packed rows (multitune) / examples (baseline) per step")
-    ap.add_argument("--sides", nargs="*", default=list(SIDES), choices=list(SIDES))
+    ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape's (said in the output)")
+    ap.add_argument("--seq-len", type=int, default=2048, help="packed row length and max_length")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3, help="steps left out of the timed window")
+    ap.add_argument("--examples", type=int, default=48, help="examples per optimizer step on the padded sides")
+    ap.add_argument("--sides", nargs="*", default=["trl-defaults", "trl-expert", "multitune"], choices=list(SIDES))
     ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-gpu")
     ap.add_argument("--config", type=Path, default=None, help="tasks and tokenizer (default: the benchmark workspace's)")
+    ap.add_argument("--eval-rows", type=int, default=50, help="validation rows per task scored after training")
+    ap.add_argument("--json", type=Path, default=None, help="results file, rewritten after every side (default: WORKDIR/gpu-results.json)")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    results_path = args.json or args.workdir / "gpu-results.json"
     bench_cfg = args.config or workspace(args.workdir)  # the seed tasks and their tokenizer
     raw = yaml.safe_load(bench_cfg.read_text())
-    model_dir = build_model(args.workdir / f"random-{args.shape}", args.shape, Path(raw["model"]["name_or_path"]))
+    shape = SHAPES[args.shape] | ({"num_hidden_layers": args.layers} if args.layers else {})
+    name = f"random-{args.shape}" + (f"-{args.layers}l" if args.layers else "")
+    model_dir = build_model(args.workdir / name, args.shape, Path(raw["model"]["name_or_path"]), args.layers)
     raw["model"].update(name_or_path=str(model_dir), max_length=args.seq_len)
     raw["peft"] = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     raw["run_dir"] = str(args.workdir / "run")
-    raw["train"].update(batch_size=args.batch_size, gradient_checkpointing=True, learning_rate=1e-4, eval_rows_during_training=4,
-                        save_steps=100_000, logging_steps=1)
+    raw["train"].update(batch_size=args.examples, gradient_checkpointing=False, learning_rate=1e-4, eval_rows_during_training=0,
+                        save_steps=100_000, save_minutes=None, logging_steps=1, eval_steps=100_000)
+    for t in raw["tasks"]:
+        t["max_eval_rows"] = args.eval_rows
     config = args.workdir / "gpu.yaml"
     config.write_text(yaml.safe_dump(raw))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    peak = peak_flops(device)
-    print(f"{args.shape}-shaped model with random weights on {device or 'CPU'}; {matmul_params(SHAPES[args.shape]):.3g} matmul weights")
-    print(f"{'side':12s} {'tokens/s':>10s} {'vs TRL':>7s} {'MFU':>6s} {'peak mem GiB':>13s} {'train loss':>11s}")
-    rows, base = [], None
+    rate = matmul_rate()
+    datasheet = peak_flops(device)
+    context = mean_example_length(config)
+    record = {"device": device or "cpu", "shape": args.shape, "layers": shape["num_hidden_layers"],
+              "layers_note": None if not args.layers else f"{args.layers} of {SHAPES[args.shape]['num_hidden_layers']} layers, for time",
+              "seq_len": args.seq_len, "examples_per_step": args.examples, "mean_example_tokens": context,
+              "matmul": rate, "datasheet_flops_per_s": datasheet, "rows": []}
+    print(f"{args.shape}-shaped model ({shape['num_hidden_layers']} layers) with random weights on {device or 'CPU'}; "
+          f"{matmul_params(shape):.3g} matmul weights; bf16 matmul measured {rate['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     for side in args.sides:
-        out = args.workdir / f"gpu-{side}.json"
-        cmd = [sys.executable, "-m", "benchmarks.train_speed", "--side", "baseline" if side == "baseline" else "padded",
-               "--config", str(config), "--steps", str(args.steps), "--out", str(out), "--overrides", json.dumps(SIDES[side]),
-               "--lora-baseline"]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:])
-            raise SystemExit(f"the {side} side failed")
-        r = json.loads(out.read_text()) | {"side": side}
-        r["mfu"] = r["tokens_per_s"] * flops_per_token(SHAPES[args.shape], args.seq_len, r.get("adapter_params")) / peak if peak else None
-        base = base or (r if side == "baseline" else None)
-        r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
-        rows.append(r)
-        mem = r.get("peak_gpu_gib") or r["peak_rss_mb"] / 1024
-        print(f"{side:12s} {r['tokens_per_s']:10.0f} {r['vs_baseline'] or 0:6.2f}x "
-              f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%'):>6s} {mem:13.1f} {r['train_loss_last']:11.3f}")
-    (args.workdir / "gpu-results.json").write_text(json.dumps({"device": device, "shape": args.shape, "rows": rows}, indent=2))
-    return 0
+        r = run_side(side, config, args, args.workdir / f"gpu-{side}.json")
+        if "error" not in r:
+            f = flops_per_token(shape, round(context), r.get("adapter_params"))
+            r["mfu_measured"] = r["tokens_per_s"] * f / rate["flops_per_s"]
+            r["mfu_datasheet"] = r["tokens_per_s"] * f / datasheet if datasheet else None
+        record["rows"].append(r)
+        results_path.write_text(json.dumps(record, indent=2))  # as it goes: a later failure loses nothing
+    base = {r["side"]: r for r in record["rows"] if "error" not in r}
+    print(f"{'side':22s} {'tokens/s':>10s} {'vs defaults':>11s} {'vs expert':>9s} {'MFU meas':>8s} {'MFU sheet':>9s} "
+          f"{'alloc GiB':>9s} {'resv GiB':>8s} {'val loss':>8s}")
+    for r in record["rows"]:
+        if "error" in r:
+            print(f"{r['side']:22s} FAILED: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
+            continue
+        for b in ("trl-defaults", "trl-expert"):
+            r[f"vs_{b}"] = r["tokens_per_s"] / base[b]["tokens_per_s"] if b in base else None
+        cells = [f"{r[f'vs_{b}']:.2f}x" if r[f"vs_{b}"] else "-" for b in ("trl-defaults", "trl-expert")]
+        mem = [f"{r[k]:.1f}" if r.get(k) is not None else "-" for k in ("peak_allocated_gib", "peak_reserved_gib")]
+        sheet = "-" if r["mfu_datasheet"] is None else f"{r['mfu_datasheet']:.1%}"
+        print(f"{r['side']:22s} {r['tokens_per_s']:10.0f} {cells[0]:>11s} {cells[1]:>9s} {r['mfu_measured']:8.1%} {sheet:>9s} "
+              f"{mem[0]:>9s} {mem[1]:>8s} {r['val_answer_loss']:8.3f}")
+    results_path.write_text(json.dumps(record, indent=2))
+    return 0 if all("error" not in r for r in record["rows"]) else 1
 
 
 if __name__ == "__main__":

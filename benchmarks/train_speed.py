@@ -1,12 +1,24 @@
-"""Training throughput: multitune's recipe against TRL SFTTrainer with its defaults, and the recipe's options.
+"""Training throughput: multitune's recipe against TRL's SFTTrainer with its defaults and as an expert tunes it.
 
 Each side runs in its own process (so peak RSS is its own) on the same model, the same train split
-of the same tasks, the same batch size, learning rate, schedule and number of optimizer steps. Then
-both trained models are scored with the same function on the same validation rows: the mean loss of
-the answer tokens (the baseline trains on every token, multitune on the answers only, so their
-training losses measure different things; this one compares what they learnt).
+of the same tasks, the same batch size, learning rate, schedule, seed and number of optimizer steps.
+Sides:
 
-    python -m benchmarks.train_speed --side baseline --config CONFIG.yaml --steps 60 --out side.json
+- `trl-defaults`: SFTTrainer as its docs show (conversational dataset, default collator, every setting
+  default: bf16 and activation checkpointing on, loss on every token).
+- `trl-expert`: SFTTrainer tuned by someone who knows it, on the same tokenised examples and masks as
+  multitune (completion-only loss). On CPU: no bf16 (no bf16 instructions), no checkpointing. On a
+  GPU: bf16, packing (padding-free rows), Liger when installed, checkpointing off.
+- `multitune` and its variants: `multitune train` with the benchmark config (+ the side's overrides).
+
+Timing covers optimizer steps k+1..N only (k = --warmup steps: allocator warm-up, first-batch and
+compile costs stay out), read with `torch.cuda.synchronize()` on a GPU, by a callback on the trainer;
+tokens are the non-padding tokens of those steps. GPU peak memory (allocated and reserved) is reset
+when training starts and read after the last step, before any evaluation or saving. Afterwards every
+trained model is scored by the same function on the same validation rows: the mean loss of the answer
+tokens (training losses are not comparable: the defaults train on every token).
+
+    python -m benchmarks.train_speed --side trl-defaults --config CONFIG.yaml --steps 60 --out side.json
 """
 
 from __future__ import annotations
@@ -21,111 +33,183 @@ from typing import Any
 
 import yaml
 
-# what each side changes on top of the benchmark config (multitune sides) -- the baseline is TRL's defaults
+# what each multitune side changes on top of the benchmark config
 SIDES: dict[str, dict[str, Any]] = {
-    "baseline": {},
-    "padded": {"train.packing": False},  # multitune's default on CPU: the winner below
-    "padded+grouped": {"train.packing": False, "train.group_by_length": True},
-    "packed": {"train.packing": True},
-    "padded+eager": {"train.packing": False, "model.attn_implementation": "eager"},
-    "padded+ckpt": {"train.packing": False, "train.gradient_checkpointing": True},
-    "padded+bf16": {"train.packing": False, "train.bf16": True},
-    "padded+workers2": {"train.packing": False, "train.dataloader_workers": 2},
-    "padded+compile": {"train.packing": False, "train.compile": True},  # not in `make bench`: compiling takes minutes
+    "trl-defaults": {},
+    "trl-expert": {},
+    "multitune": {"train.packing": False},  # the default recipe on CPU
+    "multitune+loss-all": {"train.packing": False, "train.loss_positions": "all"},  # item 1 off: every position
+    "multitune+grouped": {"train.packing": False, "train.group_by_length": True},
+    "multitune+packed": {"train.packing": True},
+    "multitune+eager": {"train.packing": False, "model.attn_implementation": "eager"},
+    "multitune+ckpt": {"train.packing": False, "train.gradient_checkpointing": True},
+    "multitune+bf16": {"train.packing": False, "train.bf16": True},
+    "multitune+compile": {"train.packing": False, "train.compile": True},  # not in `make bench`: compiling takes minutes
 }
-DEFAULT_SIDES = [s for s in SIDES if s != "padded+compile"]
+TRL_SIDES = ("trl-defaults", "trl-expert")
+DEFAULT_SIDES = ["trl-defaults", "trl-expert", "multitune", "multitune+loss-all"]
 EVAL_ROWS = 100  # per task, for the common answer-token validation loss
 
 
-def _val_loss(model, formatter, data) -> float:
+class StepWindow:
+    """A TrainerCallback timing optimizer steps warmup+1..N and the tokens they saw; GPU peak memory.
+
+    `trainer` is set after the trainer exists (SFTTrainer counts non-padding tokens in `_total_train_tokens`).
+    """
+
+    def __init__(self, warmup: int):
+        from transformers import TrainerCallback
+
+        self.warmup, self.trainer, self.t0, self.tok0 = warmup, None, None, None
+        self.result: dict[str, float] = {}
+        cb = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                cb._mark(0, state.max_steps)
+
+            def on_step_end(self, args, state, control, **kw):
+                cb._mark(state.global_step, state.max_steps)
+
+        self.callback = _Callback()
+
+    def _mark(self, step: int, last: int) -> None:
+        import torch
+
+        if step not in (self.warmup, last) or self.trainer is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now, tokens = time.perf_counter(), self.trainer._total_train_tokens
+        if step == self.warmup:
+            self.t0, self.tok0 = now, tokens
+        if step == last:
+            self.result = {"train_s": now - self.t0, "tokens": tokens - self.tok0, "timed_steps": last - self.warmup,
+                           "tokens_all_steps": tokens}
+            if torch.cuda.is_available():
+                self.result |= {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def _val_loss(model, formatter, data, rows: int = EVAL_ROWS) -> float:
     from multitune.data import subsample
     from multitune.scoring import Scorer
 
     scorer = Scorer(model.eval(), formatter, batch_size=32)
-    losses = [scorer.loss(subsample(td.val, EVAL_ROWS, 0)) for td in data]
+    losses = [scorer.loss(subsample(td.val, rows, 0)) for td in data]
     return sum(r["loss"] * r["n"] for r in losses) / sum(r["n"] for r in losses)
 
 
-def _history(log_history: list[dict]) -> dict[str, float]:
-    steps = [e for e in log_history if "loss" in e]
-    end = next(e for e in log_history if "train_loss" in e)  # the summary row (per-step rows carry a train_runtime too)
-    # Trainer's train_runtime includes the validation-loss pass at the end of training: not training
-    evals = sum(v for e in log_history for k, v in e.items() if k.startswith("eval_") and k.endswith("_runtime"))
-    return {"train_loss_last": steps[-1]["loss"], "tokens": steps[-1]["num_tokens"], "train_s": end["train_runtime"] - evals,
-            "eval_s": evals, "steps": end.get("step", steps[-1]["step"])}
+def _last_loss(log_history: list[dict]) -> float:
+    return [e for e in log_history if "loss" in e][-1]["loss"]
 
 
-def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any]) -> dict[str, Any]:
+def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: StepWindow, eval_rows: int = EVAL_ROWS) -> dict[str, Any]:
+    from multitune import train as train_module
     from multitune.config import load_config
     from multitune.formatting import Formatter
     from multitune.model import load_for_inference, load_tokenizer
     from multitune.prepared import prepare
     from multitune.run import RunDir
-    from multitune.train import train
 
     cfg = load_config(cfg_path, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
                       + [f"train.max_steps={steps}"])
     if cfg.train.packing:
-        # a packed row holds several examples: keep about as many examples per optimizer step as the other sides
-        tok = load_tokenizer(cfg.model, None)
-        lengths = [len(x) for x in prepare(cfg, Formatter(tok, cfg.model.max_length), None).train["input_ids"]]
-        rows = max(1, round(cfg.train.batch_size * sum(lengths) / len(lengths) / cfg.model.max_length))
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": rows})})
-    train(cfg, resume=False, overwrite=True)
-    peak_gpu = _peak_gpu_gib()
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": packed_rows(cfg)})})
+    # the benchmark's timing callback joins the trainer that `multitune train` builds (the harness, not the product)
+    trainer_cls, init = train_module.MultitaskTrainer, train_module.MultitaskTrainer.__init__
+
+    def timed_init(self, *args, **kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), window.callback]
+        init(self, *args, **kwargs)
+        window.trainer = self
+
+    trainer_cls.__init__ = timed_init
+    try:
+        train_module.train(cfg, resume=False, overwrite=True)
+    finally:
+        trainer_cls.__init__ = init
     run = RunDir(Path(cfg.run_dir))
     state = json.loads((run.root / "trainer_state.json").read_text())
     formatter = Formatter(load_tokenizer(cfg.model, None, source=str(run.final)), cfg.model.max_length)
     data = prepare(cfg, formatter, run.splits).data
     model = load_for_inference(cfg, run.final)
     adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) if cfg.peft.method != "full" else None
-    return {**_history(state["log_history"]), "val_answer_loss": _val_loss(model, formatter, data),
-            "adapter_params": adapter, "peak_gpu_gib": peak_gpu}
+    return {"train_loss_last": _last_loss(state["log_history"]), "val_answer_loss": _val_loss(model, formatter, data, eval_rows),
+            "adapter_params": adapter, "batch_size": cfg.train.batch_size}
+
+
+def packed_rows(cfg) -> int:
+    """Packed rows per step holding about as many tokens as `batch_size` padded examples: equal tokens per step."""
+    from multitune.formatting import Formatter
+    from multitune.model import load_tokenizer
+    from multitune.prepared import prepare
+
+    tok = load_tokenizer(cfg.model, None)
+    lengths = [len(x) for x in prepare(cfg, Formatter(tok, cfg.model.max_length), None).train["input_ids"]]
+    return max(1, round(cfg.train.batch_size * sum(lengths) / len(lengths) / cfg.model.max_length))
 
 
 def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _peak_gpu_gib() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
-def run_baseline(cfg_path: Path, steps: int, lora: bool = False) -> dict[str, Any]:
-    """TRL SFTTrainer as its docs show: a conversational dataset, default collator, no packing (and,
-    with `lora`, the config's LoRA settings passed as `peft_config`)."""
+def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: bool = False,
+            eval_rows: int = EVAL_ROWS) -> dict[str, Any]:
+    """`trl-defaults` (docs usage) or `trl-expert` (tuned), with the config's LoRA as `peft_config` when `lora`."""
     import datasets
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from multitune.config import load_config
     from multitune.formatting import Formatter
     from multitune.prepared import prepare
+    from multitune.speed import liger_available
     from multitune.tasks import resolve_tasks
 
     cfg = resolve_tasks(load_config(cfg_path))
+    cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     formatter = Formatter(tokenizer, cfg.model.max_length)
-    data = prepare(cfg, formatter, None).data  # the same split as multitune's sides
-    rows = [{"messages": ex.messages + [{"role": "assistant", "content": ex.target}]} for td in data for ex in td.train]
-    train_ds = datasets.Dataset.from_list(rows)
-    t = cfg.train
-    args = SFTConfig(output_dir=str(Path(cfg.run_dir) / "baseline"), max_steps=steps, per_device_train_batch_size=t.batch_size,
-                     learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-                     logging_steps=t.logging_steps, save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=True)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
+    prepared = prepare(cfg, formatter, None)  # the same split (and, for the expert, the same tokens and masks)
+    data, t = prepared.data, cfg.train
+    common = dict(output_dir=str(Path(cfg.run_dir) / side), max_steps=steps, per_device_train_batch_size=t.batch_size,
+                  learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+                  logging_steps=t.logging_steps, save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=not cuda)
+    model_kwargs: dict[str, Any] = {}
+    if side == "trl-defaults":
+        rows = [{"messages": ex.messages + [{"role": "assistant", "content": ex.target}]} for td in data for ex in td.train]
+        train_ds = datasets.Dataset.from_list(rows)
+        args = SFTConfig(**common)
+    else:
+        train_ds = prepared.train.remove_columns([c for c in prepared.train.column_names if c not in ("input_ids", "labels")])
+        expert = dict(bf16=False, gradient_checkpointing=False, max_length=cfg.model.max_length)
+        if cuda:  # bf16, padding-free packed rows (as many tokens per step as the padded sides), Liger when installed
+            expert.update(bf16=True, packing=True, use_liger_kernel=liger_available(),
+                          per_device_train_batch_size=packed_rows(cfg))
+            model_kwargs["dtype"] = torch.bfloat16
+        args = SFTConfig(**{**common, **expert})
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **model_kwargs)
     peft_config = None
     if lora:
         from peft import LoraConfig
 
         p = cfg.peft
         peft_config = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, peft_config=peft_config)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=[window.callback])
+    window.trainer = trainer
     trainer.train()
-    return {**_history(trainer.state.log_history), "val_answer_loss": _val_loss(trainer.model, formatter, data),
-            "adapter_params": _trainable(trainer.model) if lora else None, "peak_gpu_gib": _peak_gpu_gib()}
+    return {"train_loss_last": _last_loss(trainer.state.log_history), "val_answer_loss": _val_loss(trainer.model, formatter, data, eval_rows),
+            "adapter_params": _trainable(trainer.model) if lora else None, "batch_size": args.per_device_train_batch_size,
+            "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "packing": args.packing,
+            "liger": bool(args.use_liger_kernel)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,22 +217,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side", choices=list(SIDES), required=True)
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=5, help="optimizer steps left out of the timed window")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--overrides", type=json.loads, default={}, help="JSON {key: value} on top of the side's")
-    ap.add_argument("--lora-baseline", action="store_true", help="give the baseline the config's LoRA as peft_config")
+    ap.add_argument("--lora", action="store_true", help="TRL sides: give SFTTrainer the config's LoRA as peft_config")
+    ap.add_argument("--eval-rows", type=int, default=EVAL_ROWS, help="validation rows per task for the answer loss")
     args = ap.parse_args(argv)
+    if not 0 <= args.warmup < args.steps:
+        raise SystemExit(f"--warmup must be in [0, --steps): {args.warmup}")
     t0 = time.perf_counter()
-    if args.side == "baseline":
-        result = run_baseline(args.config, args.steps, lora=args.lora_baseline)
+    window = StepWindow(args.warmup)
+    if args.side in TRL_SIDES:
+        result = run_trl(args.side, args.config, args.steps, window, lora=args.lora, eval_rows=args.eval_rows)
     else:
         raw = yaml.safe_load(args.config.read_text())
         side_cfg = args.out.with_suffix(".yaml")
         raw["run_dir"] = str(args.out.parent / f"train-{args.out.stem}")
         side_cfg.write_text(yaml.safe_dump(raw))
-        result = run_ours(side_cfg, args.steps, {**SIDES[args.side], **args.overrides})
-    result |= {"side": args.side, "wall_s": time.perf_counter() - t0,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "tokens_per_s": result["tokens"] / result["train_s"]}
+        result = run_ours(side_cfg, args.steps, {**SIDES[args.side], **args.overrides}, window, args.eval_rows)
+    result |= window.result | {"side": args.side, "steps": args.steps, "wall_s": time.perf_counter() - t0,
+                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result["tokens_per_s"] = result["tokens"] / result["train_s"]
     args.out.write_text(json.dumps(result, indent=2))
     return 0
 

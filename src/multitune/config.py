@@ -131,7 +131,13 @@ class TrainConfig(_Strict):
     hub_checkpoints: bool = Field(False, description="also upload each complete checkpoint to the private Hub repo "
                                   "<hub.repo_id>-checkpoints; a fresh pod with an empty run_dir resumes from there")
     bf16: Literal["auto", True, False] = "auto"
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the model; batches padded to a multiple of 64, dynamic shapes")
+    loss_positions: Literal["supervised", "all"] = Field(
+        "supervised", description="run the LM head and loss only where a label is supervised (all: every position)"
+    )
+    liger: Literal["auto", True, False] = Field(
+        "auto", description="Liger kernels (RMSNorm, RoPE, SwiGLU); auto: on with CUDA and liger-kernel installed"
+    )
     gradient_checkpointing: bool = False
     packing: bool = False
     padding_free: bool = False

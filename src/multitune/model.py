@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from multitune import hub
 from multitune.config import Config, ModelConfig, PeftConfig
 from multitune.errors import UserError
+from multitune.speed import apply_liger
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool 
             bnb_4bit_quant_storage=dtype,  # FSDP flattens params of one dtype: storage must match compute
         )
     model = _from_pretrained(loader, mcfg.name_or_path, mcfg, hub.mirror_root(cfg.hub_mirror), **kwargs)
+    model = apply_liger(model, cfg.train.liger)  # train.liger: RMSNorm, RoPE, SwiGLU kernels (CUDA only)
     log.info("loaded %s (%s, %.1fM params)", mcfg.name_or_path, dtype, model.num_parameters() / 1e6)
     return model
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from multitune.distributed import any_rank, max_over_ranks
 from multitune.formatting import IGNORE, Formatter
+from multitune.prefix_cache import SharedPrefix, shared_length
 from multitune.tasks import Example
 from multitune.tasks.base import normalize_label
 
@@ -168,8 +169,9 @@ class LabelTrie:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def inputs(self, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Model inputs for left-padded prompts [B, L] followed by the trie's nodes."""
+    def inputs(self, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, past: int = 0) -> dict[str, torch.Tensor]:
+        """Model inputs for left-padded prompts [B, L] followed by the trie's nodes; with ``past``, the prompts
+        continue a cached prefix of that many tokens, which every position sees."""
         B, L = ids.shape
         N, dev = len(self), ids.device
         plen = mask.sum(-1)
@@ -179,9 +181,10 @@ class LabelTrie:
         allowed[:, L:, :L] = keys
         allowed[:, L:, L:] = self.ancestors.to(dev)
         allowed |= torch.eye(L + N, dtype=torch.bool, device=dev)  # left-pad rows must see something
+        allowed = torch.cat([torch.ones(B, L + N, past, dtype=torch.bool, device=dev), allowed], dim=-1)
         return {
             "input_ids": torch.cat([ids, self.tokens.to(dev).expand(B, N)], dim=1),
-            "position_ids": torch.cat([(mask.cumsum(-1) - 1).clamp(min=0), plen[:, None] + self.depths.to(dev) - 1], dim=1),
+            "position_ids": past + torch.cat([(mask.cumsum(-1) - 1).clamp(min=0), plen[:, None] + self.depths.to(dev) - 1], dim=1),
             # an additive float mask works for both the sdpa and the eager attention
             "attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)[:, None],
             "logits_to_keep": torch.arange(L - 1, L + N, device=dev),  # no vocabulary projection for the prompt
@@ -202,8 +205,9 @@ def _supports_tree_mask(model) -> bool:
 
 @torch.no_grad()
 def candidate_logprobs(model, prompts: list[list[int]], cands: list[list[int]], pad_id: int, batch_size: int = 16,
-                       trie: LabelTrie | None = None) -> torch.Tensor:
-    """[N, K] summed log-probs of each candidate after each prompt: one forward pass per batch of prompts."""
+                       trie: LabelTrie | None = None, shared: SharedPrefix | None = None) -> torch.Tensor:
+    """[N, K] summed log-probs of each candidate after each prompt: one forward pass per batch of prompts
+    (with ``shared``, over the prompts' own tokens only, from the cache of the prefix they all share)."""
     if _uses_prompt_learning(model) or not _supports_tree_mask(model):
         return candidate_logprobs_reference(model, prompts, cands, pad_id, batch_size)
     trie = trie or LabelTrie(cands)
@@ -211,15 +215,17 @@ def candidate_logprobs(model, prompts: list[list[int]], cands: list[list[int]], 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     out = torch.empty(len(prompts), len(cands), dtype=torch.float64)
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _left_pad(prompts[start : start + batch_size], pad_id, dev)
-        logits = model(**trie.inputs(ids, mask, dtype), use_cache=False).logits
+        batch = prompts[start : start + batch_size]
+        ids, mask = _left_pad(shared.suffixes(batch) if shared else batch, pad_id, dev)
+        inputs = trie.inputs(ids, mask, dtype, past=len(shared) if shared else 0)
+        logits = model(**inputs, cache=shared.cache(len(batch)) if shared else None, use_cache=False).logits
         out[start : start + len(ids)] = trie.score(logits).double().cpu()
     return out
 
 
 @torch.no_grad()
 def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: int, batch_size: int = 16,
-                    margin: float = 1e-4, lockstep: bool = False) -> tuple[list[int], list[float], int]:
+                    margin: float = 1e-4, lockstep: bool = False, shared: SharedPrefix | None = None) -> tuple[list[int], list[float], int]:
     """The likelihood argmax without scoring every candidate: exact, and usually as cheap as greedy decoding.
 
     Follow the highest-scoring branch of the label trie token by token, like greedy decoding restricted
@@ -233,16 +239,21 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
     passes must not depend on the rows, since under FSDP each one is a collective: each batch decodes
     as many steps as the longest label needs (rows already done feed a filler token), and rescores
     when any rank has a row to rescore (a rank with none makes one small pass).
+
+    With ``shared`` (the cache of a prefix every prompt starts with) each batch feeds the prompts' own tokens only.
     """
     dev = _model_device(model)
     longest = max(len(c) for c in trie.cands)
     best, scores, rescored = [], [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        ids, mask = _left_pad(batch, pad_id, dev)
+        ids, mask = _left_pad(shared.suffixes(batch) if shared else batch, pad_id, dev)
         B = len(batch)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) + (len(shared) if shared else 0)
+        if shared:
+            mask = shared.attention_mask(mask)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=shared.cache(B) if shared else None,
+                    use_cache=True, logits_to_keep=1)
         logp = F.log_softmax(res.logits[:, -1].float(), dim=-1).cpu()
         state, prefix, done = [-1] * B, [0.0] * B, [None] * B
         left_behind: list[list[tuple[float, int, int]]] = [[] for _ in range(B)]  # (bound, state, token)
@@ -280,11 +291,11 @@ def best_candidates(model, prompts: list[list[int]], trie: LabelTrie, pad_id: in
         rivals = {b: [(s, t) for bound, s, t in left_behind[b] if bound > prefix[b] - margin] for b in range(B)}
         unsure = [b for b in range(B) if rivals[b]]
         if lockstep and any_rank(bool(unsure)) and not unsure:
-            candidate_logprobs(model, batch[:1], trie.cands[:1], pad_id, batch_size)  # another rank rescores: keep pace
+            candidate_logprobs(model, batch[:1], trie.cands[:1], pad_id, batch_size, shared=shared)  # another rank rescores: keep pace
         if unsure:
             keep = sorted({k for b in unsure for st in rivals[b] for k in trie.under[st]} | {done[b] for b in unsure})
             sub = [trie.cands[k] for k in keep]
-            full = candidate_logprobs(model, [batch[b] for b in unsure], sub, pad_id, batch_size).max(-1)
+            full = candidate_logprobs(model, [batch[b] for b in unsure], sub, pad_id, batch_size, shared=shared).max(-1)
             for j, b in enumerate(unsure):
                 done[b], prefix[b] = keep[int(full.indices[j])], float(full.values[j])
         best += done
@@ -300,16 +311,21 @@ class Scorer:
     sharded, where every forward pass is a collective), every rank runs the same number of batches
     of the same size, padded with repeated prompts whose results are dropped, and the same number of
     forward passes per batch.
+
+    With ``share_prefix`` (the default) each call computes the cache of the prefix its prompts share once and
+    starts every batch from it (multitune.prefix_cache), except for prompt/prefix tuning, which put their
+    own virtual tokens in front: under ``lockstep`` the ranks agree to use it, since it is one more pass.
     """
 
     # up to this many trie nodes (5 one-letter choices: 5), one pass over prompt + trie beats a search
     ONE_PASS_NODES = 64
 
-    def __init__(self, model, formatter: Formatter, batch_size: int = 16, lockstep: bool = False):
+    def __init__(self, model, formatter: Formatter, batch_size: int = 16, lockstep: bool = False, share_prefix: bool = True):
         self.model = model
         self.formatter = formatter
         self.batch_size = batch_size
         self.lockstep = lockstep
+        self.share_prefix = share_prefix
         self._cands: dict[tuple[str, ...], list[list[int]]] = {}
         self._tries: dict[tuple[str, ...], LabelTrie] = {}
         tok = formatter.tokenizer
@@ -336,9 +352,10 @@ class Scorer:
             return best.indices.tolist(), best.values.tolist()
         prompts = self._prompts(examples, max(len(c) for c in trie.cands))
         self.rescored = 0
+        prefix = self._shared_prefix(prompts)
 
         def search(batch: list[list[int]]) -> list[tuple[int, float]]:
-            i, v, n = best_candidates(self.model, batch, trie, self.pad_id, len(batch), lockstep=self.lockstep)
+            i, v, n = best_candidates(self.model, batch, trie, self.pad_id, len(batch), lockstep=self.lockstep, shared=prefix)
             self.rescored += n
             return list(zip(i, v, strict=True))
 
@@ -348,12 +365,23 @@ class Scorer:
     def _prompts(self, examples: list[Example], reserve: int) -> list[list[int]]:
         return self.formatter.prompt_ids(examples, reserve)
 
+    def _shared_prefix(self, prompts: list[list[int]]) -> SharedPrefix | None:
+        """The cache of the prefix every prompt starts with, when it is long enough to be worth its pass."""
+        if not self.share_prefix or _uses_prompt_learning(self.model) or not _supports_tree_mask(self.model):
+            return None  # the same on every rank: the model and the setting are
+        n = shared_length(prompts)
+        use = n >= SharedPrefix.MIN_TOKENS
+        if self.lockstep:  # one more forward pass (a collective under FSDP): on every rank or on none
+            use = not any_rank(not use)
+        return SharedPrefix(self.model, prompts[0][:n]) if use else None
+
     @_with_sdpa
     def likelihood(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> torch.Tensor:
         """[N, K] every label's summed log-prob, one pass over prompt + label trie per batch."""
         cands, trie = self.candidates(labels), self.trie(labels)
         prompts = self._prompts(examples, max(len(c) for c in cands))
-        rows = self._in_length_order(prompts, lambda b: candidate_logprobs(self.model, b, cands, self.pad_id, len(b), trie), desc)
+        prefix = self._shared_prefix(prompts)
+        rows = self._in_length_order(prompts, lambda b: candidate_logprobs(self.model, b, cands, self.pad_id, len(b), trie, prefix), desc)
         return torch.stack(rows) if rows else torch.empty(0, len(labels))
 
     def _in_length_order(self, prompts: list[list[int]], fn, desc: str) -> list:
@@ -378,11 +406,16 @@ class Scorer:
         eot_ids = tok(self.formatter.eot, add_special_tokens=False)["input_ids"]
         prompts = self._prompts(examples, max_new_tokens)
         dev = _model_device(self.model)
+        prefix = self._shared_prefix(prompts)
 
         def greedy(batch: list[list[int]]) -> list[str]:
-            ids, mask = _left_pad(batch, self.pad_id, dev)
+            ids, mask = _left_pad(prefix.suffixes(batch) if prefix else batch, self.pad_id, dev)
+            cache = None
+            if prefix:  # the full rows (prefix, padding, own tokens) and the prefix's cache: generate feeds the rest
+                ids = torch.cat([torch.tensor(prefix.tokens, device=dev).expand(len(batch), -1), ids], dim=1)
+                mask, cache = prefix.attention_mask(mask), prefix.cache(len(batch))
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=[eot_ids[-1], tok.eos_token_id], pad_token_id=self.pad_id,
                 synced_gpus=self.lockstep,  # a rank that is done keeps stepping until all are (transformers' own)
             )

@@ -33,9 +33,11 @@ from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.hub import mirror_root
 from multitune.hub_checkpoints import fetch_newest_checkpoint, hub_callbacks
+from multitune.loss import trainer_loss
 from multitune.model import adapters_in_fp32, apply_peft, bf16_supported, check_requirements, load_model, load_tokenizer
 from multitune.prepared import Prepared, prepare
 from multitune.run import RunDir
+from multitune.speed import sft_args
 from multitune.tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,12 @@ class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
             self.log(extra)
             metrics.update(extra)
         return metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`train.loss_positions: supervised`: the LM head and loss on supervised positions only (multitune.loss)."""
+        if self.mt_cfg.train.loss_positions == "all" or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return trainer_loss(self, model, inputs, num_items_in_batch)
 
     def _run_epoch(self, *args, **kwargs):
         # Resumed from a checkpoint saved at the last step (a kill during the final save or evaluation),
@@ -143,7 +151,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         ddp_find_unused_parameters=False,
         bf16=_bf16(cfg),
         use_cpu=not torch.cuda.is_available(),
-        torch_compile=t.compile,
+        **sft_args(t),  # train.compile: padded to a multiple of 64, dynamic shapes; train.liger checked (multitune.speed)
         activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         dataloader_num_workers=t.dataloader_workers,

@@ -110,3 +110,18 @@ def test_qlora_under_fsdp2_trains_like_one_process(assets, tmp_path):
     b = load_file(str(runs["fsdp"] / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-2
+
+
+def test_supervised_positions_loss_equals_the_full_loss_under_fsdp2(assets, fsdp_run, tmp_path):
+    """train.loss_positions: the fixture run (supervised, the default: the head runs inside the root forward
+    on the gathered answer positions) against the same 2-process FSDP2 run on every position (TRL's path):
+    the same losses and the same trained adapter, to 1e-5 in fp32."""
+    proc = accelerate_fsdp(str(config(assets, tmp_path, "fsdp", batch_size=4, gradient_checkpointing=True, loss_positions="all")))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    full = tmp_path / "fsdp"
+    assert json.loads((full / "launch.json").read_text())["is_fsdp"]
+    assert losses(fsdp_run) == pytest.approx(losses(full), rel=1e-5)
+    ours = load_file(str(fsdp_run / "final" / "adapter_model.safetensors"))
+    theirs = load_file(str(full / "final" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-5

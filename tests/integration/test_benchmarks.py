@@ -29,17 +29,22 @@ def test_training_sides_report_comparable_numbers(assets, tmp_path):
     config = tmp_path / "bench.yaml"
     config.write_text(yaml.safe_dump(raw))
     sides = {}
-    for side in ("baseline", "padded"):
+    for side in ("trl-defaults", "trl-expert", "multitune"):
         out = tmp_path / f"{side}.json"
-        _run("benchmarks.train_speed", "--side", side, "--config", str(config), "--steps", "3", "--out", str(out))
+        _run("benchmarks.train_speed", "--side", side, "--config", str(config), "--steps", "3", "--warmup", "1", "--out", str(out),
+             "--eval-rows", "16")
         sides[side] = json.loads(out.read_text())
-    base, ours = sides["baseline"], sides["padded"]
-    for r in (base, ours):
-        assert r["steps"] == 3 and r["tokens"] > 0 and r["train_s"] > 0 and r["peak_rss_mb"] > 0
+    for r in sides.values():
+        assert r["steps"] == 3 and r["timed_steps"] == 2 and r["train_s"] > 0 and r["peak_rss_mb"] > 0
+        assert 0 < r["tokens"] < r["tokens_all_steps"]  # the timed window leaves the first step out
         assert 0 < r["val_answer_loss"] < 20
     # the same seed and batch size over the same train split: the same examples, so the same non-pad tokens
-    assert base["tokens"] == ours["tokens"]
-    assert ours["eval_s"] > 0  # multitune's end-of-training validation pass is not counted as training time
+    assert len({r["tokens"] for r in sides.values()}) == 1
+    expert, ours = sides["trl-expert"], sides["multitune"]
+    assert not expert["bf16"] and not expert["gradient_checkpointing"]  # the expert's CPU settings
+    # the same data, masks and fp32 updates: multitune's supervised-positions loss trains exactly as TRL's full one
+    assert ours["val_answer_loss"] == pytest.approx(expert["val_answer_loss"], rel=1e-4)
+    assert ours["val_answer_loss"] != pytest.approx(sides["trl-defaults"]["val_answer_loss"], rel=1e-3)
 
 
 def test_data_prep_is_cold_then_cached(assets, tmp_path):
@@ -52,18 +57,30 @@ def test_data_prep_is_cold_then_cached(assets, tmp_path):
     assert runs[0]["tasks"] == runs[1]["tasks"] and runs[0]["train_rows"] == runs[1]["train_rows"] > 0
 
 
-def test_gpu_mode_runs_its_code_path_on_a_tiny_shape(assets, tmp_path):
-    # the 8B-shaped GPU benchmark, scaled down to run here: random weights, LoRA bf16 and QLoRA, packed rows
-    raw = tiny_config(assets, tmp_path / "run")
-    raw["tasks"] = raw["tasks"][:3]
-    config = tmp_path / "tasks.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    work = tmp_path / "gpu"
-    _run("benchmarks.gpu", "--shape", "tiny", "--steps", "2", "--seq-len", "256", "--batch-size", "2",
-         "--workdir", str(work), "--config", str(config))
-    rows = json.loads((work / "gpu-results.json").read_text())["rows"]
-    assert [r["side"] for r in rows] == ["baseline", "lora-bf16", "qlora"]
-    assert all(r["tokens_per_s"] > 0 and r["steps"] == 2 and r["adapter_params"] > 0 for r in rows)
-    # the same LoRA for all three: TRL's peft_config, multitune on the bf16 base and on the 4-bit base
-    assert rows[0]["adapter_params"] == rows[1]["adapter_params"] == rows[2]["adapter_params"]
-    assert all(r["mfu"] is None for r in rows)  # no peak FLOPs for a CPU
+def test_gpu_check_writes_every_section_at_a_tiny_shape(assets, tmp_path):
+    """`make gpu-check`'s script, every section (a-e) at a tiny shape on this CPU: each writes its JSON."""
+    given = tmp_path / "assets"
+    (given / "data").mkdir(parents=True)
+    for task in ("claims", "banking77", "commonsense_qa", "chat"):
+        (given / "data" / task).symlink_to(assets[task])
+    (given / "tiny-model").symlink_to(assets["model"])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--tiny", "--assets", str(given), "--out", str(out),
+                           "--work", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    sections = {n: json.loads((out / f"section-{n}.json").read_text()) for n in "abcde"}
+    failed = {n: (r.get("error"), r["steps"][-1:]) for n, r in sections.items() if not r["ok"]}
+    assert not failed, failed
+    a = {r["side"]: r for r in sections["a"]["results"]["rows"]}
+    assert list(a) == ["trl-expert", "multitune", "trl-defaults"]
+    assert all(r["mfu_measured"] > 0 and r["adapter_params"] > 0 for r in a.values())
+    assert a["trl-expert"]["adapter_params"] == a["multitune"]["adapter_params"]  # the same LoRA on both sides
+    assert [r["side"] for r in sections["b"]["results"]["rows"]] == ["qlora"]
+    assert set(sections["c"]["summary"]) == {"multitune+liger-off"}  # tiny mode: two sides; compiling: tests/unit/test_speed.py
+    for n in "de":  # SIGTERM stopped the first run at a checkpoint, the same command resumed and finished
+        facts = sections[n]["stop_resume"]
+        assert facts["first"]["sigterm_sent"] and facts["resumed"] and facts["done"]
+    assert sections["e"]["adapter_tensors"] > 0
+    summary = json.loads((out / "summary-runx.json").read_text())
+    assert summary["sections"] == list("abcde") and "versions" in summary["environment"]
+    assert "section" in proc.stdout.splitlines()[-6]  # the table comes last

@@ -1,0 +1,316 @@
+"""`make gpu-check`: the prepared check for a bare GPU machine, in two runs of at most 7 minutes.
+
+    python3 scripts/gpu_check.py --run 1 --bundle .gpu-bundle/run1   # a (8B benchmark), d (CLI on CUDA), e (FSDP2 on NCCL)
+    python3 scripts/gpu_check.py --run 2 --bundle .gpu-bundle/run2   # b (QLoRA 4-bit), c (Liger / compile / packing)
+    python3 scripts/gpu_check.py --tiny --out DIR                    # every section at a tiny shape on a CPU (the test)
+
+`make gpu-bundle` (scripts/gpu_bundle.py) prepares the bundles on the CPU machine: wheels for the GPU
+machine's platform and the assets (generated data, a tiny model). Here the bundle's wheels are
+installed with `pip --no-index --no-deps` into a private folder, then each section runs under its own
+timeout and writes `section-X.json` under the output folder ($OUT when set) as it goes, so a late
+failure or a timeout loses nothing. A short table is printed last.
+
+a. the 8B-shaped benchmark (benchmarks/gpu.py): TRL defaults vs TRL expert vs multitune (LoRA bf16);
+b. QLoRA 4-bit on CUDA: tokens/s, memory (against LoRA's from section a when both ran on this card);
+c. Liger on/off, compile on/off, packed vs padded, on a 2-layer model of the 8B width;
+d. `multitune train` on CUDA with the tiny model: checkpoints, SIGTERM, resume, `eval` in both modes, `predict`;
+e. `accelerate launch` with the FSDP2 config and 1 process on NCCL: launch.json says FSDP, the adapter is
+   complete, resume works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = {1: ("a", "d", "e"), 2: ("b", "c")}
+TIMEOUTS = {"a": 290, "b": 150, "c": 230, "d": 60, "e": 60}  # seconds; each run's sum stays under 7 minutes
+TINY_GPU_ARGS = ["--shape", "tiny", "--seq-len", "256", "--steps", "3", "--warmup", "1", "--examples", "8", "--eval-rows", "8"]
+
+
+class Section:
+    """One section's record, rewritten to section-X.json after every step; subprocesses share its deadline."""
+
+    def __init__(self, name: str, out: Path, timeout: float, env: dict):
+        self.name, self.path, self.env = name, out / f"section-{name}.json", env
+        self.deadline = time.monotonic() + timeout
+        self.record: dict = {"section": name, "ok": None, "timed_out": False, "steps": []}
+        self.t0 = time.monotonic()
+        self.save()
+
+    def save(self) -> None:
+        self.record["seconds"] = round(time.monotonic() - self.t0, 1)
+        self.path.write_text(json.dumps(self.record, indent=2))
+
+    def note(self, **facts) -> None:
+        self.record.update(facts)
+        self.save()
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    def run(self, what: str, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=self.left())
+        except subprocess.TimeoutExpired as e:
+            self.record["steps"].append({"step": what, "timed_out": True, "tail": _tail(e.stdout, e.stderr)})
+            raise TimeoutError from None
+        step = {"step": what, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1)}
+        if proc.returncode != 0:
+            step["tail"] = _tail(proc.stdout, proc.stderr)
+        self.record["steps"].append(step)
+        self.save()
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{what} exited {proc.returncode}")
+        return proc
+
+    def start(self, cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+
+def _tail(*texts, n: int = 1500) -> str:
+    joined = "\n".join(t.decode() if isinstance(t, bytes) else (t or "") for t in texts)
+    return joined[-n:]
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _gpu_bench(s: Section, work: Path, bench_cfg: Path, extra: list[str]) -> dict:
+    rows = work / f"gpu-{s.name}.json"
+    try:
+        s.run("benchmarks.gpu", [sys.executable, "-m", "benchmarks.gpu", "--config", str(bench_cfg), "--workdir", str(work / s.name),
+                                 "--json", str(rows), *extra], check=False)
+    finally:  # rows written so far survive a timeout
+        if rows.exists():
+            s.note(results=json.loads(rows.read_text()))
+    results = s.record.get("results") or {"rows": []}
+    return {r["side"]: r for r in results["rows"] if "error" not in r}
+
+
+def section_a(s: Section, ctx: dict) -> bool:
+    # the honest ratio first: if the section runs out of time, trl-defaults (the slowest, checkpointed) is what is lost
+    sides = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], "--sides", "trl-expert", "multitune", "trl-defaults"])
+    ours = sides.get("multitune")
+    if ours:
+        s.note(summary={"vs_trl_expert": ours.get("vs_trl-expert"), "vs_trl_defaults": ours.get("vs_trl-defaults"),
+                        "mfu_measured": ours.get("mfu_measured"), "mfu_datasheet": ours.get("mfu_datasheet"),
+                        "memory_vs_trl_defaults": _ratio(ours, sides.get("trl-defaults"), "peak_allocated_gib")})
+    return len(sides) == 3
+
+
+def section_b(s: Section, ctx: dict) -> bool:
+    sides = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], "--sides", "qlora"])
+    a = ctx["out"] / "section-a.json"
+    lora = next((r for r in json.loads(a.read_text()).get("results", {}).get("rows", []) if r["side"] == "multitune"), None) \
+        if a.exists() else None
+    if "qlora" in sides:
+        s.note(summary={"qlora_memory_vs_lora": _ratio(sides["qlora"], lora, "peak_allocated_gib")})
+    return "qlora" in sides
+
+
+def section_c(s: Section, ctx: dict) -> bool:
+    sides = ["multitune", "multitune+liger-off", "multitune+compile", "multitune+padded"]
+    if ctx["tiny"]:  # the code path only: compiling (minutes of tracing on a CPU) has its own test, tests/unit/test_speed.py
+        sides = ["multitune", "multitune+liger-off"]
+    layers = [] if ctx["tiny"] else ["--layers", "2"]
+    got = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], *layers, "--sides", *sides])
+    base = got.get("multitune")
+    if base:
+        s.note(summary={k: got[k]["tokens_per_s"] / base["tokens_per_s"] for k in sides[1:] if k in got})
+    return len(got) == len(sides)
+
+
+def _train_config(ctx: dict, name: str, **peft) -> Path:
+    from multitune.demo import offline_config
+
+    raw = offline_config(ctx["assets"])
+    raw["run_dir"] = str(ctx["work"] / name)
+    raw["model"]["name_or_path"] = str(ctx["assets"] / "tiny-model")
+    raw["tasks"] = [{**t, "max_rows": 240, "max_eval_rows": 8 if ctx["tiny"] else 40} for t in raw["tasks"]]
+    raw["train"].update(max_steps=40 if not ctx["tiny"] else 8, save_steps=4, save_minutes=None, logging_steps=2,
+                        eval_rows_during_training=0, eval_steps=100_000)
+    if peft:
+        raw["peft"] = peft
+    path = ctx["work"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _stop_then_resume(s: Section, launch: list[str], run_dir: Path) -> dict:
+    """Start training, SIGTERM it once a complete checkpoint exists, then run the same command: it must resume."""
+    proc = s.start(launch)
+    ckpts = run_dir / "checkpoints"
+    while proc.poll() is None and not any(ckpts.glob("checkpoint-*/COMPLETE")):
+        s.left()
+        time.sleep(0.2)
+    stopped_early = proc.poll() is None
+    if stopped_early:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=s.left())
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise TimeoutError from None
+    first = {"rc": proc.returncode, "sigterm_sent": stopped_early, "said_stopped": "stopped at step" in out}
+    second = s.run("train (resume)", launch)
+    facts = {"first": first, "resumed": "resuming from" in second.stdout, "done": (run_dir / "DONE").exists()}
+    s.note(stop_resume=facts)
+    return facts
+
+
+def section_d(s: Section, ctx: dict) -> bool:
+    cfg = _train_config(ctx, "cli")
+    run_dir = ctx["work"] / "cli"
+    cli = [sys.executable, "-m", "multitune.cli"]
+    facts = _stop_then_resume(s, [*cli, "train", str(cfg)], run_dir)
+    launch = json.loads((run_dir / "launch.json").read_text()) if (run_dir / "launch.json").exists() else {}
+    s.note(launch=launch)
+    for mode in ("likelihood", "generate"):
+        s.run(f"eval --mode {mode}", [*cli, "eval", str(run_dir), "--mode", mode, "--max-rows", "8" if ctx["tiny"] else "40"])
+    pred = s.run("predict", [*cli, "predict", str(run_dir), "--task", "banking77", "I lost my card, please block it"])
+    s.note(prediction=pred.stdout.strip().splitlines()[-1] if pred.stdout.strip() else None)
+    on_gpu = launch.get("device", "").startswith("cuda") or ctx["tiny"]
+    return facts["resumed"] and facts["done"] and facts["first"]["sigterm_sent"] and on_gpu
+
+
+def section_e(s: Section, ctx: dict) -> bool:
+    cfg = _train_config(ctx, "fsdp", method="lora", r=8, alpha=16, dropout=0.0)
+    run_dir = ctx["work"] / "fsdp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/fsdp2-1x4.yaml"),
+              "--num_processes", "1", "--main_process_port", str(_free_port()), "-m", "multitune.cli", "train", str(cfg)]
+    if ctx["tiny"]:  # no GPU: accelerate's CPU path, without mixed precision
+        launch[launch.index("--num_processes"):launch.index("--num_processes")] = ["--cpu", "--mixed_precision", "no"]
+    facts = _stop_then_resume(s, launch, run_dir)
+    info = json.loads((run_dir / "launch.json").read_text()) if (run_dir / "launch.json").exists() else {}
+    from safetensors import safe_open
+
+    adapter = run_dir / "final" / "adapter_model.safetensors"
+    tensors = len(list(safe_open(str(adapter), framework="pt").keys())) if adapter.exists() else 0
+    s.note(launch=info, adapter_tensors=tensors)
+    fsdp = info.get("distributed_type") == "FSDP" and info.get("is_fsdp")
+    return facts["resumed"] and facts["done"] and tensors > 0 and (fsdp or ctx["tiny"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
+    if not a or not b or a.get(key) is None or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
+
+
+# ---------------------------------------------------------------- setup and report
+
+
+def install(bundle: Path | None, site: Path, out: Path) -> dict:
+    """pip install the bundle's wheels (no index, no dependency resolution) into `site`."""
+    wheels = sorted((bundle / "wheels").glob("*.whl")) if bundle else []
+    if not wheels:
+        return {"installed": [], "note": "no bundle wheels: the environment's packages are used"}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+                           "--upgrade", "--target", str(site), *map(str, wheels)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        (out / "install-error.txt").write_text(proc.stdout + proc.stderr)
+        raise SystemExit(f"installing the bundle failed: see {out / 'install-error.txt'}")
+    return {"installed": [w.name for w in wheels], "seconds": round(time.monotonic() - t0, 1)}
+
+
+def environment(env: dict) -> dict:
+    code = ("import json, torch; from importlib import metadata as m\n"
+            "v = {p: m.version(p) for p in ('torch', 'transformers', 'trl', 'peft', 'accelerate', 'datasets', 'liger-kernel', 'bitsandbytes')"
+            " if __import__('importlib').util.find_spec(p.replace('-', '_')) is not None}\n"
+            "print(json.dumps({'versions': v, 'cuda': torch.cuda.is_available(),"
+            " 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-1000:]}
+
+
+def table(out: Path, names: tuple[str, ...]) -> str:
+    lines = [f"{'section':8s} {'ok':>5s} {'s':>6s}  summary"]
+    for n in names:
+        p = out / f"section-{n}.json"
+        r = json.loads(p.read_text()) if p.exists() else {"ok": None, "seconds": 0}
+        ok = "TIME" if r.get("timed_out") else {True: "yes", False: "NO", None: "-"}[r.get("ok")]
+        summary = json.dumps(r.get("summary") or r.get("stop_resume") or r.get("error") or "", default=str)[:100]
+        lines.append(f"{n:8s} {ok:>5s} {r.get('seconds', 0):6.0f}  {summary}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=int, choices=list(RUNS), help="which of the two planned runs")
+    ap.add_argument("--sections", nargs="*", choices=list(SECTIONS), help="instead of --run")
+    ap.add_argument("--bundle", type=Path, default=None, help="a folder made by `make gpu-bundle` (wheels/, assets/)")
+    ap.add_argument("--assets", type=Path, default=None, help="data/ and tiny-model/ to use instead of the bundle's")
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "runs" / "gpu-check")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: /tmp/multitune-gpu-check)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes, CPU allowed: exercises every section quickly")
+    args = ap.parse_args(argv)
+    names = tuple(args.sections or (RUNS[args.run] if args.run else "abcde"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path("/tmp/multitune-gpu-check")
+    work.mkdir(parents=True, exist_ok=True)
+    site = work / "site"
+    summary: dict = {"run": args.run, "sections": names, "tiny": args.tiny, "install": install(args.bundle, site, args.out)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "MULTITUNE_CACHE": str(work / "cache")}
+    if args.tiny:  # the code path, not the speed: dynamo's guards and graphs without inductor's minutes of codegen on a CPU
+        env["MULTITUNE_COMPILE_BACKEND"] = "eager"
+    sys.path[:0] = [str(site), str(REPO / "src"), str(REPO)]
+    summary["environment"] = environment(env)
+    (args.out / f"summary-run{args.run or 'x'}.json").write_text(json.dumps(summary, indent=2))
+    if not args.tiny and not summary["environment"].get("cuda"):
+        print("note: no CUDA device; the sections run on the CPU and their GPU figures mean nothing")
+    from gpu_bundle import bench_config, build_assets
+
+    given = args.assets or (args.bundle / "assets" if args.bundle and (args.bundle / "assets").is_dir() else None)
+    if given:
+        assets = work / "assets"  # a writable copy: runs and caches land beside the data
+        shutil.copytree(given, assets, dirs_exist_ok=True, symlinks=False)
+    else:  # build them here (a machine without a bundle)
+        assets = build_assets(work / "assets")
+    ctx = {"out": args.out, "work": work, "assets": assets, "tiny": args.tiny,
+           "gpu_args": TINY_GPU_ARGS if args.tiny else [], "bench_cfg": bench_config(assets)}
+    for name in names:
+        s = Section(name, args.out, TIMEOUTS[name] * (3 if args.tiny else 1), env)
+        print(f"section {name} ...", flush=True)
+        try:
+            s.record["ok"] = bool(SECTIONS[name](s, ctx))
+        except TimeoutError:
+            s.record.update(ok=False, timed_out=True)
+        except Exception as e:  # one section's failure must not cost the others
+            s.record.update(ok=False, error=f"{type(e).__name__}: {e}")
+        s.save()
+    print(table(args.out, names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""`make bench`'s closing verdicts: one line per target, met only when the number and its quality condition hold."""
+
+from __future__ import annotations
+
+from benchmarks.__main__ import TARGETS, target_line, targets
+
+
+def _record(ours_tps=3400.0, ours_loss=1.70, expert_loss=1.70, lik_acc=0.80, gen_acc=0.78) -> dict:
+    training = [
+        {"side": "trl-defaults", "tokens_per_s": 1000.0, "val_answer_loss": 3.1},
+        {"side": "trl-expert", "tokens_per_s": 2000.0, "val_answer_loss": expert_loss},
+        {"side": "multitune", "tokens_per_s": ours_tps, "val_answer_loss": ours_loss},
+    ]
+    for r in training:
+        r["vs_trl-defaults"], r["vs_trl-expert"] = r["tokens_per_s"] / 1000.0, r["tokens_per_s"] / 2000.0
+
+    def evaluation(b77, cqa):
+        return [{"task": "banking77", "method": "generate + parse", "vs_generate": 1.0, "accuracy": gen_acc},
+                {"task": "banking77", "method": "likelihood argmax (search, 3 rescored)", "vs_generate": b77, "accuracy": lik_acc},
+                {"task": "commonsense_qa", "method": "generate + parse", "vs_generate": 1.0, "accuracy": 0.2},
+                {"task": "commonsense_qa", "method": "likelihood argmax (one trie pass)", "vs_generate": cqa, "accuracy": 0.2},
+                {"task": "commonsense_qa", "likelihood_methods_agree": 1.0}]
+
+    return {"training": training, "evaluation_trained": evaluation(1.2, 1.1), "evaluation_unsure": evaluation(0.3, 1.0),
+            "data_prep": {"cold_s": 5.2, "cached_s": 0.16}}
+
+
+def test_one_verdict_per_target_in_the_issue_format():
+    lines = [target_line(t) for t in targets(_record())]
+    assert [line.split(":")[0] for line in lines] == [f"target {name}" for name in TARGETS]
+    assert "target train_vs_trl_defaults: 3.40x (goal 3.0x) met" in lines
+    assert "target train_vs_trl_expert: 1.70x (goal 1.5x) met" in lines
+    assert "target eval_banking77_unsure_vs_generate: 0.30x (goal 0.5x) missed" in lines
+    assert "target eval_commonsense_qa_vs_generate: 1.10x (goal 2.0x) missed" in lines
+    assert "target data_prep_cold_s: 5.20 s (goal < 10 s) met" in lines
+
+
+def test_speed_without_the_quality_condition_is_not_met():
+    worse_loss = {t["target"]: t for t in targets(_record(ours_loss=1.90))}
+    assert not worse_loss["train_vs_trl_expert"]["met"] and "loss worse" in worse_loss["train_vs_trl_expert"]["note"]
+    lower_accuracy = {t["target"]: t for t in targets(_record(lik_acc=0.70))}
+    assert not lower_accuracy["eval_banking77_vs_generate"]["met"]
+    assert lower_accuracy["eval_banking77_vs_generate"]["value"] == 1.2  # fast enough, but less accurate
