@@ -51,6 +51,11 @@ def eval_(
     run = RunDir(run_dir)
     run.require_finished()
     cfg = run.load_config()
+    if cfg.head == "classifier":  # scored with its classification heads
+        from multitune import classifier
+
+        classifier.evaluate_run(run, cfg, mode=mode, max_rows=max_rows)
+        return
     mode = mode or cfg.eval.mode
     if mode not in ("likelihood", "generate"):
         raise UserError(f"--mode {mode!r}: choose likelihood or generate")

@@ -161,6 +161,12 @@ class HubConfig(_Strict):
 class Config(_Strict):
     run_dir: Path = Path("runs/default")
     seed: int = 6
+    head: Literal["lm", "classifier"] = Field(
+        "lm", description="lm: the model writes the label; classifier: a sequence-classification head per task"
+    )
+    strategy: Literal["joint", "per_task"] = Field(
+        "joint", description="joint: one adapter trained on all tasks; per_task: one adapter (and head) per task"
+    )
     hub_mirror: Path | None = Field(None, description="local Hub-shaped mirror; also MULTITUNE_HUB_MIRROR")
     model: ModelConfig
     peft: PeftConfig = PeftConfig()
@@ -182,6 +188,14 @@ class Config(_Strict):
             raise ValueError("train.hub_checkpoints needs hub.repo_id (checkpoints go to the private repo <repo_id>-checkpoints)")
         if self.train.padding_free and not self.train.packing and self.model.attn_implementation != "flash_attention_2":
             raise ValueError("train.padding_free without packing needs model.attn_implementation=flash_attention_2")
+        if self.strategy == "per_task" and self.head == "lm":  # per-task LM adapters: not built yet
+            raise ValueError("strategy: per_task is supported with head: classifier only (for now); use strategy: joint")
+        if self.head == "classifier":
+            if self.peft.method in PROMPT_LEARNING:
+                raise ValueError(f"head: classifier cannot use peft.method={self.peft.method} (the head reads the last "
+                                 "real token, which virtual tokens shift); use lora, qlora, dora, rslora, ia3 or full")
+            if self.train.packing or self.train.padding_free:
+                raise ValueError("head: classifier classifies one prompt per row: set train.packing and train.padding_free to false")
         return self
 
 

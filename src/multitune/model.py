@@ -113,13 +113,13 @@ def load_tokenizer(mcfg: ModelConfig, mirror: Path | None, source: str | None = 
     return tok
 
 
-def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool = False):
-    """The base causal LM: bf16 on a bf16-capable GPU, fp32 on CPU (and for full fine-tuning), SDPA
-    attention; 4-bit NF4 for QLoRA."""
+def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool = False, loader=AutoModelForCausalLM, **extra):
+    """The base causal LM (or ``loader``'s head on it, with ``extra`` from_pretrained kwargs): bf16 on a
+    bf16-capable GPU, fp32 on CPU (and for full fine-tuning), SDPA attention; 4-bit NF4 for QLoRA."""
     check_requirements(cfg)
     mcfg = cfg.model
     dtype = weights_dtype(cfg, for_training=for_training)
-    kwargs = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation}
+    kwargs = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation, **extra}
     if quantize if quantize is not None else cfg.peft.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -128,7 +128,7 @@ def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool 
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype,  # FSDP flattens params of one dtype: storage must match compute
         )
-    model = _from_pretrained(AutoModelForCausalLM, mcfg.name_or_path, mcfg, hub.mirror_root(cfg.hub_mirror), **kwargs)
+    model = _from_pretrained(loader, mcfg.name_or_path, mcfg, hub.mirror_root(cfg.hub_mirror), **kwargs)
     log.info("loaded %s (%s, %.1fM params)", mcfg.name_or_path, dtype, model.num_parameters() / 1e6)
     return model
 

@@ -55,6 +55,10 @@ def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | 
             examples.append(task.example_from_input(value))
         except UserError as e:
             raise UserError(f"input {n}: {e}") from None
+    if cfg.head == "classifier":  # the run's classification head gives the label and its probability
+        from multitune import classifier
+
+        return classifier.predict(run, cfg, task, examples)
     tokenizer = load_tokenizer(cfg.model, None, source=str(run.final))
     scorer = Scorer(load_for_inference(cfg, run.final), Formatter(tokenizer, cfg.model.max_length), cfg.eval.batch_size)
     if task.kind == "chat":

@@ -181,6 +181,10 @@ def _init_wandb(cfg: Config, run: RunDir) -> None:
 
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
+    if cfg.head == "classifier":  # a classification head per task instead of writing the label
+        from multitune import classifier
+
+        return classifier.train(cfg, resume=resume, overwrite=overwrite)
     cfg = checkpointing_for_peft(resolve_tasks(cfg))
     run = RunDir(Path(cfg.run_dir))
     args = sft_config(cfg, run)

@@ -1,0 +1,134 @@
+"""`head: classifier` end to end on the tiny model: train, save, reload in a fresh process, predict identically."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from multitune.cli import eval_
+from multitune.config import config_from_dict
+from multitune.errors import UserError
+from multitune.predict import predict
+from multitune.train import train
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "multitune.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def classifier_config(assets, run_dir: Path, method: str, strategy: str = "joint", **train_kw) -> dict:
+    raw = tiny_config(assets, run_dir, epochs=8, learning_rate=3e-3, batch_size=8, save_steps=50, eval_rows_during_training=0, **train_kw)
+    raw |= {"head": "classifier", "strategy": strategy}
+    raw["peft"]["method"] = method
+    raw["tasks"] = raw["tasks"][:2]  # claims, banking77 (12 generated intents)
+    for t in raw["tasks"]:
+        t["template"] = "minimal"  # the text alone: the tiny model learns it within a test's budget
+    return raw
+
+
+@pytest.fixture(scope="module")
+def joint(assets, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cls") / "run"
+    # full fine-tuning learns fastest on the from-scratch tiny model; LoRA is the per-task run below
+    train(config_from_dict(classifier_config(assets, run_dir, "full")))  # through the `train` dispatch
+    return run_dir
+
+
+def test_joint_heads_train_save_and_beat_chance(joint):
+    assert (joint / "DONE").exists()
+    metrics = json.loads((joint / "metrics.json").read_text())
+    assert metrics["claims"]["accuracy"] >= 0.85 > metrics["claims"]["chance"]
+    assert metrics["banking77"]["accuracy"] >= 2.5 * metrics["banking77"]["chance"]  # 12 intents: chance 0.083
+    assert metrics["banking77"]["mode"] == "classifier" and len(metrics["banking77"]["confusion_matrix"]["matrix"]) > 1
+    saved = json.loads((joint / "final" / "config.json").read_text())
+    assert len(saved["id2label"]) == 2 + 12 and saved["id2label"]["2"] == "banking77:activate_my_card"  # one layer, both heads
+    assert json.loads((joint / "final" / "heads.json").read_text())["labels"]["claims"] == ["Claim", "Not a Claim"]
+    assert all((c / "COMPLETE").exists() for c in (joint / "checkpoints").glob("checkpoint-*"))
+    cost = json.loads((joint / "cost.json").read_text())
+    assert cost["train_seconds"] > 0 and cost["trainable_params"] > 100_000 and cost["tokens_seen"] > 1000
+    logs = json.loads((joint / "trainer_state.json").read_text())["log_history"]
+    assert any("eval_banking77_accuracy" in e for e in logs)
+
+
+def test_eval_in_a_fresh_process_reproduces_the_trained_models_metrics(joint):
+    before = json.loads((joint / "metrics.json").read_text())  # scored by the in-memory model after training
+    res = cli("eval", joint)
+    assert res.returncode == 0, res.stderr
+    after = json.loads((joint / "metrics.json").read_text())
+    for name in ("claims", "banking77"):
+        assert after[name]["confusion_matrix"] == before[name]["confusion_matrix"], name
+        assert after[name]["accuracy"] == before[name]["accuracy"] and after[name]["macro_f1"] == before[name]["macro_f1"]
+    assert "banking77" in res.stdout
+    with pytest.raises(UserError, match="--mode generate applies to head: lm runs"):
+        eval_(joint, mode="generate", max_rows=None)
+
+
+def _validation_rows(assets, run_dir: Path, task: str) -> tuple[list[str], list[str]]:
+    ds = datasets.load_dataset(str(assets[task]), split="train")
+    names = ds.features["label"].names if isinstance(ds.features["label"], datasets.ClassLabel) else None
+    rows = [ds[i] for i in json.loads((run_dir / "splits" / f"{task}.json").read_text())["val"]]
+    return [r["text"] for r in rows], [names[r["label"]] if names else r["label"] for r in rows]
+
+
+def test_predict_in_a_fresh_process_gives_the_trained_models_predictions(joint, assets, tmp_path):
+    texts, gold = _validation_rows(assets, joint, "banking77")
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(t) for t in texts))
+    res = cli("predict", joint, "--task", "banking77", "--input", tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl")
+    assert res.returncode == 0, res.stderr
+    preds = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert all(set(p) == {"label", "score"} and 0 < p["score"] <= 1 for p in preds)  # the LM path's output shape
+    # row by row the same predictions as the model in memory at the end of training: its confusion matrix
+    cm = json.loads((joint / "metrics.json").read_text())["banking77"]["confusion_matrix"]
+    counts = [[0] * len(cm["labels"]) for _ in cm["labels"]]
+    for g, p in zip(gold, preds, strict=True):
+        counts[cm["labels"].index(g)][cm["labels"].index(p["label"])] += 1
+    assert counts == cm["matrix"]
+
+
+@pytest.fixture(scope="module")
+def per_task(assets, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cls-per-task") / "run"
+    train(config_from_dict(classifier_config(assets, run_dir, "lora", "per_task", max_steps=12)))
+    return run_dir
+
+
+def test_per_task_saves_one_adapter_and_head_per_task(per_task):
+    final = per_task / "final"
+    for name, k in (("claims", 2), ("banking77", 12)):
+        assert len(json.loads((final / name / "heads.json").read_text())["labels"][name]) == k  # its own K-way head
+        adapter = json.loads((final / name / "adapter_config.json").read_text())
+        assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]  # the head trained fully
+        assert any((per_task / "checkpoints" / name).glob("checkpoint-*/COMPLETE"))
+    parts = [json.loads((final / n / "cost.json").read_text()) for n in ("claims", "banking77")]
+    total = json.loads((per_task / "cost.json").read_text())
+    assert total["tokens_seen"] == sum(p["tokens_seen"] for p in parts) > 0
+    (pred,) = predict(per_task, "claims", ["My car was rear-ended, I want to file a claim."])
+    assert pred["label"] in ("Claim", "Not a Claim") and 0.5 <= pred["score"] <= 1
+
+
+def test_per_task_adapters_reload_to_the_trained_metrics(per_task):
+    before = json.loads((per_task / "metrics.json").read_text())
+    eval_(per_task, mode=None, max_rows=None)  # fresh objects in this process (the joint run reloads in a new one)
+    after = json.loads((per_task / "metrics.json").read_text())
+    for name in ("claims", "banking77"):
+        assert after[name]["confusion_matrix"] == before[name]["confusion_matrix"], name
+
+
+def test_per_task_relaunch_reuses_finished_tasks(per_task, assets):
+    before = json.loads((per_task / "metrics.json").read_text())
+    weights = per_task / "final" / "banking77" / "adapter_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    (per_task / "DONE").unlink()  # as if killed after both tasks finished, before the report
+    train(config_from_dict(classifier_config(assets, per_task, "lora", "per_task", max_steps=12)))
+    assert weights.stat().st_mtime_ns == stamp  # not retrained
+    after = json.loads((per_task / "metrics.json").read_text())
+    assert after["banking77"]["confusion_matrix"] == before["banking77"]["confusion_matrix"]
+    assert (per_task / "DONE").exists()
