@@ -48,7 +48,7 @@ def _val_loss(model, formatter, data) -> float:
 
 def _history(log_history: list[dict]) -> dict[str, float]:
     steps = [e for e in log_history if "loss" in e]
-    end = next(e for e in log_history if "train_runtime" in e)
+    end = next(e for e in log_history if "train_loss" in e)  # the summary row (per-step rows carry a train_runtime too)
     # Trainer's train_runtime includes the validation-loss pass at the end of training: not training
     evals = sum(v for e in log_history for k, v in e.items() if k.startswith("eval_") and k.endswith("_runtime"))
     return {"train_loss_last": steps[-1]["loss"], "tokens": steps[-1]["num_tokens"], "train_s": end["train_runtime"] - evals,
