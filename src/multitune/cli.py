@@ -181,12 +181,14 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="where the demo writes data, model and run")] = Path("runs/demo"),
     offline: Annotated[bool | None, typer.Option("--offline/--online", help="force a mode (default: detect)")] = None,
 ) -> None:
-    """Run the main job on an embedded default and print the per-task table."""
-    from multitune.demo import demo_config
+    """Run the main job on an embedded default and print the per-task table, the base model's zero-shot beside it."""
+    from multitune.demo import before_after, demo_config
     from multitune.train import train as run_training
 
     cfg = demo_config(workdir, offline)
-    run_training(cfg, overwrite=True)
+    tuned = run_training(cfg, overwrite=True)
+    print("\nwhat fine-tuning bought (the same validation rows, the base model zero-shot):")
+    print(before_after(cfg, tuned))
 
 
 @app.command()

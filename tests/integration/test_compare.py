@@ -54,3 +54,16 @@ def test_compare_table_equals_separate_evals(assets, tmp_path):
     final = sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "final").iterdir())
     assert compare(spec)["rows"] == table["rows"]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "final").iterdir()) == final
+
+    # the demo's closing table: the base model zero-shot (its own file) beside the fine-tuned metrics
+    from multitune.demo import before_after
+    from multitune.run import RunDir
+
+    tuned = json.loads(trained_metrics)
+    shown = before_after(RunDir(run_dir).load_config(), tuned)
+    zero = json.loads((run_dir / "metrics-base.json").read_text())
+    assert (run_dir / "metrics.json").read_bytes() == trained_metrics
+    for task in ("claims", "commonsense_qa"):
+        line = next(ln for ln in shown.splitlines() if ln.startswith(task)).split()
+        assert line[3:5] == [f"{zero[task]['accuracy']:.3f}", f"{tuned[task]['accuracy']:.3f}"]
+        assert zero[task]["n"] == tuned[task]["n"]
