@@ -167,6 +167,11 @@ def compare(spec_path: Path) -> dict[str, Any]:
     """Train what the spec names and has not finished, score every row, write compare.{json,md}, print it."""
     from multitune.train import train
 
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process scores every row and writes the table
+        raise UserError("run `multitune compare` as one process; train multi-GPU rows with `accelerate launch ... "
+                        "multitune train` first and name their run directories with `run:` rows")
     spec = load_spec(spec_path)
     out = Path(spec.out_dir)
     base_cfg = load_config(spec.config, [*spec.overrides, f"run_dir={out}"])
