@@ -254,7 +254,7 @@ def format_markdown(table: dict[str, Any], spec_path: Path) -> str:
             c = r["tasks"].get(t, {})
             cells += [_num(c.get("accuracy")), _num(c.get("delta_accuracy"), "{:+.3f}"), _num(c.get("macro_f1"))]
         cost = r["cost"]
-        cells += [_num(cost["train_seconds"], "{:.0f}"), _num(cost["trainable_params"], "{:,}"), _num(cost["tokens_seen"], "{:,}")]
+        cells += [_num(cost.get("train_seconds"), "{:.0f}"), _num(cost.get("trainable_params"), "{:,}"), _num(cost.get("tokens_seen"), "{:,}")]
         lines.append("| " + " | ".join(cells) + " |")
     ns = {t: next((r["tasks"][t]["n"] for r in table["rows"] if t in r["tasks"]), 0) for t in tasks}
     lines += ["", "Validation rows per task: " + ", ".join(f"{t} {n}" for t, n in ns.items()) + "."]
