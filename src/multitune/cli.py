@@ -33,41 +33,66 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `train`")],
+    target: Annotated[Path, typer.Argument(help="a run directory written by `train`, or a YAML config (its base model, untrained)")],
     mode: Annotated[str | None, typer.Option(help="likelihood or generate (default: the run's eval.mode)")] = None,
     max_rows: Annotated[int | None, typer.Option(help="score at most this many validation rows per task")] = None,
+    shots: Annotated[int, typer.Option(help="k examples from the task's training rows in each prompt, as earlier chat turns")] = 0,
+    template: Annotated[str | None, typer.Option(help="score under this named prompt template instead of the run's (`multitune templates`)")] = None,
+    base: Annotated[bool, typer.Option("--base", help="score the run's base model, without its training")] = False,
 ) -> None:
-    """Score a trained run on its recorded validation split.
+    """Score a trained run, or a config's base model, on the recorded validation split.
 
-    The run's own mode on every row rewrites metrics.json and report.md; a partial (--max-rows) or
-    other-mode evaluation writes metrics-<mode>[-<N>rows].json and report-<...>.md beside them.
+    The run's own mode on every row rewrites metrics.json and report.md; any other evaluation (--max-rows,
+    --mode, --shots, --template, --base, a config) writes metrics-<variant>.json and report-<variant>.md
+    beside them (in the config's run_dir for a config), e.g. metrics-base-2shot.json.
     """
-    from multitune.data import load_tasks
-    from multitune.evaluate import format_table, write_results
-    from multitune.formatting import Formatter
-    from multitune.model import load_tokenizer
-    from multitune.per_task import evaluate_trained, tokenizer_dir
     from multitune.run import RunDir
+    from multitune.variants import Variant, evaluate_and_write
 
-    run = RunDir(run_dir)
-    run.require_finished()
-    cfg = run.load_config()
-    if cfg.head == "classifier":  # scored with its classification heads
+    variant = Variant(base=base or target.is_file(), shots=shots, template=template, mode=mode, max_rows=max_rows)
+    if target.is_file():  # a config: its base model on the split its training makes (recorded in run_dir if it ran)
+        from multitune.config import load_config
+
+        cfg = load_config(target)
+        run = RunDir(Path(cfg.run_dir))
+    else:
+        run = RunDir(target)
+        cfg = run.load_config()
+        if not base:
+            run.require_finished()
+    if cfg.head == "classifier" and not variant.base:  # scored with its classification heads
+        if shots or template:
+            raise UserError("--shots and --template apply to head: lm runs; this run predicts with its classifier head")
         from multitune import classifier
 
         classifier.evaluate_run(run, cfg, mode=mode, max_rows=max_rows)
         return
-    mode = mode or cfg.eval.mode
-    if mode not in ("likelihood", "generate"):
-        raise UserError(f"--mode {mode!r}: choose likelihood or generate")
-    data = load_tasks(cfg, run.splits, create=False)
-    formatter = Formatter(load_tokenizer(cfg.model, None, source=str(tokenizer_dir(cfg, run))), cfg.model.max_length)
-    results = evaluate_trained(cfg, run, formatter, data, mode=mode, max_rows=max_rows, seed=cfg.seed)  # joint or per_task
-    name = "-".join([mode] + ([f"{max_rows}rows"] if max_rows else [])) if mode != cfg.eval.mode or max_rows else ""
-    header = f"multitune validation ({mode}{f', at most {max_rows} rows per task' if max_rows else ''}): {cfg.model.name_or_path} ({cfg.peft.method})"
-    write_results(run.root, results, header, name)
-    print(format_table(results))
-    print(f"wrote {run.root / (f'metrics-{name}.json' if name else 'metrics.json')}")
+    if variant.base:
+        cfg = cfg.model_copy(update={"head": "lm"}) if cfg.head != "lm" else cfg
+    path = evaluate_and_write(cfg, run.root, None if variant.base else run.final, run.splits, variant)
+    print(f"wrote {path}")
+
+
+@app.command("templates")
+def templates_() -> None:
+    """List the named prompt templates of each task kind (for tasks.<name>.template and `eval --template`)."""
+    from multitune.tasks import templates as registry
+
+    for kind in registry.BY_KIND:
+        print(f"{kind:16s} {', '.join(registry.names(kind))}")
+
+
+@app.command()
+def compare(
+    spec: Annotated[Path, typer.Argument(help="a compare spec (YAML): the base config and the rows, e.g. configs/compare-tiny.yaml")],
+) -> None:
+    """Base zero-/k-shot, prompt templates and trained runs on the same validation rows: one table with costs.
+
+    Rows that name a training not yet finished are trained first (finished ones are reused).
+    """
+    from multitune.compare import compare as run_compare
+
+    run_compare(spec)
 
 
 @app.command()
@@ -156,12 +181,14 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="where the demo writes data, model and run")] = Path("runs/demo"),
     offline: Annotated[bool | None, typer.Option("--offline/--online", help="force a mode (default: detect)")] = None,
 ) -> None:
-    """Run the main job on an embedded default and print the per-task table."""
-    from multitune.demo import demo_config
+    """Run the main job on an embedded default and print the per-task table, the base model's zero-shot beside it."""
+    from multitune.demo import before_after, demo_config
     from multitune.train import train as run_training
 
     cfg = demo_config(workdir, offline)
-    run_training(cfg, overwrite=True)
+    tuned = run_training(cfg, overwrite=True)
+    print("\nwhat fine-tuning bought (the same validation rows, the base model zero-shot):")
+    print(before_after(cfg, tuned))
 
 
 @app.command()

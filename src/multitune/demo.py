@@ -83,3 +83,32 @@ def demo_config(workdir: Path, offline: bool | None = None) -> Config:
     print("demo: OFFLINE: training a tiny generated model on generated data in the seed tasks' schemas "
           "(numbers show the pipeline works, not what a real model reaches)")
     return prepare_offline(workdir)
+
+
+def before_after(cfg: Config, tuned: dict[str, dict[str, Any]]) -> str:
+    """The base model zero-shot on the run's validation rows (written to metrics-base.json) beside the
+    fine-tuned results: what the fine-tuning bought."""
+    from multitune.evaluate import write_results
+    from multitune.run import RunDir
+    from multitune.variants import Variant, eval_data, evaluate
+
+    run = RunDir(Path(cfg.run_dir))
+    variant = Variant(base=True)
+    zero = evaluate(cfg, None, eval_data(cfg, run.splits, variant, cfg.seed), variant, cfg.seed)
+    write_results(run.root, zero, variant.describe(cfg), variant.name(cfg))
+    return side_by_side(zero, tuned)
+
+
+def side_by_side(zero: dict[str, dict[str, Any]], tuned: dict[str, dict[str, Any]]) -> str:
+    rows = [["task", "n", "chance", "zero-shot acc", "fine-tuned acc", "zero-shot F1", "fine-tuned F1"]]
+    for name, t in tuned.items():
+        z = zero[name]
+        if t["kind"] == "chat":
+            rows.append([f"{name} (loss)", str(t["n"]), "-", f"{z['loss']:.3f}", f"{t['loss']:.3f}", "-", "-"])
+        else:
+            rows.append([name, str(t["n"]), f"{t['chance']:.3f}", f"{z['accuracy']:.3f}", f"{t['accuracy']:.3f}",
+                         f"{z['macro_f1']:.3f}", f"{t['macro_f1']:.3f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -9,7 +9,10 @@ from multitune.config import load_config
 from multitune.demo import offline_config
 from multitune.tasks import build_task, resolve_spec
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[2]
+ALL = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = [p for p in ALL if not p.name.startswith("compare-")]
+COMPARE_SPECS = [p for p in ALL if p.name.startswith("compare-")]
 
 
 def test_the_required_configs_ship():
@@ -24,6 +27,26 @@ def test_shipped_config_validates(path):
         spec = resolve_spec(t)
         assert spec.type in ("classification", "multiple_choice", "chat")
         build_task(t)
+
+
+@pytest.mark.parametrize("path", COMPARE_SPECS, ids=lambda p: p.name)
+def test_shipped_compare_spec_validates(path, monkeypatch):
+    from multitune.compare import load_spec, row_config
+    from multitune.variants import Variant, check_variant
+
+    monkeypatch.chdir(REPO)  # a spec's paths are relative to the repository root, as its commands are run
+    spec = load_spec(path)
+    assert spec.rows[0].base and spec.rows[0].shots == 0 and spec.rows[0].template is None  # the zero-shot row
+    base = load_config(spec.config, spec.overrides)
+    for row in spec.rows:
+        if row.trains:
+            assert str(row_config(spec, row).run_dir) == f"{spec.out_dir}/runs/{row.name}"
+        else:
+            check_variant(base, Variant(base=True, shots=row.shots, template=row.template))
+
+
+def test_the_compare_specs_ship():
+    assert {"compare-tiny.yaml", "compare-llama3-8b.yaml"} <= {p.name for p in COMPARE_SPECS}
 
 
 def test_demo_file_matches_embedded_default():

@@ -1,0 +1,261 @@
+"""`multitune compare SPEC.yaml`: base zero-shot and k-shot, named prompt templates and trained runs,
+scored on the same validation rows of the same recorded split, in one table with each row's cost.
+
+    config: configs/mirror-tiny.yaml   # the base config: model, tasks, split (paths relative to the cwd)
+    overrides: [train.epochs=1]        # applied to it (and to every row it trains)
+    out_dir: runs/compare-tiny         # the split, the trained rows and compare.{md,json}
+    max_rows: 200                      # validation rows per task (one fixed sample; default: all)
+    rows:
+      - {name: zero-shot}              # the base model, no training (the row deltas are taken against)
+      - {name: 2-shot, shots: 2}
+      - {name: terse, template: terse}
+      - {name: lora, overrides: [peft.method=lora]}   # trained into out_dir/runs/lora unless it finished
+      - {name: mine, run: runs/my-run} # an existing run directory, trained on the same split
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from multitune.config import Config, load_config
+from multitune.data import TaskData, load_tasks, save_splits
+from multitune.errors import UserError
+from multitune.run import RunDir
+from multitune.variants import Variant, check_variant, eval_data, evaluate
+
+COST_KEYS = ("train_seconds", "trainable_params", "tokens_seen")
+
+
+class RowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    shots: int = Field(0, ge=0, description="examples from the training rows in each prompt")
+    template: str | None = Field(None, description="a named prompt template (`multitune templates`)")
+    run: str | None = Field(None, description="an existing run directory")
+    config: str | None = Field(None, description="a config to train (default: the spec's config)")
+    overrides: list[str] | None = Field(None, description="dotted overrides of the config to train")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RowSpec:
+        if self.run and (self.config or self.overrides):
+            raise ValueError(f"row {self.name}: give `run` (an existing run) or `config`/`overrides` (train one), not both")
+        return self
+
+    @property
+    def trains(self) -> bool:
+        return self.config is not None or self.overrides is not None
+
+    @property
+    def base(self) -> bool:
+        return not self.run and not self.trains
+
+
+class CompareSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: str
+    overrides: list[str] = []
+    out_dir: str
+    mode: str | None = None
+    max_rows: int | None = Field(None, gt=0)
+    rows: list[RowSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> CompareSpec:
+        names = [r.name for r in self.rows]
+        if len(set(names)) != len(names):
+            raise ValueError(f"row names must be unique: {names}")
+        return self
+
+
+def load_spec(path: Path) -> CompareSpec:
+    if not path.is_file():
+        raise UserError(f"compare spec not found: {path}")
+    try:
+        return CompareSpec.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{path}: {where + ': ' if where else ''}{err['msg']}") from None
+
+
+# ---------------------------------------------------------------- the rows
+
+
+def row_config(spec: CompareSpec, row: RowSpec) -> Config:
+    """The config a training row trains: its config (or the spec's) with the spec's and the row's overrides,
+    in out_dir/runs/<name> unless the row's overrides name a run_dir."""
+    overrides = [*spec.overrides, *(row.overrides or [])]
+    if not any(o.startswith("run_dir=") for o in overrides):
+        overrides.append(f"run_dir={Path(spec.out_dir) / 'runs' / row.name}")
+    return load_config(row.config or spec.config, overrides)
+
+
+def _same_split(row: str, data: list[TaskData], reference: dict[str, dict]) -> None:
+    for td in data:
+        ref = reference.get(td.task.name)
+        if ref is not None and (td.split["train"] != ref["train"] or td.split["val"] != ref["val"]):
+            raise UserError(
+                f"row {row}: task {td.task.name} was trained on another split than the compare's base config makes "
+                "(data.split_seed, data.val_fraction, tasks.<name>.max_rows or the data differ); "
+                "compare only runs made with the same split"
+            )
+
+
+def run_row(run: RunDir, row: RowSpec, spec: CompareSpec, reference: dict[str, dict], seed: int) -> dict[str, dict[str, Any]]:
+    """A trained run's metrics on the compare's rows (its own weights, shots and template as the row says)."""
+    cfg = run.load_config()
+    run.require_finished()
+    variant = Variant(shots=row.shots, template=row.template, mode=spec.mode, max_rows=spec.max_rows)
+    if cfg.head == "classifier":
+        if row.shots or row.template or spec.mode not in (None, "classifier"):
+            raise UserError(f"row {row.name}: shots, template and mode apply to head: lm runs, not a classifier run")
+        data = load_tasks(cfg, run.splits, create=False)
+        _same_split(row.name, data, reference)
+        return classifier_metrics(cfg, run, data, spec.max_rows, seed)
+    check_variant(cfg, variant)
+    data = eval_data(cfg, run.splits, variant, seed)
+    _same_split(row.name, data, reference)
+    return evaluate(cfg, run.final, data, variant, seed)
+
+
+def classifier_metrics(cfg: Config, run: RunDir, data: list[TaskData], max_rows: int | None, seed: int) -> dict[str, dict[str, Any]]:
+    """A classifier-head run scored with its saved heads, as `multitune eval` does, without writing files."""
+    from multitune import classifier
+    from multitune.formatting import Formatter
+    from multitune.model import load_tokenizer
+
+    results: dict[str, dict[str, Any]] = {}
+    for part in classifier.parts(cfg, run):
+        tokenizer = load_tokenizer(cfg.model, None, source=str(part.final))
+        model, heads = classifier.load_trained(cfg, part.final, tokenizer)
+        formatter = Formatter(tokenizer, cfg.model.max_length)
+        results |= classifier.evaluate(model, formatter, classifier.tasks_of(part, data), heads,
+                                       batch_size=cfg.eval.batch_size, max_rows=max_rows, seed=seed)
+    return results
+
+
+def cost_of(run: RunDir | None) -> dict[str, Any]:
+    """train_seconds, trainable_params and tokens_seen from the run's cost.json (zero for an untrained row)."""
+    if run is None:
+        return dict.fromkeys(COST_KEYS, 0)
+    path = run.root / "cost.json"
+    facts = json.loads(path.read_text()) if path.exists() else {}
+    return {k: facts.get(k) for k in COST_KEYS}
+
+
+def method_of(row: RowSpec, cfg: Config) -> str:
+    if row.base:
+        what = f"{row.shots}-shot" if row.shots else "zero-shot"
+        return what + (f", template {row.template}" if row.template else "")
+    parts = [cfg.peft.method] + ([f"head {cfg.head}"] if cfg.head != "lm" else []) + ([cfg.strategy] if cfg.strategy != "joint" else [])
+    parts += [f"{row.shots}-shot"] if row.shots else []
+    parts += [f"template {row.template}"] if row.template else []
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- the whole comparison
+
+
+def compare(spec_path: Path) -> dict[str, Any]:
+    """Train what the spec names and has not finished, score every row, write compare.{json,md}, print it."""
+    from multitune.train import train
+
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process scores every row and writes the table
+        raise UserError("run `multitune compare` as one process; train multi-GPU rows with `accelerate launch ... "
+                        "multitune train` first and name their run directories with `run:` rows")
+    spec = load_spec(spec_path)
+    out = Path(spec.out_dir)
+    base_cfg = load_config(spec.config, [*spec.overrides, f"run_dir={out}"])
+    base_cfg = base_cfg.model_copy(update={"head": "lm"}) if base_cfg.head != "lm" else base_cfg
+    for row in spec.rows:  # every bad row refused before an hour of training
+        if row.base:
+            check_variant(base_cfg, Variant(shots=row.shots, template=row.template, mode=spec.mode))
+        elif row.run and not RunDir(Path(row.run)).is_finished():
+            raise UserError(f"row {row.name}: {row.run} holds no finished run; train it first or give `overrides` to train one")
+    split_dir = out / "splits"
+    reference_data = load_tasks(base_cfg, split_dir if split_dir.is_dir() else None, create=not split_dir.is_dir())
+    save_splits(reference_data, split_dir)
+    reference = {td.task.name: td.split for td in reference_data}
+    seed = base_cfg.seed
+
+    rows = []
+    for row in spec.rows:
+        print(f"compare: row {row.name}")
+        if row.base:
+            variant = Variant(base=True, shots=row.shots, template=row.template, mode=spec.mode, max_rows=spec.max_rows)
+            results = evaluate(base_cfg, None, eval_data(base_cfg, split_dir, variant, seed), variant, seed)
+            run, cfg = None, base_cfg
+        else:
+            if row.trains:
+                cfg = row_config(spec, row)
+                train(cfg)  # a finished run with this config is reused: the relaunch does nothing
+                run = RunDir(Path(cfg.run_dir))
+            else:
+                run = RunDir(Path(row.run))
+            cfg = run.load_config()
+            results = run_row(run, row, spec, reference, seed)
+        rows.append({"name": row.name, "method": method_of(row, cfg), "run_dir": str(run.root) if run else None,
+                     "results": results, "cost": cost_of(run)})
+    table = build_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(table, indent=2))
+    md = format_markdown(table, spec_path)
+    (out / "compare.md").write_text(md)
+    print(md, end="")
+    print(f"wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    return table
+
+
+def _zero_shot(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((r for r in rows if r["method"] == "zero-shot"), None)
+
+
+def build_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per row and label task: n, accuracy, macro-F1 and their deltas to the zero-shot row; the row's cost."""
+    zero = _zero_shot(rows)
+    tasks = list(dict.fromkeys(t for r in rows for t, m in r["results"].items() if m["kind"] != "chat"))
+    table_rows = []
+    for r in rows:
+        cells = {}
+        for t in tasks:
+            m = r["results"].get(t)
+            if m is None:
+                continue
+            ref = zero["results"].get(t) if zero else None
+            cells[t] = {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "chance": m["chance"],
+                        "delta_accuracy": None if ref is None else m["accuracy"] - ref["accuracy"],
+                        "delta_macro_f1": None if ref is None else m["macro_f1"] - ref["macro_f1"]}
+        table_rows.append({"name": r["name"], "method": r["method"], "run_dir": r["run_dir"], "tasks": cells, "cost": r["cost"]})
+    return {"zero_shot_row": zero["name"] if zero else None, "tasks": tasks, "rows": table_rows}
+
+
+def _num(v: Any, fmt: str = "{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def format_markdown(table: dict[str, Any], spec_path: Path) -> str:
+    tasks = table["tasks"]
+    head = ["row", "method"] + [f"{t} {m}" for t in tasks for m in ("acc", "Δacc", "F1")] + ["train s", "trainable params", "tokens seen"]
+    lines = [f"# multitune compare: {spec_path}", "",
+             f"Accuracy and macro-F1 on the same validation rows; Δ against the {table['zero_shot_row'] or '(no zero-shot)'} row.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table["rows"]:
+        cells = [r["name"], r["method"]]
+        for t in tasks:
+            c = r["tasks"].get(t, {})
+            cells += [_num(c.get("accuracy")), _num(c.get("delta_accuracy"), "{:+.3f}"), _num(c.get("macro_f1"))]
+        cost = r["cost"]
+        cells += [_num(cost.get("train_seconds"), "{:.0f}"), _num(cost.get("trainable_params"), "{:,}"), _num(cost.get("tokens_seen"), "{:,}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    ns = {t: next((r["tasks"][t]["n"] for r in table["rows"] if t in r["tasks"]), 0) for t in tasks}
+    lines += ["", "Validation rows per task: " + ", ".join(f"{t} {n}" for t, n in ns.items()) + "."]
+    return "\n".join(lines) + "\n"
