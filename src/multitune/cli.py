@@ -34,7 +34,7 @@ def train(
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `train`")],
-    mode: Annotated[str | None, typer.Option(help="likelihood or generate (default: the run's eval.mode)")] = None,
+    mode: Annotated[str | None, typer.Option(help="likelihood, constrained or generate (default: the run's eval.mode)")] = None,
     max_rows: Annotated[int | None, typer.Option(help="score at most this many validation rows per task")] = None,
 ) -> None:
     """Score a trained run on its recorded validation split.
@@ -47,20 +47,21 @@ def eval_(
     from multitune.formatting import Formatter
     from multitune.model import load_for_inference, load_tokenizer
     from multitune.run import RunDir
+    from multitune.scoring import MODES
 
     run = RunDir(run_dir)
     run.require_finished()
     cfg = run.load_config()
     mode = mode or cfg.eval.mode
-    if mode not in ("likelihood", "generate"):
-        raise UserError(f"--mode {mode!r}: choose likelihood or generate")
+    if mode not in MODES:
+        raise UserError(f"--mode {mode!r}: choose {', '.join(MODES)}")
     data = load_tasks(cfg, run.splits, create=False)
     formatter = Formatter(load_tokenizer(cfg.model, None, source=str(run.final)), cfg.model.max_length)
     results = evaluate_tasks(load_for_inference(cfg, run.final), formatter, data, mode=mode, batch_size=cfg.eval.batch_size,
-                             max_rows=max_rows, seed=cfg.seed)
+                             max_rows=max_rows, seed=cfg.seed, detail=True)
     name = "-".join([mode] + ([f"{max_rows}rows"] if max_rows else [])) if mode != cfg.eval.mode or max_rows else ""
     header = f"multitune validation ({mode}{f', at most {max_rows} rows per task' if max_rows else ''}): {cfg.model.name_or_path} ({cfg.peft.method})"
-    write_results(run.root, results, header, name)
+    write_results(run.root, results, header, name, run.log_history())
     print(format_table(results))
     print(f"wrote {run.root / (f'metrics-{name}.json' if name else 'metrics.json')}")
 
@@ -72,6 +73,8 @@ def predict(
     task: Annotated[str | None, typer.Option(help="which trained task to apply (default: a one-task run's task)")] = None,
     input: Annotated[Path | None, typer.Option("--input", help="JSON lines: rows in the task's schema, or strings")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="write predictions here as JSON lines")] = None,
+    mode: Annotated[str, typer.Option(help="likelihood (every label ranked) or constrained (greedy decoding inside the labels)")] = "likelihood",
+    min_confidence: Annotated[float | None, typer.Option(help="answer 'unsure' when the best label's probability is below this")] = None,
 ) -> None:
     """Predict labels (with their probability among the labels) or chat replies."""
     from multitune.predict import predict as run_predict
@@ -82,7 +85,7 @@ def predict(
         inputs += read_inputs(input)
     if not inputs:
         raise UserError("nothing to predict: give text arguments or --input FILE.jsonl")
-    preds = run_predict(run_dir, task, inputs)
+    preds = run_predict(run_dir, task, inputs, mode=mode, min_confidence=min_confidence)
     lines = [json.dumps(p) for p in preds]
     if output is not None:
         output.write_text("\n".join(lines) + "\n")

@@ -142,7 +142,10 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    mode: Literal["likelihood", "generate"] = "likelihood"
+    mode: Literal["likelihood", "constrained", "generate"] = Field(
+        "likelihood", description="likelihood: the label with the highest summed log-prob; constrained: greedy decoding "
+        "restricted to the labels; generate: free greedy generation, parsed (an unparsable answer is wrong)",
+    )
     batch_size: int = Field(16, gt=0)
 
 

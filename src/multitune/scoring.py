@@ -23,6 +23,10 @@ from multitune.formatting import IGNORE, Formatter
 from multitune.tasks import Example
 from multitune.tasks.base import normalize_label
 
+# how a label is chosen: likelihood ranks every label; constrained decodes greedily inside the label trie;
+# generate decodes freely and parses the text (README: "Choosing an evaluation mode")
+MODES = ("likelihood", "constrained", "generate")
+
 
 def _uses_prompt_learning(model) -> bool:
     # Prompt/prefix tuning put virtual tokens in front of the input or in the KV cache themselves,
@@ -391,10 +395,29 @@ class Scorer:
         return [t.strip() for t in self._in_length_order(prompts, greedy, desc)]
 
     @_with_sdpa
+    def constrained(self, examples: list[Example], labels: Sequence[str], desc: str = "constrained") -> tuple[list[int], list[float]]:
+        """Greedy decoding restricted to the label trie: the label reached and its summed log-prob."""
+        from multitune.constrained import constrained_greedy
+
+        trie = self.trie(labels)
+        prompts = self._prompts(examples, max(len(c) for c in trie.cands))
+        dev = _model_device(self.model)
+
+        def decode(batch: list[list[int]]) -> list[tuple[int, float]]:
+            ids, mask = _left_pad(batch, self.pad_id, dev)
+            return list(zip(*constrained_greedy(self.model, ids, mask, trie, self.pad_id, synced_gpus=self.lockstep), strict=True))
+
+        found = self._in_length_order(prompts, decode, desc)
+        return [i for i, _ in found], [v for _, v in found]
+
+    @_with_sdpa
     def predict_labels(self, examples: list[Example], labels: Sequence[str], mode: str = "likelihood") -> tuple[list[int], list[float]]:
-        """Predicted label indices and their scores (log-prob for likelihood, 1/0 parse success for generation)."""
+        """Predicted label indices and their scores (log-prob for likelihood and constrained decoding,
+        1/0 parse success for free generation)."""
         if mode == "likelihood":
             return self.best_labels(examples, labels)
+        if mode == "constrained":
+            return self.constrained(examples, labels)
         lookup = {normalize_label(x): i for i, x in enumerate(labels)}
         width = max(len(c) for c in self.candidates(labels)) + 2
         preds = [lookup.get(normalize_label(t), -1) for t in self.generate(examples, width)]
