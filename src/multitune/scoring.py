@@ -397,13 +397,17 @@ class Scorer:
     @_with_sdpa
     def constrained(self, examples: list[Example], labels: Sequence[str], desc: str = "constrained") -> tuple[list[int], list[float]]:
         """Greedy decoding restricted to the label trie: the label reached and its summed log-prob."""
-        from multitune.constrained import constrained_greedy
+        from multitune.constrained import constrained_greedy, constrained_greedy_uncached
 
         trie = self.trie(labels)
         prompts = self._prompts(examples, max(len(c) for c in trie.cands))
         dev = _model_device(self.model)
 
         def decode(batch: list[list[int]]) -> list[tuple[int, float]]:
+            if _uses_prompt_learning(self.model):  # one unpadded row at a time, no cache (see multitune.constrained)
+                steps = max(len(c) for c in trie.cands) if self.lockstep else None
+                return [constrained_greedy_uncached(self.model, p, trie, lambda ids: _input_logits(self.model, input_ids=ids), steps)
+                        for p in batch]
             ids, mask = _left_pad(batch, self.pad_id, dev)
             return list(zip(*constrained_greedy(self.model, ids, mask, trie, self.pad_id, synced_gpus=self.lockstep), strict=True))
 
