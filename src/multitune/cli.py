@@ -97,6 +97,25 @@ def predict(
 
 
 @app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `train` (with a chat task)")],
+    input: Annotated[Path | None, typer.Option("--input", help="a file of prompts, one per line: print each answer and exit")] = None,
+    task: Annotated[str | None, typer.Option(help="which chat task's prompt to use (default: the run's chat task)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 256,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled at this temperature")] = 0.0,
+) -> None:
+    """Talk to the fine-tuned model with its chat task's system prompt, the answer streamed as it is generated."""
+    from multitune.converse import answer_all, interactive, open_chat, read_prompts
+
+    prompts = read_prompts(input) if input is not None else None
+    session = open_chat(run_dir, task, max_new_tokens, temperature)
+    if prompts is not None:
+        answer_all(session, prompts)
+    else:
+        interactive(session)
+
+
+@app.command()
 def tasks() -> None:
     """List the built-in tasks."""
     from multitune.tasks import BUILTIN
