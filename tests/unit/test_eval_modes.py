@@ -121,3 +121,15 @@ def test_predict_constrained_scores_the_label_it_spelled(run):
 def test_bad_predict_options_are_one_clear_error(run, kw, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
         predict(run, None, TEXTS[:1], **kw)
+
+
+def test_chat_on_a_run_without_a_chat_task_is_one_clear_error(run, tmp_path):
+    from multitune.converse import open_chat, read_prompts
+
+    with pytest.raises(UserError, match=r"this run trained no chat task \(its tasks: \['claims'\]\)"):
+        open_chat(run)
+    with pytest.raises(UserError, match="input file not found"):
+        read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(UserError, match="holds no prompt"):
+        read_prompts(tmp_path / "empty.txt")
