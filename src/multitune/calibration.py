@@ -38,3 +38,13 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
     table = reliability(confidence, correct, bins)
     total = sum(b["n"] for b in table)
     return float(sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in table)) if total else 0.0
+
+
+def calibration_metrics(confidence: Sequence[float], correct: Sequence[bool], bins: int = BINS) -> dict[str, object]:
+    """What a task's metrics carry: the ECE, the mean confidence (beside the accuracy: over- or under-confident?)
+    and the reliability bins."""
+    return {
+        "ece": expected_calibration_error(confidence, correct, bins),
+        "mean_confidence": float(np.mean(confidence)) if len(confidence) else 0.0,
+        "reliability": reliability(confidence, correct, bins),
+    }

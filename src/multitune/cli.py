@@ -34,7 +34,7 @@ def train(
 @app.command("eval")
 def eval_(
     target: Annotated[Path, typer.Argument(help="a run directory written by `train`, or a YAML config (its base model, untrained)")],
-    mode: Annotated[str | None, typer.Option(help="likelihood or generate (default: the run's eval.mode)")] = None,
+    mode: Annotated[str | None, typer.Option(help="likelihood, constrained or generate (default: the run's eval.mode)")] = None,
     max_rows: Annotated[int | None, typer.Option(help="score at most this many validation rows per task")] = None,
     shots: Annotated[int, typer.Option(help="k examples from the task's training rows in each prompt, as earlier chat turns")] = 0,
     template: Annotated[str | None, typer.Option(help="score under this named prompt template instead of the run's (`multitune templates`)")] = None,
@@ -102,6 +102,8 @@ def predict(
     task: Annotated[str | None, typer.Option(help="which trained task to apply (default: a one-task run's task)")] = None,
     input: Annotated[Path | None, typer.Option("--input", help="JSON lines: rows in the task's schema, or strings")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="write predictions here as JSON lines")] = None,
+    mode: Annotated[str, typer.Option(help="likelihood (every label ranked) or constrained (greedy decoding inside the labels)")] = "likelihood",
+    min_confidence: Annotated[float | None, typer.Option(help="answer 'unsure' when the best label's probability is below this")] = None,
 ) -> None:
     """Predict labels (with their probability among the labels) or chat replies."""
     from multitune.predict import predict as run_predict
@@ -112,7 +114,7 @@ def predict(
         inputs += read_inputs(input)
     if not inputs:
         raise UserError("nothing to predict: give text arguments or --input FILE.jsonl")
-    preds = run_predict(run_dir, task, inputs)
+    preds = run_predict(run_dir, task, inputs, mode=mode, min_confidence=min_confidence)
     lines = [json.dumps(p) for p in preds]
     if output is not None:
         output.write_text("\n".join(lines) + "\n")
@@ -121,6 +123,25 @@ def predict(
         for src, p in zip(inputs, preds, strict=True):
             shown = src if isinstance(src, str) else json.dumps(src)[:80]
             print(f"{p.get('label', p.get('response'))}\t{p.get('score', '')}\t{shown}")
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `train` (with a chat task)")],
+    input: Annotated[Path | None, typer.Option("--input", help="a file of prompts, one per line: print each answer and exit")] = None,
+    task: Annotated[str | None, typer.Option(help="which chat task's prompt to use (default: the run's chat task)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 256,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled at this temperature")] = 0.0,
+) -> None:
+    """Talk to the fine-tuned model with its chat task's system prompt, the answer streamed as it is generated."""
+    from multitune.converse import answer_all, interactive, open_chat, read_prompts
+
+    prompts = read_prompts(input) if input is not None else None
+    session = open_chat(run_dir, task, max_new_tokens, temperature)
+    if prompts is not None:
+        answer_all(session, prompts)
+    else:
+        interactive(session)
 
 
 @app.command()

@@ -81,6 +81,12 @@ class TaskConfig(_Strict):
     messages_column: str | None = None
     prompt_column: str | None = None
     response_column: str | None = None
+    context_column: str | None = Field(
+        None, description="chat: a column of reference text folded into the prompt when a row has it (default: 'context')"
+    )
+    max_answer_chars: int | None = Field(
+        None, gt=0, description="chat: leave out rows whose answer is longer (an answer is never cut, so it must fit max_length)"
+    )
     assistant_turns: Literal["all", "last"] = Field(
         "all", description="chat: which assistant turns of a conversation carry loss (every one, or the last only)"
     )
@@ -148,7 +154,10 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    mode: Literal["likelihood", "generate"] = "likelihood"
+    mode: Literal["likelihood", "constrained", "generate"] = Field(
+        "likelihood", description="likelihood: the label with the highest summed log-prob; constrained: greedy decoding "
+        "restricted to the labels; generate: free greedy generation, parsed (an unparsable answer is wrong)",
+    )
     batch_size: int = Field(16, gt=0)
 
 

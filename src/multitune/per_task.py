@@ -96,15 +96,17 @@ def tokenizer_dir(cfg: Config, run: RunDir) -> Path:
 
 
 def evaluate_trained(cfg: Config, run: RunDir, formatter: Formatter, data: list[TaskData], *, mode: str,
-                     max_rows: int | None = None, seed: int = 0) -> dict[str, dict[str, Any]]:
+                     max_rows: int | None = None, seed: int = 0, detail: bool = False) -> dict[str, dict[str, Any]]:
     """evaluate_tasks with the run's saved weights, each task scored with its own adapter under per_task.
 
     Every rank makes the same calls (the same tasks in the same order), so the sharded scoring agrees."""
     model = load_for_tasks(cfg, run, [td.task.name for td in data])
     if cfg.strategy == "joint":
-        return evaluate_tasks(model, formatter, data, mode=mode, batch_size=cfg.eval.batch_size, max_rows=max_rows, seed=seed)
+        return evaluate_tasks(model, formatter, data, mode=mode, batch_size=cfg.eval.batch_size, max_rows=max_rows, seed=seed,
+                              detail=detail)
     results: dict[str, dict[str, Any]] = {}
     for td in data:
         use_adapter(model, td.task.name)
-        results |= evaluate_tasks(model, formatter, [td], mode=mode, batch_size=cfg.eval.batch_size, max_rows=max_rows, seed=seed)
+        results |= evaluate_tasks(model, formatter, [td], mode=mode, batch_size=cfg.eval.batch_size, max_rows=max_rows, seed=seed,
+                                  detail=detail)
     return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from multitune.model import load_for_tasks, load_tokenizer
 from multitune.run import RunDir, part_of
 from multitune.scoring import Scorer
 from multitune.tasks import Task, build_task
+
+UNSURE = "unsure"  # the answer below --min-confidence
 
 
 def restore_task(run: RunDir, name: str | None) -> Task:
@@ -42,11 +45,28 @@ def read_inputs(path: Path) -> list[dict[str, Any] | str]:
     return rows
 
 
-def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | str], max_new_tokens: int = 128) -> list[dict[str, Any]]:
+def check_options(kind: str, mode: str, min_confidence: float | None) -> None:
+    """Refuse option combinations that mean nothing, before any model is loaded."""
+    if mode not in ("likelihood", "constrained"):
+        raise UserError(f"--mode {mode!r}: predict chooses labels by likelihood or constrained")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise UserError(f"--min-confidence {min_confidence}: give a probability between 0 and 1")
+    if kind == "chat" and (mode != "likelihood" or min_confidence is not None):
+        raise UserError("--mode and --min-confidence apply to classification and multiple-choice tasks, not chat")
+    if min_confidence is not None and mode != "likelihood":
+        raise UserError("--min-confidence needs --mode likelihood: its score is the label's probability among all "
+                        "labels (the one whose calibration `eval` reports), which constrained decoding does not compute")
+
+
+def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | str], max_new_tokens: int = 128,
+            mode: str = "likelihood", min_confidence: float | None = None) -> list[dict[str, Any]]:
+    """Each input's prediction: {"label", "score"} (with ``min_confidence``, label "unsure" and the "guess"
+    below it), or {"response"} for a chat task."""
     run = RunDir(Path(run_dir))
     run.require_finished()
     cfg = run.load_config()
     task = restore_task(run, task_name)
+    check_options(task.kind, mode, min_confidence)
     examples = []
     for n, value in enumerate(inputs, 1):
         if not isinstance(value, (dict, str)):
@@ -64,9 +84,21 @@ def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | 
     scorer = Scorer(model, Formatter(tokenizer, cfg.model.max_length), cfg.eval.batch_size)
     if task.kind == "chat":
         return [{"response": r} for r in scorer.generate(examples, max_new_tokens)]
-    probs = scorer.likelihood(examples, task.label_names).softmax(-1)
+    if mode == "constrained":
+        # the probability of the label the decoding spelled, under the whole vocabulary (not only among labels)
+        idx, logp = scorer.constrained(examples, task.label_names)
+        return [{"label": task.label_names[i], "score": round(math.exp(v), 4)} for i, v in zip(idx, logp, strict=True)]
+    return label_answers(scorer.likelihood(examples, task.label_names).softmax(-1), task.label_names, min_confidence)
+
+
+def label_answers(probs, labels: list[str], min_confidence: float | None = None) -> list[dict[str, Any]]:
+    """The most probable label of each row [N, K] with its probability; "unsure" (and the guess) below ``min_confidence``."""
     out = []
     for p in probs:
         best = int(p.argmax())
-        out.append({"label": task.label_names[best], "score": round(float(p[best]), 4)})
+        score = round(float(p[best]), 4)
+        if min_confidence is not None and float(p[best]) < min_confidence:
+            out.append({"label": UNSURE, "score": score, "guess": labels[best]})
+        else:
+            out.append({"label": labels[best], "score": score})
     return out

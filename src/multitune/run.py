@@ -4,7 +4,8 @@
     RUN_DIR/splits/*.json    per-task train/validation row indices
     RUN_DIR/checkpoints/     Trainer checkpoints (adapter, optimizer, scheduler, RNG), resumed automatically
     RUN_DIR/final/           the trained adapter (or full model) and tokenizer
-    RUN_DIR/metrics.json     per-task validation metrics; report.md the same, readable
+    RUN_DIR/metrics.json     per-task validation metrics; report.md the same, readable, linking plots/*.png
+    RUN_DIR/trainer_state.json  the Trainer's log history (losses, learning rate, per-task validation)
     RUN_DIR/cost.json        training seconds (all launches), trainable parameters, tokens seen
     RUN_DIR/DONE             written last: the run finished
 
@@ -14,6 +15,7 @@ With ``strategy: per_task`` each task's model has its own checkpoints/<task>/ an
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -78,6 +80,8 @@ class RunDir:
     final = property(lambda self: self.root / "final")
     metrics = property(lambda self: self.root / "metrics.json")
     report = property(lambda self: self.root / "report.md")
+    plots = property(lambda self: self.root / "plots")
+    trainer_state = property(lambda self: self.root / "trainer_state.json")
     done = property(lambda self: self.root / "DONE")
 
     def is_finished(self) -> bool:
@@ -87,6 +91,10 @@ class RunDir:
         if not self.config.exists():
             raise UserError(f"{self.root} is not a multitune run directory (no config.yaml); train one first")
         return config_from_dict(yaml.safe_load(self.config.read_text()))
+
+    def log_history(self) -> list[dict]:
+        """The Trainer's log rows of the finished run (none for a run laid out by hand)."""
+        return json.loads(self.trainer_state.read_text()).get("log_history", []) if self.trainer_state.exists() else []
 
     def require_finished(self) -> None:
         self.load_config()
@@ -128,7 +136,7 @@ class RunDir:
     def prepare(self, cfg: Config, *, resuming: bool) -> None:
         """Make the directory ready: start over unless resuming, then record the config."""
         if not resuming and self.root.exists():
-            for path in (self.checkpoints, self.splits, self.final, self.done, self.metrics, self.report):
+            for path in (self.checkpoints, self.splits, self.final, self.done, self.metrics, self.report, self.plots):
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():

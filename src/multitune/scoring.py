@@ -24,6 +24,10 @@ from multitune.prefix_cache import SharedPrefix, shared_length
 from multitune.tasks import Example
 from multitune.tasks.base import normalize_label
 
+# how a label is chosen: likelihood ranks every label; constrained decodes greedily inside the label trie;
+# generate decodes freely and parses the text (README: "Choosing an evaluation mode")
+MODES = ("likelihood", "constrained", "generate")
+
 
 def _uses_prompt_learning(model) -> bool:
     # Prompt/prefix tuning put virtual tokens in front of the input or in the KV cache themselves,
@@ -424,10 +428,33 @@ class Scorer:
         return [t.strip() for t in self._in_length_order(prompts, greedy, desc)]
 
     @_with_sdpa
+    def constrained(self, examples: list[Example], labels: Sequence[str], desc: str = "constrained") -> tuple[list[int], list[float]]:
+        """Greedy decoding restricted to the label trie: the label reached and its summed log-prob."""
+        from multitune.constrained import constrained_greedy, constrained_greedy_uncached
+
+        trie = self.trie(labels)
+        prompts = self._prompts(examples, max(len(c) for c in trie.cands))
+        dev = _model_device(self.model)
+
+        def decode(batch: list[list[int]]) -> list[tuple[int, float]]:
+            if _uses_prompt_learning(self.model):  # one unpadded row at a time, no cache (see multitune.constrained)
+                steps = max(len(c) for c in trie.cands) if self.lockstep else None
+                return [constrained_greedy_uncached(self.model, p, trie, lambda ids: _input_logits(self.model, input_ids=ids), steps)
+                        for p in batch]
+            ids, mask = _left_pad(batch, self.pad_id, dev)
+            return list(zip(*constrained_greedy(self.model, ids, mask, trie, self.pad_id, synced_gpus=self.lockstep), strict=True))
+
+        found = self._in_length_order(prompts, decode, desc)
+        return [i for i, _ in found], [v for _, v in found]
+
+    @_with_sdpa
     def predict_labels(self, examples: list[Example], labels: Sequence[str], mode: str = "likelihood") -> tuple[list[int], list[float]]:
-        """Predicted label indices and their scores (log-prob for likelihood, 1/0 parse success for generation)."""
+        """Predicted label indices and their scores (log-prob for likelihood and constrained decoding,
+        1/0 parse success for free generation)."""
         if mode == "likelihood":
             return self.best_labels(examples, labels)
+        if mode == "constrained":
+            return self.constrained(examples, labels)
         lookup = {normalize_label(x): i for i, x in enumerate(labels)}
         width = max(len(c) for c in self.candidates(labels)) + 2
         preds = [lookup.get(normalize_label(t), -1) for t in self.generate(examples, width)]

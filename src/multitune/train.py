@@ -20,6 +20,7 @@ from accelerate import PartialState
 from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
+from multitune import wandb_log
 from multitune.adapter_state import PortableAdapterCheckpoints
 from multitune.checkpoints import (
     CompleteMarker, GracefulStop, Layout, TimedCheckpoints, TrainingClock, grad_accum_for_resume, is_sharded, latest_complete,
@@ -61,14 +62,16 @@ class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
         n = self.mt_cfg.train.eval_rows_during_training
         labelled = [td for td in self.task_data if td.task.kind != "chat"]
         if eval_dataset is None and metric_key_prefix == "eval" and n and labelled:
+            tables = self.mt_cfg.train.report_to == "wandb"  # every rank alike: with detail, scoring differs
             results = evaluate_tasks(
                 self.model, self.formatter, labelled, mode="likelihood", batch_size=self.args.per_device_eval_batch_size,
-                max_rows=n, seed=self.mt_cfg.seed,
+                max_rows=n, seed=self.mt_cfg.seed, detail=tables,
             )
-            extra = {f"eval_{name}_accuracy": r["accuracy"] for name, r in results.items()}
-            extra |= {f"eval_{name}_macro_f1": r["macro_f1"] for name, r in results.items()}
+            extra = {f"eval_{name}_{key}": r[key] for name, r in results.items() for key in ("accuracy", "macro_f1", "ece") if key in r}
             self.log(extra)
             metrics.update(extra)
+            if tables:
+                wandb_log.log_evaluation(results, self.state.global_step)
         return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -372,11 +375,14 @@ def save_outputs(trainer: SFTTrainer, run: RunDir, tokenizer: PreTrainedTokenize
 def evaluate_and_report(trainer: SFTTrainer, cfg: Config, run: RunDir, setup: Setup) -> dict[str, Any]:
     """Score the validation rows (shared out over the ranks), write the reports, mark the run done, push."""
     results = evaluate_tasks(trainer.model, setup.formatter, setup.data, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
-                             seed=cfg.seed)
+                             seed=cfg.seed, detail=True)
+    plots = {}
     if trainer.args.should_save:
-        write_results(run.root, results, f"multitune validation: {cfg.model.name_or_path} ({cfg.peft.method})")
+        plots = write_results(run.root, results, f"multitune validation: {cfg.model.name_or_path} ({cfg.peft.method})",
+                              log_history=trainer.state.log_history)
         print(format_table(results))
         run.mark_done()
+    wandb_log.log_final(results, plots, trainer.state.global_step)  # rank 0 only: the others have no wandb run
     if cfg.hub.push and rank() == 0:
         from multitune.publish import push
 

@@ -17,9 +17,9 @@ from multitune.data import TaskData, load_tasks
 from multitune.errors import UserError
 from multitune.fewshot import add_shots
 from multitune.hub import mirror_root
+from multitune.scoring import MODES
 from multitune.tasks import build_task, templates
 
-MODES = ("likelihood", "generate")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def check_variant(cfg: Config, variant: Variant) -> None:
     """Refuse, before loading anything, a mode, shot count or template that cannot apply."""
     mode = variant.mode or cfg.eval.mode
     if mode not in MODES:
-        raise UserError(f"--mode {mode!r}: choose likelihood or generate")
+        raise UserError(f"--mode {mode!r}: choose {', '.join(MODES)}")
     if variant.shots < 0:
         raise UserError(f"--shots {variant.shots}: give 0 (zero-shot) or more examples per prompt")
     if variant.template is not None:
@@ -119,21 +119,23 @@ def evaluate(cfg: Config, weights: Path | None, data: list[TaskData], variant: V
         run = RunDir(weights.parent)
         assert weights == run.final, weights
         formatter = Formatter(load_tokenizer(cfg.model, None, source=str(tokenizer_dir(cfg, run))), cfg.model.max_length)
-        return evaluate_trained(cfg, run, formatter, data, mode=mode, max_rows=variant.max_rows, seed=seed)
+        return evaluate_trained(cfg, run, formatter, data, mode=mode, max_rows=variant.max_rows, seed=seed, detail=True)
     model, tokenizer = load_scoring_model(cfg, weights)
     formatter = Formatter(tokenizer, cfg.model.max_length)
     return evaluate_tasks(model, formatter, data, mode=mode, batch_size=cfg.eval.batch_size,
-                          max_rows=variant.max_rows, seed=seed)
+                          max_rows=variant.max_rows, seed=seed, detail=True)
 
 
 def evaluate_and_write(cfg: Config, root: Path, weights: Path | None, split_dir: Path | None, variant: Variant) -> Path:
     """Evaluate, write metrics[-<variant>].json and report[-<variant>].md in ``root``, print the table."""
     from multitune.evaluate import format_table, write_results
+    from multitune.run import RunDir
 
     check_variant(cfg, variant)
     results = evaluate(cfg, weights, eval_data(cfg, split_dir, variant, cfg.seed), variant, cfg.seed)
     name = variant.name(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    write_results(root, results, variant.describe(cfg), name)
+    history = RunDir(root).log_history() if weights is not None else None  # training curves beside a trained run's scores
+    write_results(root, results, variant.describe(cfg), name, history)
     print(format_table(results))
     return root / (f"metrics-{name}.json" if name else "metrics.json")

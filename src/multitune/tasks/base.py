@@ -255,9 +255,27 @@ class MultipleChoiceTask(Task):
         return Example(messages, target, label, cuttable=((len(messages) - 1, question),))
 
 
+CONTEXT_HEADER = "Context:"  # precedes a chat row's reference text in its prompt
+
+
 class ChatTask(Task):
     kind = "chat"
-    STATE = ("label_names", "messages_col", "prompt_col", "response_col")
+    STATE = ("label_names", "messages_col", "prompt_col", "response_col", "context_col")
+
+    def load(self, mirror: Path | None) -> datasets.Dataset:
+        ds = super().load(mirror)
+        limit = self.cfg.max_answer_chars
+        if limit:  # the same rows at every load, so a recorded split keeps pointing at the same ones
+            ds = ds.filter(lambda row: len(self._answer(row)) <= limit, desc=f"{self.name}: answers of at most {limit} chars")
+            if len(ds) == 0:
+                raise UserError(f"task {self.name}: no row has an answer of at most {limit} characters; raise tasks.{self.name}.max_answer_chars")
+        return ds
+
+    def _answer(self, row: dict[str, Any]) -> str:
+        if self.messages_col:
+            msgs = row[self.messages_col] or []
+            return str(msgs[-1]["content"]) if msgs else ""
+        return str(row.get(self.response_col) or "")
 
     def bind(self, ds: datasets.Dataset) -> None:
         cols = ds.column_names
@@ -272,9 +290,16 @@ class ChatTask(Task):
                 f"set tasks.{self.name}.messages_column or prompt_column and response_column"
             )
         self._require(ds, *([self.messages_col] if self.messages_col else [self.prompt_col, self.response_col]))
+        # reference text for the prompt (databricks-dolly-15k's `context`): prompt/response datasets only
+        self.context_col = None if self.messages_col else self.cfg.context_column or ("context" if "context" in cols else None)
+        if self.context_col:
+            self._require(ds, self.context_col)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        super().restore({"context_col": None, **state})  # runs recorded before context columns existed
 
     def columns(self) -> list[str]:
-        return [self.messages_col] if self.messages_col else [self.prompt_col, self.response_col]
+        return [self.messages_col] if self.messages_col else [self.prompt_col, self.response_col, *([self.context_col] if self.context_col else [])]
 
     def input_columns(self) -> list[str]:
         return [self.messages_col] if self.messages_col else [self.prompt_col]
@@ -283,19 +308,31 @@ class ChatTask(Task):
         if not self.messages_col:
             prompt = str(row[self.prompt_col])
             answer = row.get(self.response_col)
+            context = str(row.get(self.context_col) or "").strip() if self.context_col else ""
+            if context:  # folded in after the request; both are input text that truncation may cut
+                content = f"{prompt}\n\n{CONTEXT_HEADER}\n{context}"
+                return self._conversation([{"role": "user", "content": content}], None if answer is None else str(answer),
+                                          cut=(prompt, context))
             return self._conversation([{"role": "user", "content": prompt}], None if answer is None else str(answer))
         msgs = [{"role": m["role"], "content": m["content"]} for m in row[self.messages_col]]
         if not msgs or msgs[-1]["role"] != "assistant":
             raise UserError(f"task {self.name}: each conversation must end with an assistant turn")
         return self._conversation(msgs[:-1], msgs[-1]["content"])
 
-    def _conversation(self, msgs: list[dict[str, str]], answer: str | None) -> Example:
-        """The system prompt and instruction added, the user turns marked as input text, the earlier
-        assistant turns marked as supervised (unless tasks.<name>.assistant_turns=last)."""
+    def prompt(self, msgs: list[dict[str, str]]) -> Example:
+        """A conversation that ends with the user's turn, as the task's prompts are built (system prompt, instruction)."""
+        return self._conversation([dict(m) for m in msgs], None)
+
+    def _conversation(self, msgs: list[dict[str, str]], answer: str | None, cut: tuple[str, ...] = ()) -> Example:
+        """The system prompt and instruction added, the user turns marked as input text (or, with ``cut``, these
+        pieces of the single user turn), the earlier assistant turns marked as supervised (unless
+        tasks.<name>.assistant_turns=last)."""
         if self.cfg.system_prompt and not (msgs and msgs[0]["role"] == "system"):
             msgs = self.system() + msgs
         users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
         cuttable = tuple((i, msgs[i]["content"]) for i in users)  # the user's words, not the instruction
+        if cut:
+            cuttable = tuple((users[0], text) for text in cut)
         if self.cfg.instruction and users:
             first = msgs[users[0]]
             msgs[users[0]] = {**first, "content": self.template(self.cfg.instruction, first["content"])}
