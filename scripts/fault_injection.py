@@ -1,10 +1,14 @@
-"""Kill training with SIGKILL at random steps, relaunch the same command, and check that the result is
-bitwise the run that was never interrupted: same final adapter, same loss and learning rate at every
-logged step.
+"""Kill training with SIGKILL, relaunch the same command, and check that the result is bitwise the run
+that was never interrupted: same final adapter, same loss and learning rate at every logged step.
 
-    python scripts/fault_injection.py --cycles 3            # prints "3/3 resumed identical"
-    python scripts/fault_injection.py --cycles 3 --nproc 2  # the same under 2-process DDP (torchrun, gloo)
-    python scripts/fault_injection.py --cycles 3 --nproc 2 --fsdp  # FSDP2: the shipped accelerate config
+The kills cycle through four moments, as a pod start script that reruns the same command after every
+restart meets them: at a random step, during a checkpoint save, after the last checkpoint (while the
+final adapter is saved and evaluated), and after the run finished (the relaunch must then say so and
+exit 0). Each cycle prints where the kill landed.
+
+    python scripts/fault_injection.py --cycles 4            # prints "4/4 resumed identical"
+    python scripts/fault_injection.py --cycles 10 --nproc 2  # the same under 2-process DDP (torchrun, gloo)
+    python scripts/fault_injection.py --cycles 10 --nproc 2 --fsdp  # FSDP2: the shipped accelerate config
 
 --fsdp launches `accelerate launch --config_file configs/accelerate/fsdp2-1x4.yaml`; on CPU it goes
 through the test-only shim tests/distributed/fsdp_on_cpu.py, since accelerate runs FSDP as DDP there.
@@ -17,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -63,21 +65,81 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _train(config: Path, kill_after_step: int | None = None, nproc: int = 1, fsdp: bool = False) -> None:
+KINDS = ("at a random step", "during a save", "after the last checkpoint", "after the run finished")
+
+
+def _checkpoints(ckpts: Path) -> dict[int, bool]:
+    """Each checkpoint folder's step, and whether it is marked complete."""
+    found = {}
+    for p in ckpts.glob("checkpoint-*") if ckpts.exists() else []:
+        if p.name.split("-")[1].isdigit():
+            found[int(p.name.split("-")[1])] = (p / "COMPLETE").exists()
+    return found
+
+
+def _due(kind: str, run_dir: Path, kill_at: int) -> bool:
+    found = _checkpoints(run_dir / "checkpoints")
+    if kind == "at a random step":
+        return any(done for step, done in found.items() if step >= kill_at)
+    if kind == "during a save":
+        return any(not done for step, done in found.items() if step >= kill_at)
+    if kind == "after the last checkpoint":
+        return found.get(STEPS, False)
+    return (run_dir / "DONE").exists()
+
+
+def _train(config: Path, nproc: int = 1, fsdp: bool = False, kill: tuple[str, int] | None = None) -> subprocess.CompletedProcess | None:
+    """Run training to its end, or SIGKILL it at the moment ``kill`` names."""
     cmd = _command(config, nproc, fsdp)
-    if kill_after_step is None:
-        subprocess.run(cmd, check=True, capture_output=True)
-        return
-    ckpts = Path(yaml.safe_load(config.read_text())["run_dir"]) / "checkpoints"
+    if kill is None:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    kind, kill_at = kill
+    run_dir = Path(yaml.safe_load(config.read_text())["run_dir"])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     while proc.poll() is None:
-        done = [int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*")] if ckpts.exists() else []
-        if done and max(done) >= kill_after_step:
-            time.sleep(random.uniform(0, 0.5))  # land anywhere: mid-step, mid-save
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a lost machine would
+        if _due(kind, run_dir, kill_at):
+            if kind == "at a random step":
+                time.sleep(random.uniform(0, 0.5))  # land anywhere: mid-step, mid-save
+            _kill_tree(proc.pid)
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.wait()
+    return None
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and every rank, as a lost machine would, and wait until all are gone.
+
+    Killing the launcher's process group is not enough: torchrun (and accelerate launch, through it)
+    starts each rank in a session of its own, so the ranks would live on and finish the run beside the
+    relaunch.
+    """
+    import psutil  # accelerate's own dependency
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]  # listed before any dies (orphans lose their parent)
+    except psutil.NoSuchProcess:  # it had just exited by itself
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree[1:], timeout=60)  # the launcher itself is reaped by its Popen
+
+
+def _landed(run_dir: Path) -> str:
+    """Where the kill really landed, read from what it left behind."""
+    found = _checkpoints(run_dir / "checkpoints")
+    newest = max(found, default=None)
+    if (run_dir / "DONE").exists():
+        return "after the run finished"
+    if newest is not None and not found[newest]:
+        return f"during the save of checkpoint {newest}"
+    if newest == STEPS:
+        return "after the last checkpoint"
+    return f"after checkpoint {newest}"
 
 
 def _free_port() -> int:
@@ -103,23 +165,35 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="multitune-faults-"))
     prepare_offline(work)
     ref_dir = work / "reference"
-    _train(_config(work, ref_dir), nproc=args.nproc, fsdp=args.fsdp)
+    ref = _train(_config(work, ref_dir), nproc=args.nproc, fsdp=args.fsdp)
+    if ref.returncode:
+        print(f"the uninterrupted reference run failed:\n{ref.stderr[-3000:]}")
+        return 1
     ref_weights, ref_hist = load_file(str(ref_dir / "final" / "adapter_model.safetensors")), _history(ref_dir)
-    identical = 0
+    identical = after_finish = 0
     for k in range(args.cycles):
         run_dir = work / f"faulty-{k}"
         config = _config(work, run_dir)
+        kind = KINDS[k % len(KINDS)]
         kill_at = random.randint(2, STEPS - 4)
-        _train(config, kill_after_step=kill_at, nproc=args.nproc, fsdp=args.fsdp)
-        resumed_from = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
-        _train(config, nproc=args.nproc, fsdp=args.fsdp)
+        _train(config, nproc=args.nproc, fsdp=args.fsdp, kill=(kind, kill_at))
+        landed = _landed(run_dir)
+        after_finish += landed == "after the run finished"
+        again = _train(config, nproc=args.nproc, fsdp=args.fsdp)  # the same command again: must exit 0
+        if again.returncode:
+            print(f"cycle {k + 1}: SIGKILL {kind} (from step {kill_at}), landed {landed}; the relaunch FAILED "
+                  f"(exit {again.returncode}):\n{again.stderr[-2000:]}")
+            continue
+        finished_said = "holds a finished run with this config" in again.stdout
         weights, hist = load_file(str(run_dir / "final" / "adapter_model.safetensors")), _history(run_dir)
         same_weights = weights.keys() == ref_weights.keys() and all((weights[n] == ref_weights[n]).all() for n in weights)
-        same_hist = all(hist.get(s) == v for s, v in ref_hist.items() if s > resumed_from)
-        identical += same_weights and same_hist
-        print(f"cycle {k + 1}: SIGKILL once step {kill_at} was saved (newest checkpoint folder: {resumed_from}); "
-              f"weights {'identical' if same_weights else 'DIFFER'}, loss/lr after resume {'identical' if same_hist else 'DIFFER'}")
-    print(f"{identical}/{args.cycles} resumed identical")
+        same_hist = hist == ref_hist
+        relaunch_ok = finished_said == (landed == "after the run finished")
+        identical += same_weights and same_hist and relaunch_ok
+        print(f"cycle {k + 1}: SIGKILL {kind} (from step {kill_at}), landed {landed}; relaunch "
+              f"{'said finished' if finished_said else 'resumed'}{'' if relaunch_ok else ' (WRONG)'}; "
+              f"weights {'identical' if same_weights else 'DIFFER'}, loss/lr {'identical' if same_hist else 'DIFFER'}")
+    print(f"{identical}/{args.cycles} resumed identical ({after_finish} of the kills landed after the run had finished)")
     return 0 if identical == args.cycles else 1
 
 

@@ -227,15 +227,17 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_finishes(assets, tmp_
     path.write_text(yaml.safe_dump(cfg))
     log = tmp_path / "log.txt"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "multitune.cli", "train", str(path)], stdout=out, stderr=subprocess.STDOUT)
-        _wait_for(log, "training on")
-        _wait_for(log, "/")  # the progress bar: steps are running
-        time.sleep(1.0)
+        proc = subprocess.Popen([sys.executable, "-m", "multitune.cli", "train", str(path)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each log row reaches the file as printed
+        # the Trainer's first log row (step logging_steps=5): training is under way, the handler is installed
+        # ("/" would match the model-loading bar, and a SIGTERM then kills the process before training starts)
+        _wait_for(log, "{'loss':")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
     assert "received SIGTERM" in log.read_text()
     ckpts = list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").exists()
+    assert int(ckpts[0].name.split("-")[1]) >= 5  # saved at the step where it stopped, after the logged one
     assert not (tmp_path / "run" / "DONE").exists()
     res = cli("train", str(path))
     assert res.returncode == 0 and f"resuming from {ckpts[0]}" in res.stdout, res.stdout + res.stderr
