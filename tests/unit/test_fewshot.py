@@ -71,7 +71,7 @@ def test_bad_shots_and_templates_are_refused(cfg):
         draw_shots(td.train, 1, len(td.train) + 1, seed=0)
     with pytest.raises(UserError, match="template 'nope'"):
         check_variant(cfg, Variant(template="nope"))
-    with pytest.raises(UserError, match="choose likelihood or generate"):
+    with pytest.raises(UserError, match="choose likelihood, constrained, generate"):
         check_variant(cfg, Variant(mode="vibes"))
 
 
