@@ -252,13 +252,12 @@ def evaluate_run(run: RunDir, cfg: Config, *, mode: str | None = None, max_rows:
     return results
 
 
-def predict(run: RunDir, cfg: Config, task: Task, examples: list[Example]) -> list[dict[str, Any]]:
-    """`multitune predict` for a classifier run: the label with the highest head probability, and that probability."""
+def probabilities_of(run: RunDir, cfg: Config, task: Task, examples: list[Example]) -> torch.Tensor:
+    """`multitune predict` for a classifier run: [N, K] the head's label probabilities for each example."""
     out = part_of(cfg, run, task.name).final
     tokenizer = load_tokenizer(cfg.model, None, source=str(out))
     model, heads = load_trained(cfg, out, tokenizer)
     if heads.labels.get(task.name) != task.label_names:
         raise UserError(f"{out / HEADS_FILE} does not hold task {task.name}'s labels; the run directory is inconsistent")
     ids = prompt_ids(Formatter(tokenizer, cfg.model.max_length), examples)
-    probs = probabilities(model, tokenizer, ids, heads.rows(task.name), cfg.eval.batch_size)
-    return [{"label": task.label_names[int(p.argmax())], "score": round(float(p.max()), 4)} for p in probs]
+    return probabilities(model, tokenizer, ids, heads.rows(task.name), cfg.eval.batch_size)

@@ -181,6 +181,16 @@ def compare(spec_path: Path) -> dict[str, Any]:
             check_variant(base_cfg, Variant(shots=row.shots, template=row.template, mode=spec.mode))
         elif row.run and not RunDir(Path(row.run)).is_finished():
             raise UserError(f"row {row.name}: {row.run} holds no finished run; train it first or give `overrides` to train one")
+        elif row.trains:  # its config is valid and trainable (a head needs label tasks) before any row trains
+            cfg = row_config(spec, row)
+            if cfg.head == "classifier":
+                from multitune import classifier
+                from multitune.tasks import resolve_tasks
+
+                try:
+                    classifier.check(resolve_tasks(cfg))
+                except UserError as e:
+                    raise UserError(f"row {row.name}: {e}") from None
     split_dir = out / "splits"
     reference_data = load_tasks(base_cfg, split_dir if split_dir.is_dir() else None, create=not split_dir.is_dir())
     save_splits(reference_data, split_dir)

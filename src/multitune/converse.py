@@ -13,7 +13,7 @@ import torch
 
 from multitune.errors import UserError
 from multitune.formatting import Formatter, TooLong
-from multitune.run import RunDir
+from multitune.run import RunDir, part_of
 from multitune.tasks import Task
 
 
@@ -75,7 +75,7 @@ class Chat:
 
 
 def open_chat(run_dir: Path, task_name: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0) -> Chat:
-    from multitune.model import load_for_inference, load_tokenizer
+    from multitune.model import load_for_tasks, load_tokenizer
 
     if max_new_tokens < 1 or temperature < 0:
         raise UserError("--max-new-tokens must be at least 1 and --temperature at least 0 (0: greedy)")
@@ -83,8 +83,9 @@ def open_chat(run_dir: Path, task_name: str | None = None, max_new_tokens: int =
     run.require_finished()
     cfg = run.load_config()
     task = chat_task(run, task_name)
-    tokenizer = load_tokenizer(cfg.model, None, source=str(run.final))
-    model = load_for_inference(cfg, run.final).eval()
+    weights = part_of(cfg, run, task.name).final  # per_task: the chat task's own adapter
+    tokenizer = load_tokenizer(cfg.model, None, source=str(weights))
+    model = load_for_tasks(cfg, run, [task.name]).eval()
     return Chat(model, Formatter(tokenizer, cfg.model.max_length), task, max_new_tokens, temperature)
 
 

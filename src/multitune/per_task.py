@@ -79,7 +79,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     # scored from the saved adapters, as `eval` and `predict` load them: every rank loads the whole base
-    results = evaluate_trained(cfg, run, setup.formatter, setup.data, mode=cfg.eval.mode, seed=cfg.seed)
+    results = evaluate_trained(cfg, run, setup.formatter, setup.data, mode=cfg.eval.mode, seed=cfg.seed, detail=True)
     if args.should_save:
         costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
         (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))

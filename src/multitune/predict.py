@@ -78,7 +78,9 @@ def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | 
     if cfg.head == "classifier":  # the run's classification head gives the label and its probability
         from multitune import classifier
 
-        return classifier.predict(run, cfg, task, examples)
+        if mode != "likelihood":
+            raise UserError(f"--mode {mode}: a head: classifier run predicts with its classification head; drop --mode")
+        return label_answers(classifier.probabilities_of(run, cfg, task, examples), task.label_names, min_confidence)
     tokenizer = load_tokenizer(cfg.model, None, source=str(part_of(cfg, run, task.name).final))
     model = load_for_tasks(cfg, run, [task.name])  # per_task: the base with this task's adapter
     scorer = Scorer(model, Formatter(tokenizer, cfg.model.max_length), cfg.eval.batch_size)

@@ -97,9 +97,11 @@ class RunDir:
         return json.loads(self.trainer_state.read_text()).get("log_history", []) if self.trainer_state.exists() else []
 
     def require_finished(self) -> None:
-        self.load_config()
-        if not self.final.exists():
-            raise UserError(f"{self.root} has no trained weights yet (no final/); finish training by relaunching `multitune train`")
+        cfg = self.load_config()
+        missing = [p.final for p in parts(cfg, self) if not p.final.exists()]  # per_task: each task's adapter
+        if missing:
+            raise UserError(f"{self.root} has no trained weights yet ({missing[0]} is missing); finish training by "
+                            "relaunching `multitune train`")
 
     def changes(self, cfg: Config) -> list[str]:
         """The dotted keys in which ``cfg`` differs from the recorded config."""

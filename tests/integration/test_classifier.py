@@ -84,6 +84,15 @@ def test_predict_from_disk_gives_the_trained_models_predictions(joint, assets, t
     for g, p in zip(gold, preds, strict=True):
         counts[cm["labels"].index(g)][cm["labels"].index(p["label"])] += 1
     assert counts == cm["matrix"]
+    # --min-confidence: below the threshold "unsure", with the head's own pick as the guess
+    scores = sorted({p["score"] for p in preds})
+    cut = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2  # between two shown scores: no rounding tie
+    gated = predict(joint, "banking77", texts, min_confidence=cut)
+    for p, g in zip(preds, gated, strict=True):
+        assert g == (p if p["score"] >= cut else {"label": "unsure", "score": p["score"], "guess": p["label"]})
+    assert any(g["label"] == "unsure" for g in gated) and any(g["label"] != "unsure" for g in gated)
+    with pytest.raises(UserError, match="classification head; drop --mode"):
+        predict(joint, "banking77", texts, mode="constrained")
 
 
 @pytest.fixture(scope="module")
