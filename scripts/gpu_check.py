@@ -35,7 +35,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {1: ("a", "d", "e"), 2: ("b", "c")}
-TIMEOUTS = {"a": 290, "b": 150, "c": 230, "d": 60, "e": 60}  # seconds; each run's sum stays under 7 minutes
+TIMEOUTS = {"a": 200, "b": 170, "c": 210, "d": 110, "e": 70}  # seconds; each run's sum stays under 7 minutes
 TINY_GPU_ARGS = ["--shape", "tiny", "--seq-len", "256", "--steps", "3", "--warmup", "1", "--examples", "8", "--eval-rows", "8"]
 
 
@@ -65,14 +65,19 @@ class Section:
 
     def run(self, what: str, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
         t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=self.left())
-        except subprocess.TimeoutExpired as e:
-            self.record["steps"].append({"step": what, "timed_out": True, "tail": _tail(e.stdout, e.stderr)})
+            out, err = proc.communicate(timeout=self.left())
+        except (subprocess.TimeoutExpired, TimeoutError):
+            kill_tree(proc.pid)  # its children too (a benchmark side, torchrun's ranks): the next section needs the GPU
+            out, err = proc.communicate()
+            self.record["steps"].append({"step": what, "timed_out": True, "tail": _tail(out, err)})
             raise TimeoutError from None
+        proc.stdout, proc.stderr = out, err  # read like subprocess.run's result
         step = {"step": what, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1)}
         if proc.returncode != 0:
-            step["tail"] = _tail(proc.stdout, proc.stderr)
+            step["tail"] = _tail(out, err)
         self.record["steps"].append(step)
         self.save()
         if check and proc.returncode != 0:
@@ -82,6 +87,24 @@ class Section:
     def start(self, cmd: list[str]) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant. Its process group is not enough: torchrun starts each rank in a
+    session of its own, and a benchmark's sides are children of children."""
+    import psutil  # accelerate's own dependency
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]  # listed before any dies
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
 
 
 def _tail(*texts, n: int = 1500) -> str:
@@ -112,12 +135,14 @@ def section_a(s: Section, ctx: dict) -> bool:
         s.note(summary={"vs_trl_expert": ours.get("vs_trl-expert"), "vs_trl_defaults": ours.get("vs_trl-defaults"),
                         "mfu_measured": ours.get("mfu_measured"), "mfu_datasheet": ours.get("mfu_datasheet"),
                         "memory_vs_trl_defaults": _ratio(ours, sides.get("trl-defaults"), "peak_allocated_gib")})
+    (ctx["work"] / "section-a.json").write_text(s.path.read_text())  # for run 2's section b: $OUT starts empty each call
     return len(sides) == 3
 
 
 def section_b(s: Section, ctx: dict) -> bool:
     sides = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], "--sides", "qlora"])
-    a = ctx["out"] / "section-a.json"
+    # LoRA's peak memory from section a: this call's $OUT, or the work dir a warm machine kept from run 1
+    a = next((p for p in (ctx["out"] / "section-a.json", ctx["work"] / "section-a.json") if p.exists()), ctx["out"] / "section-a.json")
     lora = next((r for r in json.loads(a.read_text()).get("results", {}).get("rows", []) if r["side"] == "multitune"), None) \
         if a.exists() else None
     if "qlora" in sides:
@@ -157,16 +182,16 @@ def _stop_then_resume(s: Section, launch: list[str], run_dir: Path) -> dict:
     """Start training, SIGTERM it once a complete checkpoint exists, then run the same command: it must resume."""
     proc = s.start(launch)
     ckpts = run_dir / "checkpoints"
-    while proc.poll() is None and not any(ckpts.glob("checkpoint-*/COMPLETE")):
-        s.left()
-        time.sleep(0.2)
-    stopped_early = proc.poll() is None
-    if stopped_early:
-        os.killpg(proc.pid, signal.SIGTERM)
     try:
+        while proc.poll() is None and not any(ckpts.glob("checkpoint-*/COMPLETE")):
+            s.left()
+            time.sleep(0.2)
+        stopped_early = proc.poll() is None
+        if stopped_early:
+            os.killpg(proc.pid, signal.SIGTERM)  # the launcher forwards it to its ranks
         out, _ = proc.communicate(timeout=s.left())
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except (subprocess.TimeoutExpired, TimeoutError):
+        kill_tree(proc.pid)
         raise TimeoutError from None
     first = {"rc": proc.returncode, "sigterm_sent": stopped_early, "said_stopped": "stopped at step" in out}
     second = s.run("train (resume)", launch)

@@ -261,6 +261,9 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
     """
     check_requirements(cfg)
     refuse_unresumable(cfg)
+    if args.n_gpu > 1:  # Trainer would wrap the model in DataParallel: slow, and its replicas share one loss hook
+        raise UserError(f"{args.n_gpu} GPUs are visible to one process; launch one process per GPU with `accelerate launch "
+                        f"--num_processes {args.n_gpu} -m multitune.cli train ...` (see Multi-GPU), or set CUDA_VISIBLE_DEVICES=0")
 
     def inspect() -> tuple[str, int, tuple[str, ...]]:
         require_push_token(cfg)

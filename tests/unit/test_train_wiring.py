@@ -46,3 +46,17 @@ def test_push_without_a_token_stops_the_launch_before_training(tmp_path, monkeyp
     with pytest.raises(UserError, match="hub.push needs a Hugging Face token"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_several_gpus_in_one_process_are_refused_not_wrapped_in_data_parallel(tmp_path, monkeypatch):
+    """Trainer's DataParallel splits each batch over replicas that share the supervised-loss hook's labels."""
+    import pytest
+    from trl import SFTConfig
+
+    from multitune.errors import UserError
+    from multitune.train import train
+
+    monkeypatch.setattr(SFTConfig, "n_gpu", property(lambda self: 4))
+    with pytest.raises(UserError, match="4 GPUs are visible to one process.*--num_processes 4"):
+        train(_cfg(tmp_path, "lora"))
+    assert not (tmp_path / "run").exists()
