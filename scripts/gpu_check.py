@@ -265,6 +265,13 @@ def install(bundle: Path | None, site: Path, out: Path) -> dict:
     return {"installed": [w.name for w in wheels], "seconds": round(time.monotonic() - t0, 1)}
 
 
+def section_env(site: Path, work: Path) -> dict:
+    """The sections' environment: the bundle's packages first, so they shadow the machine's older copies."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+            "MULTITUNE_CACHE": str(work / "cache")}
+
+
 def environment(env: dict) -> dict:
     code = ("import json, torch; from importlib import metadata as m\n"
             "v = {p: m.version(p) for p in ('torch', 'transformers', 'trl', 'peft', 'accelerate', 'datasets', 'liger-kernel', 'bitsandbytes')"
@@ -302,9 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     site = work / "site"
     summary: dict = {"run": args.run, "sections": names, "tiny": args.tiny, "install": install(args.bundle, site, args.out)}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "MULTITUNE_CACHE": str(work / "cache")}
+    env = section_env(site, work)
     if args.tiny:  # the code path, not the speed: dynamo's guards and graphs without inductor's minutes of codegen on a CPU
         env["MULTITUNE_COMPILE_BACKEND"] = "eager"
     sys.path[:0] = [str(site), str(REPO / "src"), str(REPO)]
