@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from multitune.config import Config, load_config
 from multitune.data import TaskData, load_tasks, save_splits
 from multitune.errors import UserError
-from multitune.run import RunDir
+from multitune.run import RunDir, parts
 from multitune.variants import Variant, check_variant, eval_data, evaluate
 
 COST_KEYS = ("train_seconds", "trainable_params", "tokens_seen")
@@ -132,7 +132,7 @@ def classifier_metrics(cfg: Config, run: RunDir, data: list[TaskData], max_rows:
     from multitune.model import load_tokenizer
 
     results: dict[str, dict[str, Any]] = {}
-    for part in classifier.parts(cfg, run):
+    for part in parts(cfg, run):
         tokenizer = load_tokenizer(cfg.model, None, source=str(part.final))
         model, heads = classifier.load_trained(cfg, part.final, tokenizer)
         formatter = Formatter(tokenizer, cfg.model.max_length)
@@ -254,7 +254,7 @@ def _num(v: Any, fmt: str = "{:.3f}") -> str:
 
 def format_markdown(table: dict[str, Any], spec_path: Path) -> str:
     tasks = table["tasks"]
-    head = ["row", "method"] + [f"{t} {m}" for t in tasks for m in ("acc", "Δacc", "F1")] + ["train s", "trainable params", "tokens seen"]
+    head = ["row", "method"] + [f"{t} {m}" for t in tasks for m in ("acc", "Δacc", "F1", "ΔF1")] + ["train s", "trainable params", "tokens seen"]
     lines = [f"# multitune compare: {spec_path}", "",
              f"Accuracy and macro-F1 on the same validation rows; Δ against the {table['zero_shot_row'] or '(no zero-shot)'} row.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -262,7 +262,8 @@ def format_markdown(table: dict[str, Any], spec_path: Path) -> str:
         cells = [r["name"], r["method"]]
         for t in tasks:
             c = r["tasks"].get(t, {})
-            cells += [_num(c.get("accuracy")), _num(c.get("delta_accuracy"), "{:+.3f}"), _num(c.get("macro_f1"))]
+            cells += [_num(c.get("accuracy")), _num(c.get("delta_accuracy"), "{:+.3f}"), _num(c.get("macro_f1")),
+                      _num(c.get("delta_macro_f1"), "{:+.3f}")]
         cost = r["cost"]
         cells += [_num(cost.get("train_seconds"), "{:.0f}"), _num(cost.get("trainable_params"), "{:,}"), _num(cost.get("tokens_seen"), "{:,}")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from multitune.config import TaskConfig
+from multitune.errors import UserError
 from multitune.formatting import Formatter
 from multitune.tasks import BUILTIN, build_task
 
@@ -65,5 +66,5 @@ def test_long_answers_are_left_out(tmp_path):
     task = build_task(TaskConfig(name="chat", dataset=str(path), max_answer_chars=18))
     kept = task.load(None)
     assert list(kept["response"]) == [a for _, a, _ in FACTS if len(a) <= 18] == ["The sky is blue."]
-    with pytest.raises(Exception, match="no row has an answer of at most 5 characters"):
+    with pytest.raises(UserError, match="no row has an answer of at most 5 characters"):
         build_task(TaskConfig(name="chat", dataset=str(path), max_answer_chars=5)).load(None)

@@ -41,4 +41,4 @@ def test_table_deltas_and_cost_against_hand_computed_values():
     assert cells["two"]["delta_accuracy"] == pytest.approx(0.1) and cells["lora"]["delta_accuracy"] == pytest.approx(0.4)
     assert cells["lora"]["delta_macro_f1"] == pytest.approx(0.45) and cells["zero"]["delta_accuracy"] == 0
     md = format_markdown(table, "spec.yaml")
-    assert "| lora | lora | 0.900 | +0.400 | 0.850 | 12 | 1,234 | 5,678 |" in md
+    assert "| lora | lora | 0.900 | +0.400 | 0.850 | +0.450 | 12 | 1,234 | 5,678 |" in md
