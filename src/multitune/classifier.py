@@ -214,7 +214,8 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     if args.should_save:
         if cfg.strategy == "per_task":  # each task's model wrote its own; the run's is their sum
             (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
-        write_results(run.root, results, _header(cfg))
+        # training curves from the Trainer's log (one model's: per_task runs keep one log per task, not plotted)
+        write_results(run.root, results, _header(cfg), log_history=run.log_history() if cfg.strategy == "joint" else None)
         print(format_table(results))
         run.mark_done()
     PartialState().wait_for_everyone()

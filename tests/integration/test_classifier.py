@@ -53,6 +53,9 @@ def test_joint_heads_train_save_and_beat_chance(joint):
     assert cost["train_seconds"] > 0 and cost["trainable_params"] > 100_000 and cost["tokens_seen"] > 1000
     logs = json.loads((joint / "trainer_state.json").read_text())["log_history"]
     assert any("eval_banking77_accuracy" in e for e in logs)
+    # the report links the training curves drawn from that log, beside each task's confusion and F1 plots
+    assert "](plots/training.png)" in (joint / "report.md").read_text()
+    assert (joint / "plots" / "training.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_eval_reloaded_from_disk_reproduces_the_trained_models_metrics(joint, capsys):
