@@ -48,11 +48,28 @@ def test_each_task_has_its_own_checkpoints_and_final_folder(assets, tmp_path):
 @pytest.mark.parametrize("command", ["push", "export"])
 def test_push_and_export_refuse_a_run_of_several_adapters(assets, tmp_path, command):
     run = tmp_path / "run"
-    (run / "final" / "claims").mkdir(parents=True)
-    (run / "config.yaml").write_text(dump_config(config_from_dict(_cfg(assets, run))))
+    cfg = config_from_dict(_cfg(assets, run))
+    for task in cfg.tasks:  # a finished run: every task's adapter is there
+        (run / "final" / task.name).mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(cfg))
     with pytest.raises(UserError, match=f"`multitune {command}` handles a run with one language-model adapter"):
         if command == "push":
             push(run, repo_id="me/x", private=None, merged=False, dry_run=tmp_path / "out")
         else:
             export(run, tmp_path / "out", merged=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_per_task_run_missing_one_adapter_is_unfinished(assets, tmp_path):
+    """eval/predict/chat on a run killed between two tasks: one error line, not a PEFT traceback."""
+    from multitune.run import RunDir
+
+    run = tmp_path / "run"
+    cfg = config_from_dict(_cfg(assets, run))
+    (run / "final" / cfg.tasks[0].name).mkdir(parents=True)  # the first task finished, the others did not
+    (run / "config.yaml").write_text(dump_config(cfg))
+    with pytest.raises(UserError, match=f"no trained weights yet .*final/{cfg.tasks[1].name} is missing"):
+        RunDir(run).require_finished()
+    for task in cfg.tasks[1:]:
+        (run / "final" / task.name).mkdir()
+    RunDir(run).require_finished()
