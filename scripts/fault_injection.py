@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file
+from processes import kill_tree  # this folder is sys.path[0] when the script runs
 
 from multitune.demo import offline_config, prepare_offline
 
@@ -100,33 +101,11 @@ def _train(config: Path, nproc: int = 1, fsdp: bool = False, kill: tuple[str, in
         if _due(kind, run_dir, kill_at):
             if kind == "at a random step":
                 time.sleep(random.uniform(0, 0.5))  # land anywhere: mid-step, mid-save
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
             break
         time.sleep(0.01)
     proc.wait()
     return None
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL the launcher and every rank, as a lost machine would, and wait until all are gone.
-
-    Killing the launcher's process group is not enough: torchrun (and accelerate launch, through it)
-    starts each rank in a session of its own, so the ranks would live on and finish the run beside the
-    relaunch.
-    """
-    import psutil  # accelerate's own dependency
-
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]  # listed before any dies (orphans lose their parent)
-    except psutil.NoSuchProcess:  # it had just exited by itself
-        return
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree[1:], timeout=60)  # the launcher itself is reaped by its Popen
 
 
 def _landed(run_dir: Path) -> str:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import yaml
+from processes import kill_tree  # this folder is sys.path[0] when the script runs
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {1: ("a", "d", "e"), 2: ("b", "c")}
@@ -87,24 +88,6 @@ class Section:
     def start(self, cmd: list[str]) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant. Its process group is not enough: torchrun starts each rank in a
-    session of its own, and a benchmark's sides are children of children."""
-    import psutil  # accelerate's own dependency
-
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]  # listed before any dies
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=30)
 
 
 def _tail(*texts, n: int = 1500) -> str:
