@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu                                    # on a CUDA machine: section a of `make gpu-check`
     python -m benchmarks.gpu --sides qlora                      # section b (needs bitsandbytes)
-    python -m benchmarks.gpu --layers 2 --sides multitune multitune+liger-off multitune+compile multitune+padded
+    python -m benchmarks.gpu --layers 2 --sides multitune multitune+liger multitune+padded multitune+compile
     python -m benchmarks.gpu --shape tiny --steps 3 --warmup 1  # the same code path on a CPU (what the tests run)
 
 The Hub is not needed: speed does not depend on the weights' values, so the model is built from its
@@ -41,9 +41,10 @@ LORA = {"peft.method": "lora", "train.packing": True}
 SIDES = {  # benchmarks.train_speed side, overrides
     "trl-defaults": ("trl-defaults", {}),
     "trl-expert": ("trl-expert", {}),
+    "trl-expert+liger": ("trl-expert", {"train.liger": True}),
     "multitune": ("multitune", LORA),
     "qlora": ("multitune", {**LORA, "peft.method": "qlora"}),
-    "multitune+liger-off": ("multitune", {**LORA, "train.liger": False}),
+    "multitune+liger": ("multitune", {**LORA, "train.liger": True}),
     "multitune+compile": ("multitune", {**LORA, "train.compile": True}),
     "multitune+padded": ("multitune", {**LORA, "train.packing": False}),
 }
@@ -88,7 +89,24 @@ def matmul_rate(n: int | None = None, repeats: int = 10) -> dict:
             torch.cuda.synchronize()
         if i >= 2:  # two warm-up products
             times.append(time.perf_counter() - t0)
+    del a, b
+    release_gpu()
     return {"n": n, "device": dev, "flops_per_s": 2 * n**3 / statistics.median(times)}
+
+
+def release_gpu() -> None:
+    """Hand this process's cached GPU memory back to the driver: the sides train in child processes.
+
+    Seen on an H100 (2026-11-27): the 16 GB bf16 model built here stayed in the caching allocator
+    after it was saved, and the packed sides ran out of memory beside it.
+    """
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def build_model(out: Path, shape_name: str, tokenizer_dir: Path, layers: int | None = None) -> Path:
@@ -104,6 +122,8 @@ def build_model(out: Path, shape_name: str, tokenizer_dir: Path, layers: int | N
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 16 GB of bf16 initialised on the GPU, not 32 GB fp32 on CPU
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
+    del model
+    release_gpu()
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
 
@@ -142,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the timed window")
     ap.add_argument("--examples", type=int, default=48, help="examples per optimizer step on the padded sides")
+    ap.add_argument("--grad-accum", type=int, default=None,
+                    help="micro-batches per optimizer step, every side (default: 2 at 8B with all 32 layers, else 1): "
+                         "four packed 2048-token rows in one micro-batch ran out of an H100's 80 GB without checkpointing")
     ap.add_argument("--sides", nargs="*", default=["trl-defaults", "trl-expert", "multitune"], choices=list(SIDES))
     ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-gpu")
     ap.add_argument("--config", type=Path, default=None, help="tasks and tokenizer (default: the benchmark workspace's)")
@@ -158,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     raw["model"].update(name_or_path=str(model_dir), max_length=args.seq_len)
     raw["peft"] = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     raw["run_dir"] = str(args.workdir / "run")
-    raw["train"].update(batch_size=args.examples, gradient_checkpointing=False, learning_rate=1e-4, eval_rows_during_training=0,
+    accum = args.grad_accum or (2 if shape["num_hidden_layers"] >= 32 and args.shape == "8b" else 1)
+    raw["train"].update(batch_size=args.examples, grad_accum=accum, gradient_checkpointing=False, learning_rate=1e-4, eval_rows_during_training=0,
                         save_steps=100_000, save_minutes=None, logging_steps=1, eval_steps=100_000)
     for t in raw["tasks"]:
         t["max_eval_rows"] = args.eval_rows
@@ -170,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     context = mean_example_length(config)
     record = {"device": device or "cpu", "shape": args.shape, "layers": shape["num_hidden_layers"],
               "layers_note": None if not args.layers else f"{args.layers} of {SHAPES[args.shape]['num_hidden_layers']} layers, for time",
-              "seq_len": args.seq_len, "examples_per_step": args.examples, "mean_example_tokens": context,
+              "seq_len": args.seq_len, "examples_per_step": args.examples, "grad_accum": accum, "mean_example_tokens": context,
               "matmul": rate, "datasheet_flops_per_s": datasheet, "rows": []}
     print(f"{args.shape}-shaped model ({shape['num_hidden_layers']} layers) with random weights on {device or 'CPU'}; "
           f"{matmul_params(shape):.3g} matmul weights; bf16 matmul measured {rate['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)

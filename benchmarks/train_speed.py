@@ -119,8 +119,9 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
 
     cfg = load_config(cfg_path, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
                       + [f"train.max_steps={steps}"])
-    if cfg.train.packing:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": packed_rows(cfg)})})
+    # train.batch_size is examples per optimizer step here, split into train.grad_accum micro-batches
+    micro = packed_rows(cfg) if cfg.train.packing else cfg.train.batch_size
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": max(1, micro // cfg.train.grad_accum)})})
     # the benchmark's timing callback joins the trainer that `multitune train` builds (the harness, not the product)
     trainer_cls, init = train_module.MultitaskTrainer, train_module.MultitaskTrainer.__init__
 
@@ -160,8 +161,12 @@ def _trainable(model) -> int:
 
 
 def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: bool = False,
-            eval_rows: int = EVAL_ROWS) -> dict[str, Any]:
-    """`trl-defaults` (docs usage) or `trl-expert` (tuned), with the config's LoRA as `peft_config` when `lora`."""
+            eval_rows: int = EVAL_ROWS, liger: bool = False) -> dict[str, Any]:
+    """`trl-defaults` (docs usage) or `trl-expert` (tuned), with the config's LoRA as `peft_config` when `lora`.
+
+    The expert turns Liger on only when asked (`liger`): on an H100 (2026-11-27) Liger's layer kernels made
+    the 2-layer 8B-width model 2.9x slower, so the faster setting is the expert's default.
+    """
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,7 +184,8 @@ def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: boo
     formatter = Formatter(tokenizer, cfg.model.max_length)
     prepared = prepare(cfg, formatter, None)  # the same split (and, for the expert, the same tokens and masks)
     data, t = prepared.data, cfg.train
-    common = dict(output_dir=str(Path(cfg.run_dir) / side), max_steps=steps, per_device_train_batch_size=t.batch_size,
+    common = dict(output_dir=str(Path(cfg.run_dir) / side), max_steps=steps, per_device_train_batch_size=max(1, t.batch_size // t.grad_accum),
+                  gradient_accumulation_steps=t.grad_accum,
                   learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
                   logging_steps=t.logging_steps, save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=not cuda)
     model_kwargs: dict[str, Any] = {}
@@ -191,8 +197,8 @@ def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: boo
         train_ds = prepared.train.remove_columns([c for c in prepared.train.column_names if c not in ("input_ids", "labels")])
         expert = dict(bf16=False, gradient_checkpointing=False, max_length=cfg.model.max_length)
         if cuda:  # bf16, padding-free packed rows (as many tokens per step as the padded sides), Liger when installed
-            expert.update(bf16=True, packing=True, use_liger_kernel=liger_available(),
-                          per_device_train_batch_size=packed_rows(cfg))
+            expert.update(bf16=True, packing=True, use_liger_kernel=liger and liger_available(),
+                          per_device_train_batch_size=max(1, packed_rows(cfg) // t.grad_accum))
             model_kwargs["dtype"] = torch.bfloat16
         args = SFTConfig(**{**common, **expert})
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **model_kwargs)
@@ -228,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     window = StepWindow(args.warmup)
     if args.side in TRL_SIDES:
-        result = run_trl(args.side, args.config, args.steps, window, lora=args.lora, eval_rows=args.eval_rows)
+        result = run_trl(args.side, args.config, args.steps, window, lora=args.lora, eval_rows=args.eval_rows,
+                         liger=args.overrides.get("train.liger") is True)
     else:
         raw = yaml.safe_load(args.config.read_text())
         side_cfg = args.out.with_suffix(".yaml")

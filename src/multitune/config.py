@@ -142,7 +142,8 @@ class TrainConfig(_Strict):
         "supervised", description="run the LM head and loss only where a label is supervised (all: every position)"
     )
     liger: Literal["auto", True, False] = Field(
-        "auto", description="Liger kernels (RMSNorm, RoPE, SwiGLU); auto: on with CUDA and liger-kernel installed"
+        False, description="Liger kernels (RMSNorm, RoPE, SwiGLU); auto: on with CUDA and liger-kernel installed. "
+        "Off by default: on an H100 they made a 2-layer 8B-width LoRA model 2.9x slower (benchmarks/RESULTS.md, 2026-11-27)"
     )
     gradient_checkpointing: bool = False
     packing: bool = False
