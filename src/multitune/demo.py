@@ -34,8 +34,10 @@ def offline_config(workdir: Path) -> dict[str, Any]:
             {"name": "commonsense_qa", "dataset": str(data / "commonsense_qa")},
             {"name": "chat", "dataset": str(data / "chat"), "weight": 0.5},
         ],
+        # 4 epochs, not the Llama configs' 2: the from-scratch model needs the passes. Measured from a fresh
+        # workdir (2 CPU cores): 2 epochs left banking77 at 0.11 (chance 0.083); 4 reach 0.99-1.0 on every task.
         "train": {
-            "epochs": 2, "learning_rate": 1e-3, "batch_size": 16, "logging_steps": 25,
+            "epochs": 4, "learning_rate": 1e-3, "batch_size": 16, "logging_steps": 25,
             "eval_rows_during_training": 100, "save_steps": 100, "save_total_limit": 2,
         },
         "eval": {"batch_size": 32},
@@ -67,7 +69,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def prepare_offline(workdir: Path) -> Config:
     """Generate the data and the tiny model (once), and return the offline demo config."""
-    paths = tiny.synthetic_datasets(workdir / "data", per_class=150)
+    paths = tiny.synthetic_datasets(workdir / "data", per_class=150, mc_context=True)
     model_dir = workdir / "tiny-model"
     if not (model_dir / "config.json").exists():
         print(f"building a tiny Llama-architecture model in {model_dir}")

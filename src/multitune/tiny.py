@@ -130,6 +130,17 @@ _FACTS = [  # (question, answer) for the commonsense-style multiple choice
     ("What do bees make?", "honey"), ("Where would you see many trees?", "forest"),
     ("What do you drink when thirsty?", "water"), ("What keeps you dry in the rain?", "umbrella"),
 ]
+# A sentence that states each fact, put before the question in the demo's data (``mc_context``): the model
+# then finds the choice that the sentence names and answers its letter, a reading task a tiny model learns
+# within the demo's budget; recalling the fact and pointing at its letter at once stayed at chance.
+_CONTEXT = {
+    "refrigerator": "Milk stays cold in the refrigerator.", "library": "People borrow books from the library.",
+    "garage": "The car is parked in the garage.", "scissors": "Paper is cut with scissors.",
+    "water": "Fish live in water and people drink water.", "shoes": "You wear shoes on your feet.",
+    "bed": "At night you sleep in a bed.", "chalk": "You write on a blackboard with chalk.", "bakery": "Bread is sold at the bakery.",
+    "rain": "Rain falls from the clouds.", "key": "A key opens a locked door.", "airport": "Planes take off at the airport.",
+    "honey": "Bees make honey.", "forest": "A forest has many trees.", "umbrella": "An umbrella keeps you dry.",
+}
 _DISTRACT = ["desk", "ocean", "candle", "mountain", "spoon", "pillow", "window", "carpet", "ladder", "wallet", "mirror", "bucket"]
 _CHAT = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -147,8 +158,10 @@ def _intent_text(intent: str, rng: random.Random) -> str:
     return rng.choice(_OPENERS) + rng.choice(forms) + rng.choice(_CLOSERS)
 
 
-def synthetic_datasets(out_dir: Path, *, per_class: int = 40, seed: int = 0, banking_labels: list[str] | None = None) -> dict[str, Path]:
-    """Write four small local datasets, in the seed tasks' schemas, that the demo config points at."""
+def synthetic_datasets(out_dir: Path, *, per_class: int = 40, seed: int = 0, banking_labels: list[str] | None = None,
+                       mc_context: bool = False) -> dict[str, Path]:
+    """Write four small local datasets, in the seed tasks' schemas, that the demo config points at
+    (``mc_context``: each multiple-choice question follows a sentence stating its fact)."""
     rng = random.Random(seed)
     out_dir = Path(out_dir)
     paths = {}
@@ -166,6 +179,7 @@ def synthetic_datasets(out_dir: Path, *, per_class: int = 40, seed: int = 0, ban
         question, answer = _FACTS[i % len(_FACTS)]
         options = rng.sample([d for d in _DISTRACT if d != answer], 4) + [answer]
         rng.shuffle(options)
+        question = f"{_CONTEXT[answer]} {question}" if mc_context else question
         qa.append({"id": f"q{i}", "question": question, "question_concept": answer,
                    "choices": {"label": list("ABCDE"), "text": options}, "answerKey": "ABCDE"[options.index(answer)]})
     paths["commonsense_qa"] = _write(out_dir / "commonsense_qa", qa)
