@@ -27,6 +27,7 @@ import torch
 from accelerate import PartialState
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
+from multitune import wandb_log
 from multitune.adapter_state import PortableAdapterCheckpoints
 from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
 from multitune.config import Config
@@ -38,7 +39,7 @@ from multitune.formatting import Formatter, TooLong
 from multitune.heads import HEADS_FILE, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.hub import mirror_root
 from multitune.model import adapters_in_fp32, load_tokenizer
-from multitune.run import RunDir, TaskRun, part_of, parts
+from multitune.run import RunDir, TaskRun, part_of, parts, training_log
 from multitune.tasks import Example, Task, resolve_tasks
 from multitune.train import (
     COST_FILE, Setup, _init_wandb, already_finished, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
@@ -186,7 +187,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     setup.tokenizer.padding_side = "right"  # the training collator pads like `heads.probabilities`
     _init_wandb(cfg, run)
     results: dict[str, dict[str, Any]] = {}
-    costs = []
+    costs, last_step = [], 0
     for part, launch in zip(parts(cfg, run), launches, strict=True):
         data, writer = tasks_of(part, setup.data), args.should_save
         heads = heads_of(data)
@@ -204,20 +205,21 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
             if writer:
                 heads.save(part.final)  # last: marks these weights complete
             trainer.accelerator.wait_for_everyone()
-            model, costs = trainer.model, costs + [cost]
+            model, costs, last_step = trainer.model, costs + [cost], trainer.state.global_step
         # every rank scores (a sharded model needs them all); the writers report
         results |= evaluate(model, setup.formatter, data, heads, batch_size=cfg.eval.batch_size, seed=cfg.seed)
         del model
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
+    plots = {}
     if args.should_save:
         if cfg.strategy == "per_task":  # each task's model wrote its own; the run's is their sum
             (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
-        # training curves from the Trainer's log (one model's: per_task runs keep one log per task, not plotted)
-        write_results(run.root, results, _header(cfg), log_history=run.log_history() if cfg.strategy == "joint" else None)
+        plots = write_results(run.root, results, _header(cfg), log_history=training_log(cfg, run))  # curves of every model
         print(format_table(results))
         run.mark_done()
+    wandb_log.log_final(results, plots, last_step)  # rank 0's wandb run, when there is one
     PartialState().wait_for_everyone()
     return results
 

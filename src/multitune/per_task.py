@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from multitune import wandb_log
 from multitune.config import Config
 from multitune.data import TaskData
 from multitune.distributed import any_rank, main_print
@@ -35,10 +36,10 @@ from multitune.evaluate import evaluate_tasks, format_table, write_results
 from multitune.formatting import Formatter
 from multitune.model import load_for_tasks, use_adapter
 from multitune.prepared import Prepared
-from multitune.run import RunDir, part_of, parts
+from multitune.run import RunDir, part_of, parts, training_log
 from multitune.tasks import resolve_tasks
 from multitune.train import (
-    COST_FILE, Setup, already_finished, build_trainer, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
+    COST_FILE, Setup, _init_wandb, already_finished, build_trainer, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
     sft_config, total_cost,
 )
 
@@ -80,12 +81,16 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
 
     # scored from the saved adapters, as `eval` and `predict` load them: every rank loads the whole base
     results = evaluate_trained(cfg, run, setup.formatter, setup.data, mode=cfg.eval.mode, seed=cfg.seed, detail=True)
+    plots = {}
     if args.should_save:
         costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
         (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
-        write_results(run.root, results, f"multitune validation (one adapter per task): {cfg.model.name_or_path} ({cfg.peft.method})")
+        plots = write_results(run.root, results, f"multitune validation (one adapter per task): {cfg.model.name_or_path} "
+                              f"({cfg.peft.method})", log_history=training_log(cfg, run))
         print(format_table(results))
         run.mark_done()
+    _init_wandb(cfg, run)  # the run's own wandb run (each task trained in its own): the final metrics, tables, plots
+    wandb_log.log_final(results, plots, step=0)
     PartialState().wait_for_everyone()
     return results
 

@@ -87,9 +87,14 @@ def curves(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float
         for key, value in entry.items():
             if step is None or not isinstance(value, (int, float)):
                 continue
-            if key == "loss" or (key.startswith("eval_") and (key.endswith("loss") or key.endswith("_accuracy"))):
+            if _train_loss(key) or (key.startswith("eval_") and (key.endswith("loss") or key.endswith("_accuracy"))):
                 out[key].append((int(step), float(value)))
     return dict(out)
+
+
+def _train_loss(key: str) -> bool:
+    """The training loss: ``loss``, or ``loss/<task>`` for one task's model of a per_task run."""
+    return key == "loss" or key.startswith("loss/")
 
 
 def training_png(log_history: list[dict[str, Any]], path: Path) -> Path | None:
@@ -102,9 +107,10 @@ def training_png(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(12 if accuracy else 6, 4), squeeze=False)
     ax = axes[0][0]
     for name, points in sorted(series.items()):
-        if name.endswith("loss"):
-            style = "-" if name == "loss" else "o--"
-            ax.plot(*zip(*points, strict=True), style, label="train" if name == "loss" else name.removeprefix("eval_"), markersize=3)
+        if _train_loss(name):
+            ax.plot(*zip(*points, strict=True), "-", label=name.replace("loss", "train", 1).replace("/", " "), markersize=3)
+        elif name.endswith("loss"):
+            ax.plot(*zip(*points, strict=True), "o--", label=name.removeprefix("eval_"), markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("loss")

@@ -180,3 +180,17 @@ def parts(cfg: Config, run: RunDir) -> list[RunDir]:
 def part_of(cfg: Config, run: RunDir, task: str) -> RunDir:
     """The part of ``run`` that holds ``task``'s model."""
     return run if cfg.strategy == "joint" else TaskRun(run.root, task)
+
+
+def training_log(cfg: Config, run: RunDir) -> list[dict]:
+    """The Trainer's log rows behind a run's training curves. per_task: every task's model's rows, its
+    training loss named ``loss/<task>`` (and a bare ``eval_loss`` ``eval_<task>_loss``), so one plot holds them all."""
+    if cfg.strategy == "joint":
+        return run.log_history()
+    rows = []
+    for part in parts(cfg, run):
+        state = part.logs / "trainer_state.json"
+        names = {"loss": f"loss/{part.task}", "eval_loss": f"eval_{part.task}_loss"}
+        for entry in json.loads(state.read_text()).get("log_history", []) if state.exists() else []:
+            rows.append({names.get(k, k): v for k, v in entry.items()})
+    return rows

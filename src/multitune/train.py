@@ -172,18 +172,25 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
 
 
 def _init_wandb(cfg: Config, run: RunDir) -> None:
-    """Start (or continue) the wandb run; its id is kept in the run dir so a resumed job is one wandb run."""
+    """Start (or continue) the wandb run; its id is kept in the run dir so a resumed job is one wandb run.
+
+    per_task: each task's model trains in its own wandb run (``<name>-<task>``, its steps restart at 0),
+    and the final results go to the run's own; all of them in one wandb group named after the run."""
     if cfg.train.report_to != "wandb" or rank() != 0:
         return
     import wandb
 
-    id_file = run.root / "wandb_id"
+    task = getattr(run, "task", "")
+    id_file = run.root / (f"wandb_id-{task}" if task else "wandb_id")
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     w = cfg.train.wandb
+    name = w.run_name or run.root.name
+    if wandb.run is not None and wandb.run.id != run_id:  # the previous task's run
+        wandb.finish()
     wandb.init(
-        project=w.project, entity=w.entity, name=w.run_name or run.root.name, tags=w.tags, id=run_id, resume="allow",
-        dir=str(run.root), config=cfg.model_dump(mode="json"),
+        project=w.project, entity=w.entity, name=f"{name}-{task}" if task else name, tags=w.tags, id=run_id, resume="allow",
+        dir=str(run.root), config=cfg.model_dump(mode="json"), group=name if cfg.strategy == "per_task" else None,
     )
 
 

@@ -3,6 +3,7 @@ as its own single-task run with the same seed and data (the oracle: those runs, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from multitune.run import RunDir
 from multitune.scoring import Scorer
 from multitune.train import train
 from tests.conftest import tiny_config
+from tests.unit.test_eval_modes import assert_plots_linked
+from tests.wandb_offline import history
 
 pytestmark = pytest.mark.slow
 TASKS = ("claims", "banking77")
@@ -38,11 +41,35 @@ def lora_config(assets, run_dir: Path, tasks=TASKS, strategy: str = "joint") -> 
 def runs(assets, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("per-task")
     out = {"per_task": root / "per_task"}
-    train(config_from_dict(lora_config(assets, out["per_task"], strategy="per_task")))
+    raw = lora_config(assets, out["per_task"], strategy="per_task")
+    if importlib.util.find_spec("wandb"):  # reporting does not change what is trained (the oracle runs report nothing)
+        raw["train"].update(report_to="wandb", wandb={"project": "multitune-test"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        train(config_from_dict(raw))
     for name in TASKS:  # the oracle: each task trained alone, as a joint run of one task
         out[name] = root / name
         train(config_from_dict(lora_config(assets, out[name], tasks=(name,))))
     return out
+
+
+def test_report_plots_every_tasks_training_and_wandb_holds_each_model_and_the_results(runs):
+    run = runs["per_task"]
+    assert_plots_linked(run / "report.md", ["training.png", "claims-confusion.png", "banking77-confusion.png"])
+    if not importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is not installed")
+    ids = {f.name: f.read_text() for f in run.glob("wandb_id*")}
+    assert set(ids) == {"wandb_id", "wandb_id-claims", "wandb_id-banking77"} and len(set(ids.values())) == 3
+    offline = {d.name.rsplit("-", 1)[1]: history(d) for d in (run / "wandb").glob("offline-run-*")}
+    assert set(offline) == set(ids.values())
+    for task in TASKS:  # each task's model trained in its own wandb run, its loss logged every 2 steps
+        assert [r["train/global_step"] for r in offline[ids[f"wandb_id-{task}"]] if "train/loss" in r] == [2, 4]
+    metrics = json.loads((run / "metrics.json").read_text())
+    (final,) = [r for r in offline[ids["wandb_id"]] if "final/claims_accuracy" in r]
+    for task in TASKS:  # the run's own wandb run: every task's final metrics and prediction table
+        assert final[f"final/{task}_accuracy"] == pytest.approx(metrics[task]["accuracy"])
+        assert final[f"final/{task}_predictions/_type"] == "table-file"
+    assert final["plots/training/_type"] == "image-file"
 
 
 def _val_texts(assets, run: Path, task: str) -> list[str]:

@@ -72,3 +72,24 @@ def test_confusion_stays_readable(tmp_path, n):
     # one column per shown class: 77 classes are cut to the most confused ones, not drawn 77 wide
     full_width_77 = (0.45 * 77 + 3) * 110
     assert width < full_width_77 / 3 if n > TOP_CONFUSED else width > 0
+
+
+def test_a_per_task_run_plots_each_tasks_training_loss(tmp_path):
+    """strategy: per_task keeps one Trainer log per task (final/<task>/); the curves hold every task's."""
+    import json
+
+    from multitune.config import config_from_dict
+    from multitune.run import RunDir, training_log
+
+    cfg = config_from_dict({"model": {"name_or_path": "m"}, "strategy": "per_task", "run_dir": str(tmp_path),
+                            "tasks": [{"name": "claims", "dataset": "x"}, {"name": "banking77", "dataset": "y"}]})
+    for task, start in (("claims", 2.0), ("banking77", 4.0)):
+        (tmp_path / "final" / task).mkdir(parents=True)
+        log = [{"loss": start - 0.1 * s, "step": s} for s in (1, 2, 3)] + [{f"eval_{task}_accuracy": 0.5, "eval_loss": 1.0, "step": 3}]
+        (tmp_path / "final" / task / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    got = curves(training_log(cfg, RunDir(tmp_path)))
+    assert got["loss/claims"] == [(1, 1.9), (2, 1.8), (3, 1.7)] and got["loss/banking77"][0] == (1, 3.9)
+    assert got["eval_claims_loss"] == [(3, 1.0)] and got["eval_banking77_accuracy"] == [(3, 0.5)]
+    assert "loss" not in got  # no task's loss is drawn as if it were the run's
+    written = write_plots(tmp_path, {}, training_log(cfg, RunDir(tmp_path)))
+    _valid_png(written["_training"][0])
