@@ -61,7 +61,7 @@ def workspace(workdir: Path) -> Path:
             tiny.make_tiny_model(model_dir, texts)
         source = f"real seed datasets from {mirror}"
     else:
-        prepare_offline(workdir)
+        prepare_offline(workdir, mc_context=False)  # the data of the published figures
         raw = offline_config(workdir)
         raw["tasks"] = raw["tasks"][:3]
         source = "generated data (no Hub mirror found)"

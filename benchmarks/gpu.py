@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     raw["model"].update(name_or_path=str(model_dir), max_length=args.seq_len)
     raw["peft"] = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     raw["run_dir"] = str(args.workdir / "run")
+    if args.grad_accum is not None and args.grad_accum < 1:
+        raise SystemExit(f"error: --grad-accum must be at least 1, got {args.grad_accum}")
     accum = args.grad_accum or (2 if shape["num_hidden_layers"] >= 32 and args.shape == "8b" else 1)
     raw["train"].update(batch_size=args.examples, grad_accum=accum, gradient_checkpointing=False, learning_rate=1e-4, eval_rows_during_training=0,
                         save_steps=100_000, save_minutes=None, logging_steps=1, eval_steps=100_000)
@@ -195,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     record = {"device": device or "cpu", "shape": args.shape, "layers": shape["num_hidden_layers"],
               "layers_note": None if not args.layers else f"{args.layers} of {SHAPES[args.shape]['num_hidden_layers']} layers, for time",
               "seq_len": args.seq_len, "examples_per_step": args.examples, "grad_accum": accum, "mean_example_tokens": context,
-              "matmul": rate, "datasheet_flops_per_s": datasheet, "rows": []}
+              "matmul": rate, "datasheet_flops_per_s": datasheet, "rows": [],
+              # what this process still holds on the GPU while the sides train (0 once release_gpu worked)
+              "parent_reserved_gib": torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else None}
     print(f"{args.shape}-shaped model ({shape['num_hidden_layers']} layers) with random weights on {device or 'CPU'}; "
           f"{matmul_params(shape):.3g} matmul weights; bf16 matmul measured {rate['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     for side in args.sides:

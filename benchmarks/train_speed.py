@@ -8,7 +8,7 @@ Sides:
   default: bf16 and activation checkpointing on, loss on every token).
 - `trl-expert`: SFTTrainer tuned by someone who knows it, on the same tokenised examples and masks as
   multitune (completion-only loss). On CPU: no bf16 (no bf16 instructions), no checkpointing. On a
-  GPU: bf16, packing (padding-free rows), Liger when installed, checkpointing off.
+  GPU: bf16, packing (padding-free rows), checkpointing off; Liger only when asked (the +liger side).
 - `multitune` and its variants: `multitune train` with the benchmark config (+ the side's overrides).
 
 Timing covers optimizer steps k+1..N only (k = --warmup steps: allocator warm-up, first-batch and
@@ -120,8 +120,8 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
     cfg = load_config(cfg_path, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
                       + [f"train.max_steps={steps}"])
     # train.batch_size is examples per optimizer step here, split into train.grad_accum micro-batches
-    micro = packed_rows(cfg) if cfg.train.packing else cfg.train.batch_size
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": max(1, micro // cfg.train.grad_accum)})})
+    per_step = packed_rows(cfg) if cfg.train.packing else cfg.train.batch_size
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": micro_batch(per_step, cfg.train.grad_accum)})})
     # the benchmark's timing callback joins the trainer that `multitune train` builds (the harness, not the product)
     trainer_cls, init = train_module.MultitaskTrainer, train_module.MultitaskTrainer.__init__
 
@@ -141,8 +141,18 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
     data = prepare(cfg, formatter, run.splits).data
     model = load_for_inference(cfg, run.final)
     adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) if cfg.peft.method != "full" else None
+    trained = window.trainer.model
+    liger = getattr(getattr(trained, "get_base_model", lambda: trained)(), "_multitune_liger", False)  # applied, not asked
     return {"train_loss_last": _last_loss(state["log_history"]), "val_answer_loss": _val_loss(model, formatter, data, eval_rows),
-            "adapter_params": adapter, "batch_size": cfg.train.batch_size}
+            "adapter_params": adapter, "batch_size": cfg.train.batch_size, "liger": liger}
+
+
+def micro_batch(per_step: int, accum: int) -> int:
+    """Rows per micro-batch that keep ``per_step`` rows per optimizer step over ``accum`` micro-batches."""
+    if per_step % accum:
+        raise SystemExit(f"error: {per_step} rows per optimizer step do not split into {accum} equal micro-batches; "
+                         "choose --grad-accum dividing it (or --examples)")
+    return per_step // accum
 
 
 def packed_rows(cfg) -> int:
@@ -184,7 +194,7 @@ def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: boo
     formatter = Formatter(tokenizer, cfg.model.max_length)
     prepared = prepare(cfg, formatter, None)  # the same split (and, for the expert, the same tokens and masks)
     data, t = prepared.data, cfg.train
-    common = dict(output_dir=str(Path(cfg.run_dir) / side), max_steps=steps, per_device_train_batch_size=max(1, t.batch_size // t.grad_accum),
+    common = dict(output_dir=str(Path(cfg.run_dir) / side), max_steps=steps, per_device_train_batch_size=micro_batch(t.batch_size, t.grad_accum),
                   gradient_accumulation_steps=t.grad_accum,
                   learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
                   logging_steps=t.logging_steps, save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=not cuda)
@@ -196,9 +206,9 @@ def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: boo
     else:
         train_ds = prepared.train.remove_columns([c for c in prepared.train.column_names if c not in ("input_ids", "labels")])
         expert = dict(bf16=False, gradient_checkpointing=False, max_length=cfg.model.max_length)
-        if cuda:  # bf16, padding-free packed rows (as many tokens per step as the padded sides), Liger when installed
+        if cuda:  # bf16, padding-free packed rows (as many tokens per step as the padded sides), Liger when asked
             expert.update(bf16=True, packing=True, use_liger_kernel=liger and liger_available(),
-                          per_device_train_batch_size=max(1, packed_rows(cfg) // t.grad_accum))
+                          per_device_train_batch_size=micro_batch(packed_rows(cfg), t.grad_accum))
             model_kwargs["dtype"] = torch.bfloat16
         args = SFTConfig(**{**common, **expert})
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **model_kwargs)
@@ -243,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         side_cfg.write_text(yaml.safe_dump(raw))
         result = run_ours(side_cfg, args.steps, {**SIDES[args.side], **args.overrides}, window, args.eval_rows)
     result |= window.result | {"side": args.side, "steps": args.steps, "wall_s": time.perf_counter() - t0,
+                               "grad_accum": window.trainer.args.gradient_accumulation_steps,
                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     result["tokens_per_s"] = result["tokens"] / result["train_s"]
     args.out.write_text(json.dumps(result, indent=2))

@@ -34,7 +34,8 @@ from multitune.config import Config
 from multitune.data import TaskData, _weighted, subsample
 from multitune.distributed import any_rank, checked
 from multitune.errors import UserError
-from multitune.evaluate import format_table, write_results
+from multitune.calibration import calibration_metrics
+from multitune.evaluate import TEXT_CHARS, format_table, write_results
 from multitune.formatting import Formatter, TooLong
 from multitune.heads import HEADS_FILE, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.hub import mirror_root
@@ -42,7 +43,7 @@ from multitune.model import adapters_in_fp32, load_tokenizer
 from multitune.run import RunDir, TaskRun, part_of, parts, training_log
 from multitune.tasks import Example, Task, resolve_tasks
 from multitune.train import (
-    COST_FILE, Setup, _init_wandb, already_finished, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
+    COST_FILE, Setup, already_finished, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
     sft_config, total_cost,
 )
 
@@ -97,7 +98,7 @@ def validation_datasets(
 ) -> dict[str, datasets.Dataset]:
     out = {}
     for td in data:
-        rows = subsample(td.val, max_rows, seed)
+        rows = subsample(td.val, max_rows or td.task.cfg.max_eval_rows, seed)  # the rows `evaluate` scores
         labels = [heads.global_label(td.task.name, ex.label) for ex in rows]
         out[td.task.name] = datasets.Dataset.from_dict({"input_ids": task_prompts(td, formatter, rows), "labels": labels})
     return out
@@ -122,13 +123,22 @@ def metrics_during_training(data: list[TaskData], heads: Heads):
 
 def evaluate(model, formatter: Formatter, data: list[TaskData], heads: Heads, *, batch_size: int,
              max_rows: int | None = None, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Each task's validation metrics from its head, in the schema of evaluate.evaluate_tasks."""
+    """Each task's validation metrics from its head, in the schema of evaluate.evaluate_tasks with ``detail``:
+    the metrics, the calibration of the head's probability, and every row's prediction (text, gold, predicted,
+    score). Every rank scores every row (the same forward passes on each: FSDP's collectives stay paired)."""
     results = {}
     for td in data:
         rows = subsample(td.val, max_rows or td.task.cfg.max_eval_rows, seed)
-        ids = task_prompts(td, formatter, rows)
-        pred = probabilities(model, formatter.tokenizer, ids, heads.rows(td.task.name), batch_size).argmax(-1).tolist()
-        results[td.task.name] = {"kind": td.task.kind, "mode": MODE, **td.task.score([ex.label for ex in rows], pred)}
+        probs = probabilities(model, formatter.tokenizer, task_prompts(td, formatter, rows), heads.rows(td.task.name), batch_size)
+        score, pred = probs.max(-1)
+        pred, score, gold = pred.tolist(), score.tolist(), [ex.label for ex in rows]
+        labels = td.task.label_names
+        results[td.task.name] = {
+            "kind": td.task.kind, "mode": MODE, **td.task.score(gold, pred),
+            **calibration_metrics(score, [p == g for p, g in zip(pred, gold, strict=True)]),
+            "predictions": [{"text": ex.messages[-1]["content"][:TEXT_CHARS], "gold": labels[g], "predicted": labels[p],
+                             "score": round(c, 4)} for ex, g, p, c in zip(rows, gold, pred, score, strict=True)],
+        }
     return results
 
 
@@ -136,11 +146,22 @@ def evaluate(model, formatter: Formatter, data: list[TaskData], heads: Heads, *,
 
 
 class HeadTrainer(PortableAdapterCheckpoints, Trainer):
-    """Trainer with the LM path's FSDP adapter checkpoints and fp32 adapters (see train.MultitaskTrainer)."""
+    """Trainer with the LM path's FSDP adapter checkpoints and fp32 adapters (see train.MultitaskTrainer);
+    with report_to: wandb, each evaluation also logs a table of validation predictions per task."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tables: tuple | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         adapters_in_fp32(self.model)
+        self.tables = tables  # (cfg, formatter, data, heads) when wandb gets prediction tables
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.tables and eval_dataset is None and metric_key_prefix == "eval":  # every rank alike (report_to is shared)
+            cfg, formatter, data, heads = self.tables
+            results = evaluate(self.model, formatter, data, heads, batch_size=self.args.per_device_eval_batch_size,
+                               max_rows=cfg.train.eval_rows_during_training or None, seed=cfg.seed)
+            wandb_log.log_evaluation(results, self.state.global_step)
+        return metrics
 
     def _run_epoch(self, *args, **kwargs):
         # as MultitaskTrainer: resumed from a checkpoint of the last step, Trainer would run a step past the end
@@ -162,6 +183,7 @@ def build_trainer(cfg: Config, args, setup: Setup, data: list[TaskData], heads: 
         processing_class=setup.tokenizer, data_collator=DataCollatorWithPadding(setup.tokenizer, padding=True),
         compute_loss_func=SlicedLoss(heads), compute_metrics=metrics_during_training(data, heads),
         callbacks=[TrainingClock(resume_from), CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop()],
+        tables=(cfg, setup.formatter, data, heads) if cfg.train.report_to == "wandb" else None,
     )
 
 
@@ -185,7 +207,6 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     checked(lambda: _readable_prompt(cfg))
     setup = prepare_run(cfg, run, resuming=launches[0].mode == "resume", writer=args.should_save)
     setup.tokenizer.padding_side = "right"  # the training collator pads like `heads.probabilities`
-    _init_wandb(cfg, run)
     results: dict[str, dict[str, Any]] = {}
     costs, last_step = [], 0
     for part, launch in zip(parts(cfg, run), launches, strict=True):
@@ -197,6 +218,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         else:
             part_args = sft_config(cfg, part)
             part_args.gradient_accumulation_steps = launch.grad_accum
+            wandb_log.start(cfg, part)  # per_task: this task's model's own wandb run
             trainer = build_trainer(cfg, part_args, setup, data, heads, launch.checkpoint)
             if not fit(trainer, launch.checkpoint):
                 return {}
@@ -219,6 +241,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         plots = write_results(run.root, results, _header(cfg), log_history=training_log(cfg, run))  # curves of every model
         print(format_table(results))
         run.mark_done()
+    wandb_log.start(cfg, run)  # per_task: the run's own wandb run (joint: the one it trained in)
     wandb_log.log_final(results, plots, last_step)  # rank 0's wandb run, when there is one
     PartialState().wait_for_everyone()
     return results
@@ -249,7 +272,8 @@ def evaluate_run(run: RunDir, cfg: Config, *, mode: str | None = None, max_rows:
         results |= evaluate(model, formatter, group, heads, batch_size=cfg.eval.batch_size, max_rows=max_rows, seed=cfg.seed)
         del model
     name = f"{MODE}-{max_rows}rows" if max_rows else ""
-    write_results(run.root, results, _header(cfg, f", at most {max_rows} rows per task" if max_rows else ""), name)
+    write_results(run.root, results, _header(cfg, f", at most {max_rows} rows per task" if max_rows else ""), name,
+                  log_history=training_log(cfg, run))
     print(format_table(results))
     print(f"wrote {run.root / (f'metrics-{name}.json' if name else 'metrics.json')}")
     return results

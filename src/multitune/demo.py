@@ -7,6 +7,7 @@ real instruct model on samples of the real datasets instead.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -67,13 +68,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def prepare_offline(workdir: Path) -> Config:
-    """Generate the data and the tiny model (once), and return the offline demo config."""
-    paths = tiny.synthetic_datasets(workdir / "data", per_class=150, mc_context=True)
+def prepare_offline(workdir: Path, *, mc_context: bool = True) -> Config:
+    """Generate the data and the tiny model, and return the offline demo config. The model is built again when
+    the data it was trained on changed (its corpus's digest is kept beside it). ``mc_context=False``: the data
+    the CPU benchmark's published figures were measured on (benchmarks/RESULTS.md, before the context sentences)."""
+    paths = tiny.synthetic_datasets(workdir / "data", per_class=150, mc_context=mc_context)
     model_dir = workdir / "tiny-model"
-    if not (model_dir / "config.json").exists():
+    texts = tiny.corpus(paths)
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    stamp = model_dir / "corpus.sha256"
+    if not (model_dir / "config.json").exists() or not stamp.exists() or stamp.read_text() != digest:
         print(f"building a tiny Llama-architecture model in {model_dir}")
-        tiny.make_tiny_model(model_dir, tiny.corpus(paths))
+        tiny.make_tiny_model(model_dir, texts)
+        stamp.write_text(digest)
     return config_from_dict(offline_config(workdir))
 
 

@@ -91,8 +91,9 @@ def check_kernels(cfg: Config | None) -> list[Check]:
                      "installed" if has_flash else "not installed (SDPA attention is used)",
                      "pip install flash-attn --no-build-isolation, or model.attn_implementation=sdpa" if wants_flash and not has_flash else ""))
     has_liger = importlib.util.find_spec("liger_kernel") is not None
-    out.append(Check("liger-kernel", "ok" if has_liger else "warn", "installed" if has_liger else "not installed",
-                     "" if has_liger else "pip install -c constraints.txt liger-kernel"))
+    wants_liger = cfg is not None and cfg.train.liger is not False  # off by default (benchmarks/RESULTS.md, 2026-11-27)
+    out.append(Check("liger-kernel", "warn" if wants_liger and not has_liger else "ok", "installed" if has_liger else "not installed",
+                     "pip install -c constraints.txt liger-kernel" if wants_liger and not has_liger else ""))
     wants_bnb = cfg is not None and cfg.peft.method == "qlora"
     try:
         import bitsandbytes  # noqa: F401

@@ -39,7 +39,7 @@ from multitune.prepared import Prepared
 from multitune.run import RunDir, part_of, parts, training_log
 from multitune.tasks import resolve_tasks
 from multitune.train import (
-    COST_FILE, Setup, _init_wandb, already_finished, build_trainer, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
+    COST_FILE, Setup, already_finished, build_trainer, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
     sft_config, total_cost,
 )
 
@@ -89,7 +89,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
                               f"({cfg.peft.method})", log_history=training_log(cfg, run))
         print(format_table(results))
         run.mark_done()
-    _init_wandb(cfg, run)  # the run's own wandb run (each task trained in its own): the final metrics, tables, plots
+    wandb_log.start(cfg, run)  # the run's own wandb run (each task trained in its own): the final metrics, tables, plots
     wandb_log.log_final(results, plots, step=0)
     PartialState().wait_for_everyone()
     return results

@@ -79,6 +79,9 @@ def per_class_f1_png(task: str, metrics: dict[str, Any], path: Path) -> Path:
     return path
 
 
+NOT_A_TASK = {"eval_mean_token_accuracy"}  # TRL's token accuracy over every supervised token, not a task's label accuracy
+
+
 def curves(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
     """Series by name from the Trainer's log history: train loss, eval losses, per-task accuracy."""
     out: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -86,6 +89,8 @@ def curves(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float
         step = entry.get("step")
         for key, value in entry.items():
             if step is None or not isinstance(value, (int, float)):
+                continue
+            if key in NOT_A_TASK:
                 continue
             if _train_loss(key) or (key.startswith("eval_") and (key.endswith("loss") or key.endswith("_accuracy"))):
                 out[key].append((int(step), float(value)))
@@ -97,32 +102,32 @@ def _train_loss(key: str) -> bool:
     return key == "loss" or key.startswith("loss/")
 
 
+def panels(series: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[str, str, list[tuple[int, float]]]]]:
+    """What the training plot draws: per panel, (legend label, line style, points) for each curve."""
+    loss = [(name.replace("loss", "train", 1).replace("/", " ") if _train_loss(name) else name.removeprefix("eval_"),
+             "-" if _train_loss(name) else "o--", points)
+            for name, points in sorted(series.items()) if name.endswith("loss") or _train_loss(name)]
+    accuracy = [(name.removeprefix("eval_").removesuffix("_accuracy"), "o-", points)
+                for name, points in sorted(series.items()) if name.endswith("_accuracy")]
+    return {"loss": loss, "validation accuracy per task": accuracy} if accuracy else {"loss": loss}
+
+
 def training_png(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     """Training and validation loss over steps, and each task's validation accuracy; None if nothing was logged."""
     series = curves(log_history)
     if not series:
         return None
     plt = _pyplot()
-    accuracy = {k: v for k, v in series.items() if k.endswith("_accuracy")}
-    fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(12 if accuracy else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    for name, points in sorted(series.items()):
-        if _train_loss(name):
-            ax.plot(*zip(*points, strict=True), "-", label=name.replace("loss", "train", 1).replace("/", " "), markersize=3)
-        elif name.endswith("loss"):
-            ax.plot(*zip(*points, strict=True), "o--", label=name.removeprefix("eval_"), markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("loss")
-    ax.legend(fontsize=7)
-    if accuracy:
-        ax = axes[0][1]
-        for name, points in sorted(accuracy.items()):
-            ax.plot(*zip(*points, strict=True), "o-", label=name.removeprefix("eval_").removesuffix("_accuracy"), markersize=3)
+    drawn = panels(series)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(6 * len(drawn), 4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], drawn.items(), strict=True):
+        for label, style, points in lines:
+            ax.plot(*zip(*points, strict=True), style, label=label, markersize=3)
         ax.set_xlabel("step")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1)
-        ax.set_title("validation accuracy per task")
+        ax.set_ylabel("loss" if title == "loss" else "accuracy")
+        if title != "loss":
+            ax.set_ylim(0, 1)
+        ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -138,7 +138,9 @@ class RunDir:
     def prepare(self, cfg: Config, *, resuming: bool) -> None:
         """Make the directory ready: start over unless resuming, then record the config."""
         if not resuming and self.root.exists():
-            for path in (self.checkpoints, self.splits, self.final, self.done, self.metrics, self.report, self.plots):
+            # the wandb ids too: new training must not be appended to the old run's wandb runs
+            for path in (self.checkpoints, self.splits, self.final, self.done, self.metrics, self.report, self.plots,
+                         *self.root.glob("wandb_id*")):
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
@@ -183,14 +185,14 @@ def part_of(cfg: Config, run: RunDir, task: str) -> RunDir:
 
 
 def training_log(cfg: Config, run: RunDir) -> list[dict]:
-    """The Trainer's log rows behind a run's training curves. per_task: every task's model's rows, its
-    training loss named ``loss/<task>`` (and a bare ``eval_loss`` ``eval_<task>_loss``), so one plot holds them all."""
+    """The Trainer's log rows behind a run's training curves. per_task: every task's model's rows, with its
+    training loss named ``loss/<task>`` so that one plot holds them all (its evaluations already log
+    ``eval_<task>_*``)."""
     if cfg.strategy == "joint":
         return run.log_history()
     rows = []
     for part in parts(cfg, run):
         state = part.logs / "trainer_state.json"
-        names = {"loss": f"loss/{part.task}", "eval_loss": f"eval_{part.task}_loss"}
         for entry in json.loads(state.read_text()).get("log_history", []) if state.exists() else []:
-            rows.append({names.get(k, k): v for k, v in entry.items()})
+            rows.append({(f"loss/{part.task}" if k == "loss" else k): v for k, v in entry.items()})
     return rows

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,29 +170,6 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
 
 
 
-def _init_wandb(cfg: Config, run: RunDir) -> None:
-    """Start (or continue) the wandb run; its id is kept in the run dir so a resumed job is one wandb run.
-
-    per_task: each task's model trains in its own wandb run (``<name>-<task>``, its steps restart at 0),
-    and the final results go to the run's own; all of them in one wandb group named after the run."""
-    if cfg.train.report_to != "wandb" or rank() != 0:
-        return
-    import wandb
-
-    task = getattr(run, "task", "")
-    id_file = run.root / (f"wandb_id-{task}" if task else "wandb_id")
-    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
-    w = cfg.train.wandb
-    name = w.run_name or run.root.name
-    if wandb.run is not None and wandb.run.id != run_id:  # the previous task's run
-        wandb.finish()
-    wandb.init(
-        project=w.project, entity=w.entity, name=f"{name}-{task}" if task else name, tags=w.tags, id=run_id, resume="allow",
-        dir=str(run.root), config=cfg.model_dump(mode="json"), group=name if cfg.strategy == "per_task" else None,
-    )
-
-
 # ---------------------------------------------------------------- the stages of a launch
 
 
@@ -350,7 +326,7 @@ def prepare_run(cfg: Config, run: RunDir, *, resuming: bool, writer: bool) -> Se
 def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None) -> MultitaskTrainer:
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
     model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
-    _init_wandb(cfg, run)
+    wandb_log.start(cfg, run)
     return MultitaskTrainer(
         model=model, args=args, train_dataset=setup.prepared.train, eval_dataset=setup.prepared.eval,
         processing_class=setup.tokenizer, task_data=setup.data, formatter=setup.formatter, cfg=cfg,

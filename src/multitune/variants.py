@@ -129,13 +129,13 @@ def evaluate(cfg: Config, weights: Path | None, data: list[TaskData], variant: V
 def evaluate_and_write(cfg: Config, root: Path, weights: Path | None, split_dir: Path | None, variant: Variant) -> Path:
     """Evaluate, write metrics[-<variant>].json and report[-<variant>].md in ``root``, print the table."""
     from multitune.evaluate import format_table, write_results
-    from multitune.run import RunDir
+    from multitune.run import RunDir, training_log
 
     check_variant(cfg, variant)
     results = evaluate(cfg, weights, eval_data(cfg, split_dir, variant, cfg.seed), variant, cfg.seed)
     name = variant.name(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    history = RunDir(root).log_history() if weights is not None else None  # training curves beside a trained run's scores
+    history = training_log(cfg, RunDir(root)) if weights is not None else None  # training curves beside a trained run's scores
     write_results(root, results, variant.describe(cfg), name, history)
     print(format_table(results))
     return root / (f"metrics-{name}.json" if name else "metrics.json")

@@ -10,8 +10,11 @@ wandb, or this is not rank 0), and none imports wandb unless training already di
 from __future__ import annotations
 
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
+
+from multitune.distributed import rank
 
 COLUMNS = ["text", "gold", "predicted", "score"]
 
@@ -39,12 +42,49 @@ def log_evaluation(results: dict[str, dict[str, Any]], step: int) -> None:
         _run().log({**prediction_tables(results, "eval"), "train/global_step": step})
 
 
+def start(cfg, run) -> None:
+    """Start (or continue) rank 0's wandb run when report_to is wandb; its id is kept in the run directory, so
+    a resumed job is one wandb run.
+
+    per_task: each task's model trains in its own wandb run (``<name>-<task>``, its steps restart at 0),
+    and the final results go to the run's own; all of them in one wandb group named after the run."""
+    if cfg.train.report_to != "wandb" or rank() != 0:
+        return
+    import wandb
+
+    task = getattr(run, "task", "")
+    id_file = run.root / (f"wandb_id-{task}" if task else "wandb_id")
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    w = cfg.train.wandb
+    name = w.run_name or run.root.name
+    if wandb.run is not None:
+        if wandb.run.id == run_id:  # already running (joint: training started it)
+            return
+        wandb.finish()  # the previous task's run
+    wandb.init(
+        project=w.project, entity=w.entity, name=f"{name}-{task}" if task else name, tags=w.tags, id=run_id, resume="allow",
+        dir=str(run.root), config=cfg.model_dump(mode="json"), group=name if cfg.strategy == "per_task" else None,
+    )
+
+
 def log_final(results: dict[str, dict[str, Any]], plots: dict[str, list[Path]], step: int) -> None:
     """The end of training: the final per-task metrics (also in the run summary), their prediction tables and
-    every plot; then the run is closed, which writes everything out (an offline run's files included)."""
+    every plot; then the run is closed, which writes everything out (an offline run's files included).
+
+    Rank 0 alone runs this, between the run's last files and the ranks' final barrier: a wandb failure is a
+    warning (the run is complete on disk), never an exception that would leave the other ranks waiting."""
     wandb = _run()
     if wandb is None:
         return
+    try:
+        _log_final(wandb, results, plots, step)
+    except Exception as e:  # noqa: BLE001 - network, auth, disk: whatever wandb raises
+        print(f"warning: logging the final results to wandb failed ({type(e).__name__}: {e}); they are in the run directory",
+              flush=True)
+
+
+def _log_final(wandb, results: dict[str, dict[str, Any]], plots: dict[str, list[Path]], step: int) -> None:
     scalars = {f"final/{task}_{key}": r[key] for task, r in results.items()
                for key in ("accuracy", "macro_f1", "ece", "loss", "perplexity") if key in r}
     images = {f"plots/{png.stem}": wandb.Image(str(png)) for files in plots.values() for png in files}

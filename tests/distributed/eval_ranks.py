@@ -73,6 +73,10 @@ def _evaluate(model, formatter, data, batch_size: int) -> dict:
         "likelihood": evaluate.evaluate_tasks(model, formatter, data, mode="likelihood", batch_size=batch_size),
         "one_row": evaluate.evaluate_tasks(model, formatter, data[:2], mode="likelihood", batch_size=batch_size, max_rows=1),
         "generate": evaluate.evaluate_tasks(model, formatter, data[:1], mode="generate", batch_size=batch_size, max_rows=7),
+        # 7 rows: 4 on rank 0, 3 on rank 1. Constrained decoding steps depend on the rows; detail scores every label
+        "constrained": evaluate.evaluate_tasks(model, formatter, data[:2], mode="constrained", batch_size=batch_size, max_rows=7),
+        "detail": evaluate.evaluate_tasks(model, formatter, data[:2], mode="likelihood", batch_size=batch_size, max_rows=7,
+                                          detail=True),
     }
     # the label-trie search (best_candidates) for every label set, as 77 banking intents of a real tokenizer take:
     # its decoding steps and rescoring depend on the rows

@@ -3,8 +3,9 @@ model, where every forward pass is a collective), each rank scores about half th
 the same number of forward passes, and the gathered predictions are exactly those of one process.
 
 tests/distributed/eval_ranks.py evaluates single_run's adapter: the label likelihoods (one trie pass),
-the label-trie search (data-dependent decoding and rescoring), generation, the chat loss, and a task
-with one row, which leaves rank 1 without any.
+the label-trie search (data-dependent decoding and rescoring), generation, constrained decoding and the
+detailed evaluation (every label scored, per-row probabilities, calibration) on 7 rows (4 and 3), the
+chat loss, and a task with one row, which leaves rank 1 without any.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def test_two_ranks_predict_exactly_what_one_process_does(records, setting):
                     assert mine["n"] == r["n"] and mine["loss"] == pytest.approx(r["loss"], rel=1e-6)
                 else:
                     assert (mine["accuracy"], mine["confusion_matrix"]) == (r["accuracy"], r["confusion_matrix"])
+                if mode == "detail":  # each row's text, gold, prediction and probability, in the one process's order
+                    assert [(p["text"], p["gold"], p["predicted"]) for p in mine["predictions"]] == \
+                        [(p["text"], p["gold"], p["predicted"]) for p in r["predictions"]]
+                    assert [p["score"] for p in mine["predictions"]] == pytest.approx([p["score"] for p in r["predictions"]], abs=2e-4)
+                    assert mine["ece"] == pytest.approx(r["ece"], abs=1e-3)
     assert one["results"]["search_rescored"] > 0  # the search's data-dependent rescoring ran
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from multitune.errors import UserError
 from multitune.predict import predict
 from multitune.train import train
 from tests.conftest import tiny_config
+from tests.wandb_offline import history
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +36,12 @@ def joint(assets, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("cls") / "run"
     # full fine-tuning learns fastest on the from-scratch tiny model; LoRA is the per-task run below
     # through the `train` dispatch; evaluated at step 20, checkpoints at 20 and 40
-    train(config_from_dict(classifier_config(assets, run_dir, "full", max_steps=40, save_steps=20, eval_steps=20)))
+    raw = classifier_config(assets, run_dir, "full", max_steps=40, save_steps=20, eval_steps=20)
+    if importlib.util.find_spec("wandb"):
+        raw["train"].update(report_to="wandb", wandb={"project": "multitune-test"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        train(config_from_dict(raw))
     return run_dir
 
 
@@ -56,6 +63,26 @@ def test_joint_heads_train_save_and_beat_chance(joint):
     # the report links the training curves drawn from that log, beside each task's confusion and F1 plots
     assert "](plots/training.png)" in (joint / "report.md").read_text()
     assert (joint / "plots" / "training.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_wandb_offline_run_holds_each_evaluations_predictions_and_the_final_metrics(joint):
+    if not importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is not installed")
+    (run_dir,) = (joint / "wandb").glob("offline-run-*")
+    rows = history(run_dir)
+    metrics = json.loads((joint / "metrics.json").read_text())
+    tables = {r["train/global_step"]: r for r in rows if "eval/claims_predictions/path" in r}
+    assert sorted(tables) == [20, 40]  # at each evaluation during training
+    accuracy = {r["train/global_step"]: r["eval/claims_accuracy"] for r in rows if "eval/claims_accuracy" in r}
+    for step, row in tables.items():
+        table = json.loads((run_dir / "files" / row["eval/claims_predictions/path"]).read_text())
+        assert table["columns"] == ["text", "gold", "predicted", "score"] and len(table["data"]) == metrics["claims"]["n"]
+        # the table is the head's predictions of that evaluation: its accuracy is the one the Trainer logged
+        assert sum(g == p for _, g, p, _ in table["data"]) / len(table["data"]) == pytest.approx(accuracy[step])
+    (final,) = [r for r in rows if "final/claims_accuracy" in r]
+    assert final["final/claims_accuracy"] == pytest.approx(metrics["claims"]["accuracy"])
+    assert final["final/banking77_ece"] == pytest.approx(metrics["banking77"]["ece"]) and 0 <= metrics["banking77"]["ece"] <= 1
+    assert final["plots/training/_type"] == "image-file"
 
 
 def test_eval_reloaded_from_disk_reproduces_the_trained_models_metrics(joint, capsys):

@@ -55,7 +55,8 @@ def runs(assets, tmp_path_factory) -> dict[str, Path]:
 
 def test_report_plots_every_tasks_training_and_wandb_holds_each_model_and_the_results(runs):
     run = runs["per_task"]
-    assert_plots_linked(run / "report.md", ["training.png", "claims-confusion.png", "banking77-confusion.png"])
+    assert_plots_linked(run / "report.md", ["training.png", "claims-confusion.png", "claims-f1.png", "banking77-confusion.png",
+                                            "banking77-f1.png"])
     if not importlib.util.find_spec("wandb"):
         pytest.skip("wandb is not installed")
     ids = {f.name: f.read_text() for f in run.glob("wandb_id*")}
@@ -132,6 +133,7 @@ def test_predict_and_eval_match_the_single_task_runs(runs, assets):
         alone = json.loads((runs[name] / "metrics.json").read_text())[name]
         assert after[name]["confusion_matrix"] == before[name]["confusion_matrix"] == alone["confusion_matrix"], name
         assert after[name]["accuracy"] == alone["accuracy"]
+    assert "](plots/training.png)" in (runs["per_task"] / "report.md").read_text()  # eval keeps every task's curves
 
 
 def test_relaunch_keeps_finished_adapters_and_finishes_the_rest(runs, assets):

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
-from multitune.plots import curves, most_confused, write_plots
+from multitune.plots import curves, most_confused, panels, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -85,11 +85,17 @@ def test_a_per_task_run_plots_each_tasks_training_loss(tmp_path):
                             "tasks": [{"name": "claims", "dataset": "x"}, {"name": "banking77", "dataset": "y"}]})
     for task, start in (("claims", 2.0), ("banking77", 4.0)):
         (tmp_path / "final" / task).mkdir(parents=True)
-        log = [{"loss": start - 0.1 * s, "step": s} for s in (1, 2, 3)] + [{f"eval_{task}_accuracy": 0.5, "eval_loss": 1.0, "step": 3}]
+        # the shape of a per_task model's trainer_state.json: its eval dataset is a dict of one task
+        log = [{"loss": start - 0.25 * s, "grad_norm": 1.0, "learning_rate": 1e-3, "step": s} for s in (1, 2, 3)]
+        log += [{f"eval_{task}_loss": 1.0, "eval_entropy": 0.9, "eval_mean_token_accuracy": 0.8, "step": 3},
+                {f"eval_{task}_accuracy": 0.5, f"eval_{task}_macro_f1": 0.4, "step": 3}]
         (tmp_path / "final" / task / "trainer_state.json").write_text(json.dumps({"log_history": log}))
     got = curves(training_log(cfg, RunDir(tmp_path)))
-    assert got["loss/claims"] == [(1, 1.9), (2, 1.8), (3, 1.7)] and got["loss/banking77"][0] == (1, 3.9)
-    assert got["eval_claims_loss"] == [(3, 1.0)] and got["eval_banking77_accuracy"] == [(3, 0.5)]
-    assert "loss" not in got  # no task's loss is drawn as if it were the run's
+    assert got["loss/claims"] == [(1, 1.75), (2, 1.5), (3, 1.25)] and got["loss/banking77"][0] == (1, 3.75)
+    assert set(got) == {"loss/claims", "loss/banking77", "eval_claims_loss", "eval_banking77_loss", "eval_claims_accuracy",
+                        "eval_banking77_accuracy"}  # no bare "loss", no TRL token accuracy posing as a task
+    drawn = {title: {label: style for label, style, _ in lines} for title, lines in panels(got).items()}
+    assert drawn == {"loss": {"train claims": "-", "train banking77": "-", "claims_loss": "o--", "banking77_loss": "o--"},
+                     "validation accuracy per task": {"claims": "o-", "banking77": "o-"}}
     written = write_plots(tmp_path, {}, training_log(cfg, RunDir(tmp_path)))
     _valid_png(written["_training"][0])

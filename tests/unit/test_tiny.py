@@ -26,3 +26,23 @@ def test_demo_multiple_choice_is_a_reading_task(tmp_path):
         named = [c for c in r["choices"]["text"] if c in _words(context)]
         assert named == [gold], (r["question"], r["choices"]["text"])
         assert gold not in _words(p["question"]) and p["choices"] == r["choices"]  # only the sentence names it
+
+
+def test_the_demo_uses_that_data_and_rebuilds_its_model_when_the_data_changed(tmp_path, monkeypatch):
+    from multitune import demo
+
+    built, generate = [], tiny.synthetic_datasets
+
+    def fake_model(out, texts, **kw):  # what make_tiny_model leaves behind, in a blink
+        (out.mkdir(parents=True, exist_ok=True), (out / "config.json").write_text("{}"))
+        built.append(any("Milk stays cold in the refrigerator." in t for t in texts))
+
+    monkeypatch.setattr(tiny, "make_tiny_model", fake_model)
+    demo.prepare_offline(tmp_path)
+    demo.prepare_offline(tmp_path)  # the same data: the model is kept
+    assert built == [True]  # the demo's questions carry their sentences
+    demo.prepare_offline(tmp_path, mc_context=False)  # other data (a workdir made before the sentences): built again
+    assert built == [True, False]
+    monkeypatch.setattr(tiny, "synthetic_datasets", lambda *a, **kw: generate(*a, **{**kw, "seed": 1}))
+    demo.prepare_offline(tmp_path, mc_context=False)
+    assert built == [True, False, False]
