@@ -73,9 +73,10 @@ def _evaluate(model, formatter, data, batch_size: int) -> dict:
         "likelihood": evaluate.evaluate_tasks(model, formatter, data, mode="likelihood", batch_size=batch_size),
         "one_row": evaluate.evaluate_tasks(model, formatter, data[:2], mode="likelihood", batch_size=batch_size, max_rows=1),
         "generate": evaluate.evaluate_tasks(model, formatter, data[:1], mode="generate", batch_size=batch_size, max_rows=7),
-        # 7 rows: 4 on rank 0, 3 on rank 1. Constrained decoding steps depend on the rows; detail scores every label
-        "constrained": evaluate.evaluate_tasks(model, formatter, data[:2], mode="constrained", batch_size=batch_size, max_rows=7),
-        "detail": evaluate.evaluate_tasks(model, formatter, data[:2], mode="likelihood", batch_size=batch_size, max_rows=7,
+        # 9 rows: 5 on rank 0 (2 batches of 4), 4 on rank 1 (1 batch, and 1 of repeats to keep pace). Constrained
+        # decoding's steps depend on the rows; detail scores every label of every row
+        "constrained": evaluate.evaluate_tasks(model, formatter, data[:2], mode="constrained", batch_size=batch_size, max_rows=9),
+        "detail": evaluate.evaluate_tasks(model, formatter, data[:2], mode="likelihood", batch_size=batch_size, max_rows=9,
                                           detail=True),
     }
     # the label-trie search (best_candidates) for every label set, as 77 banking intents of a real tokenizer take:

@@ -4,7 +4,7 @@ the same number of forward passes, and the gathered predictions are exactly thos
 
 tests/distributed/eval_ranks.py evaluates single_run's adapter: the label likelihoods (one trie pass),
 the label-trie search (data-dependent decoding and rescoring), generation, constrained decoding and the
-detailed evaluation (every label scored, per-row probabilities, calibration) on 7 rows (4 and 3), the
+detailed evaluation (every label scored, per-row probabilities, calibration) on 9 rows (5 and 4), the
 chat loss, and a task with one row, which leaves rank 1 without any.
 """
 
