@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-rows", type=int, default=50, help="validation rows per task scored after training")
     ap.add_argument("--json", type=Path, default=None, help="results file, rewritten after every side (default: WORKDIR/gpu-results.json)")
     args = ap.parse_args(argv)
+    if args.grad_accum is not None and (args.grad_accum < 1 or args.examples % args.grad_accum):  # before any GPU time
+        raise SystemExit(f"error: --grad-accum must be at least 1 and divide --examples ({args.examples}), got {args.grad_accum}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_path = args.json or args.workdir / "gpu-results.json"
     bench_cfg = args.config or workspace(args.workdir)  # the seed tasks and their tokenizer
@@ -181,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     raw["model"].update(name_or_path=str(model_dir), max_length=args.seq_len)
     raw["peft"] = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     raw["run_dir"] = str(args.workdir / "run")
-    if args.grad_accum is not None and args.grad_accum < 1:
-        raise SystemExit(f"error: --grad-accum must be at least 1, got {args.grad_accum}")
     accum = args.grad_accum or (2 if shape["num_hidden_layers"] >= 32 and args.shape == "8b" else 1)
     raw["train"].update(batch_size=args.examples, grad_accum=accum, gradient_checkpointing=False, learning_rate=1e-4, eval_rows_during_training=0,
                         save_steps=100_000, save_minutes=None, logging_steps=1, eval_steps=100_000)

@@ -120,7 +120,7 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
     cfg = load_config(cfg_path, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
                       + [f"train.max_steps={steps}"])
     # train.batch_size is examples per optimizer step here, split into train.grad_accum micro-batches
-    per_step = packed_rows(cfg) if cfg.train.packing else cfg.train.batch_size
+    per_step = packed_rows(cfg, cfg.train.grad_accum) if cfg.train.packing else cfg.train.batch_size
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": micro_batch(per_step, cfg.train.grad_accum)})})
     # the benchmark's timing callback joins the trainer that `multitune train` builds (the harness, not the product)
     trainer_cls, init = train_module.MultitaskTrainer, train_module.MultitaskTrainer.__init__
@@ -150,20 +150,22 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
 def micro_batch(per_step: int, accum: int) -> int:
     """Rows per micro-batch that keep ``per_step`` rows per optimizer step over ``accum`` micro-batches."""
     if per_step % accum:
-        raise SystemExit(f"error: {per_step} rows per optimizer step do not split into {accum} equal micro-batches; "
-                         "choose --grad-accum dividing it (or --examples)")
+        raise SystemExit(f"error: {per_step} examples per optimizer step do not split into {accum} equal micro-batches; "
+                         "choose --grad-accum dividing --examples")
     return per_step // accum
 
 
-def packed_rows(cfg) -> int:
-    """Packed rows per step holding about as many tokens as `batch_size` padded examples: equal tokens per step."""
+def packed_rows(cfg, multiple: int = 1) -> int:
+    """Packed rows per step holding about as many tokens as `batch_size` padded examples: equal tokens per step
+    (rounded to a ``multiple``: the micro-batches must split it evenly)."""
     from multitune.formatting import Formatter
     from multitune.model import load_tokenizer
     from multitune.prepared import prepare
 
     tok = load_tokenizer(cfg.model, None)
     lengths = [len(x) for x in prepare(cfg, Formatter(tok, cfg.model.max_length), None).train["input_ids"]]
-    return max(1, round(cfg.train.batch_size * sum(lengths) / len(lengths) / cfg.model.max_length))
+    rows = cfg.train.batch_size * sum(lengths) / len(lengths) / cfg.model.max_length
+    return max(multiple, round(rows / multiple) * multiple)
 
 
 def _trainable(model) -> int:
@@ -208,7 +210,7 @@ def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: boo
         expert = dict(bf16=False, gradient_checkpointing=False, max_length=cfg.model.max_length)
         if cuda:  # bf16, padding-free packed rows (as many tokens per step as the padded sides), Liger when asked
             expert.update(bf16=True, packing=True, use_liger_kernel=liger and liger_available(),
-                          per_device_train_batch_size=micro_batch(packed_rows(cfg), t.grad_accum))
+                          per_device_train_batch_size=micro_batch(packed_rows(cfg, t.grad_accum), t.grad_accum))
             model_kwargs["dtype"] = torch.bfloat16
         args = SFTConfig(**{**common, **expert})
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **model_kwargs)

@@ -40,7 +40,7 @@ RUNS = {1: ("a", "d", "e"), 2: ("b", "c")}
 # e finished in 68; a's TRL-defaults side took 52; c's first two sides 68 after a 10 s build). The sums,
 # 460 + 370 s, leave about 70 s of a 15-minute lease for the machine's start and the transfers (30 s that day).
 TIMEOUTS = {"a": 230, "b": 150, "c": 220, "d": 150, "e": 80}
-# 6 examples (~160 tokens each with the tiny tokenizer) make 4 packed rows of 256: 2 micro-batches of 2, or of 3 examples
+# 2 micro-batches per step on every side: 3 examples each, or 2 packed rows of 256 (rounded to an even count)
 TINY_GPU_ARGS = ["--shape", "tiny", "--seq-len", "256", "--steps", "3", "--warmup", "1", "--examples", "6", "--eval-rows", "8",
                  "--grad-accum", "2"]
 

@@ -241,8 +241,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         plots = write_results(run.root, results, _header(cfg), log_history=training_log(cfg, run))  # curves of every model
         print(format_table(results))
         run.mark_done()
-    wandb_log.start(cfg, run)  # per_task: the run's own wandb run (joint: the one it trained in)
-    wandb_log.log_final(results, plots, last_step)  # rank 0's wandb run, when there is one
+    wandb_log.finish(cfg, run, results, plots, last_step if cfg.strategy == "joint" else 0)  # the run's own wandb run
     PartialState().wait_for_everyone()
     return results
 

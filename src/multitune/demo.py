@@ -75,7 +75,7 @@ def prepare_offline(workdir: Path, *, mc_context: bool = True) -> Config:
     paths = tiny.synthetic_datasets(workdir / "data", per_class=150, mc_context=mc_context)
     model_dir = workdir / "tiny-model"
     texts = tiny.corpus(paths)
-    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    digest = hashlib.sha256("\n".join([f"make_tiny_model v{tiny.MODEL_VERSION}", *texts]).encode()).hexdigest()
     stamp = model_dir / "corpus.sha256"
     if not (model_dir / "config.json").exists() or not stamp.exists() or stamp.read_text() != digest:
         print(f"building a tiny Llama-architecture model in {model_dir}")

@@ -89,8 +89,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
                               f"({cfg.peft.method})", log_history=training_log(cfg, run))
         print(format_table(results))
         run.mark_done()
-    wandb_log.start(cfg, run)  # the run's own wandb run (each task trained in its own): the final metrics, tables, plots
-    wandb_log.log_final(results, plots, step=0)
+    wandb_log.finish(cfg, run, results, plots, step=0)  # the run's own wandb run (each task trained in its own)
     PartialState().wait_for_everyone()
     return results
 

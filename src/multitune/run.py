@@ -140,7 +140,7 @@ class RunDir:
         if not resuming and self.root.exists():
             # the wandb ids too: new training must not be appended to the old run's wandb runs
             for path in (self.checkpoints, self.splits, self.final, self.done, self.metrics, self.report, self.plots,
-                         *self.root.glob("wandb_id*")):
+                         *self.root.glob("wandb_id*"), self.root / "wandb"):
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():

@@ -23,6 +23,9 @@ LLAMA3_TEMPLATE = (
 )
 
 
+MODEL_VERSION = 2  # raise when make_tiny_model builds a different model: the demo then builds its model again
+
+
 def make_tiny_model(
     out_dir: Path, texts: list[str], *, vocab_size: int = 4096, hidden: int = 128, layers: int = 4, pretrain_steps: int = 300, seed: int = 0
 ) -> Path:
