@@ -35,7 +35,7 @@ from multitune.data import TaskData, _weighted, subsample
 from multitune.distributed import any_rank, checked
 from multitune.errors import UserError
 from multitune.calibration import calibration_metrics
-from multitune.evaluate import TEXT_CHARS, format_table, write_results
+from multitune.evaluate import format_table, prediction_rows, write_results
 from multitune.formatting import Formatter, TooLong
 from multitune.heads import HEADS_FILE, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.hub import mirror_root
@@ -132,12 +132,10 @@ def evaluate(model, formatter: Formatter, data: list[TaskData], heads: Heads, *,
         probs = probabilities(model, formatter.tokenizer, task_prompts(td, formatter, rows), heads.rows(td.task.name), batch_size)
         score, pred = probs.max(-1)
         pred, score, gold = pred.tolist(), score.tolist(), [ex.label for ex in rows]
-        labels = td.task.label_names
         results[td.task.name] = {
             "kind": td.task.kind, "mode": MODE, **td.task.score(gold, pred),
             **calibration_metrics(score, [p == g for p, g in zip(pred, gold, strict=True)]),
-            "predictions": [{"text": ex.messages[-1]["content"][:TEXT_CHARS], "gold": labels[g], "predicted": labels[p],
-                             "score": round(c, 4)} for ex, g, p, c in zip(rows, gold, pred, score, strict=True)],
+            "predictions": prediction_rows(rows, td.task.label_names, gold, pred, score),
         }
     return results
 

@@ -51,16 +51,19 @@ def evaluate_tasks(
         if detail and mode == "likelihood":
             res |= calibration_metrics(score, [p == g for p, g in zip(pred, gold, strict=True)])
         if detail:
-            res["predictions"] = [
-                {"text": ex.messages[-1]["content"][:TEXT_CHARS], "gold": labels[g], "predicted": labels[p] if p >= 0 else None,
-                 "score": round(s, 4)} for ex, g, p, s in zip(rows, gold, pred, score, strict=True)
-            ]
+            res["predictions"] = prediction_rows(rows, labels, gold, pred, score)
         results[td.task.name] = res
     model.train(was_training)
     return results
 
 
 TEXT_CHARS = 1000  # of a row's prompt kept in a predictions table
+
+
+def prediction_rows(rows: list, labels: list[str], gold: list[int], pred: list[int], score: list[float]) -> list[dict[str, Any]]:
+    """Each row's text, gold label, predicted label (None for an unparsable answer) and score: a predictions table."""
+    return [{"text": ex.messages[-1]["content"][:TEXT_CHARS], "gold": labels[g], "predicted": labels[p] if p >= 0 else None,
+             "score": round(s, 4)} for ex, g, p, s in zip(rows, gold, pred, score, strict=True)]
 
 
 def _scored(scorer: Scorer, rows: list, labels: list[str], mode: str) -> list[tuple[int, float]]:
