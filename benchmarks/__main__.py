@@ -41,9 +41,9 @@ def machine() -> dict:
 
 def workspace(workdir: Path) -> Path:
     """The benchmark config: the three seed tasks (mirror data when present) and a tiny model, built once."""
-    from multitune import tiny
+    from multitune.commands import tiny
     from multitune.config import load_config
-    from multitune.demo import offline_config, prepare_offline
+    from multitune.commands.demo import offline_config, prepare_offline
     from multitune.hub import mirror_root
     from multitune.tasks import build_task
 

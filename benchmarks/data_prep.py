@@ -17,10 +17,10 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from multitune.config import load_config
-    from multitune.formatting import Formatter
+    from multitune.data.formatting import Formatter
     from multitune.hub import mirror_root
-    from multitune.model import load_tokenizer
-    from multitune.prepared import prepare
+    from multitune.modeling.load import load_tokenizer
+    from multitune.data.prepared import prepare
     from multitune.tasks import resolve_tasks
 
     argv = sys.argv[1:] if argv is None else argv

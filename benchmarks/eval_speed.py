@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 
-from multitune.data import load_tasks, subsample
-from multitune.formatting import Formatter
-from multitune.model import load_for_inference, load_tokenizer
-from multitune.run import RunDir
-from multitune.scoring import Scorer, candidate_logprobs_reference
+from multitune.data.load import load_tasks, subsample
+from multitune.data.formatting import Formatter
+from multitune.modeling.load import load_for_inference, load_tokenizer
+from multitune.rundir import RunDir
+from multitune.scoring.scorer import Scorer, candidate_logprobs_reference
 
 
 def _timed(fn):

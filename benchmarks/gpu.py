@@ -130,9 +130,9 @@ def build_model(out: Path, shape_name: str, tokenizer_dir: Path, layers: int | N
 
 def mean_example_length(config: Path) -> float:
     from multitune.config import load_config
-    from multitune.formatting import Formatter
-    from multitune.model import load_tokenizer
-    from multitune.prepared import prepare
+    from multitune.data.formatting import Formatter
+    from multitune.modeling.load import load_tokenizer
+    from multitune.data.prepared import prepare
 
     cfg = load_config(config)
     lengths = [len(x) for x in prepare(cfg, Formatter(load_tokenizer(cfg.model, None), cfg.model.max_length), None).train["input_ids"]]

@@ -73,7 +73,7 @@ def _left_pad_keep(model, b):
 
 
 def _gather(model, b):
-    from multitune.loss import supervised_loss
+    from multitune.modeling.loss import supervised_loss
 
     return supervised_loss(model, b)[0]
 

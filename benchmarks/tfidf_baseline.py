@@ -18,8 +18,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
 
-from multitune.data import load_tasks
-from multitune.run import RunDir
+from multitune.data.load import load_tasks
+from multitune.rundir import RunDir
 
 
 def main(argv: list[str] | None = None) -> int:

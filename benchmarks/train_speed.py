@@ -97,8 +97,8 @@ class StepWindow:
 
 
 def _val_loss(model, formatter, data, rows: int = EVAL_ROWS) -> float:
-    from multitune.data import subsample
-    from multitune.scoring import Scorer
+    from multitune.data.load import subsample
+    from multitune.scoring.scorer import Scorer
 
     scorer = Scorer(model.eval(), formatter, batch_size=32)
     losses = [scorer.loss(subsample(td.val, rows, 0)) for td in data]
@@ -110,12 +110,12 @@ def _last_loss(log_history: list[dict]) -> float:
 
 
 def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: StepWindow, eval_rows: int = EVAL_ROWS) -> dict[str, Any]:
-    from multitune import train as train_module
+    from multitune.training import train as train_module
     from multitune.config import load_config
-    from multitune.formatting import Formatter
-    from multitune.model import load_for_inference, load_tokenizer
-    from multitune.prepared import prepare
-    from multitune.run import RunDir
+    from multitune.data.formatting import Formatter
+    from multitune.modeling.load import load_for_inference, load_tokenizer
+    from multitune.data.prepared import prepare
+    from multitune.rundir import RunDir
 
     cfg = load_config(cfg_path, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
                       + [f"train.max_steps={steps}"])
@@ -158,9 +158,9 @@ def micro_batch(per_step: int, accum: int) -> int:
 def packed_rows(cfg, multiple: int = 1) -> int:
     """Packed rows per step holding about as many tokens as `batch_size` padded examples: equal tokens per step
     (rounded to a ``multiple``: the micro-batches must split it evenly)."""
-    from multitune.formatting import Formatter
-    from multitune.model import load_tokenizer
-    from multitune.prepared import prepare
+    from multitune.data.formatting import Formatter
+    from multitune.modeling.load import load_tokenizer
+    from multitune.data.prepared import prepare
 
     tok = load_tokenizer(cfg.model, None)
     lengths = [len(x) for x in prepare(cfg, Formatter(tok, cfg.model.max_length), None).train["input_ids"]]
@@ -185,9 +185,9 @@ def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: boo
     from trl import SFTConfig, SFTTrainer
 
     from multitune.config import load_config
-    from multitune.formatting import Formatter
-    from multitune.prepared import prepare
-    from multitune.speed import liger_available
+    from multitune.data.formatting import Formatter
+    from multitune.data.prepared import prepare
+    from multitune.modeling.speed import liger_available
     from multitune.tasks import resolve_tasks
 
     cfg = resolve_tasks(load_config(cfg_path))

@@ -33,7 +33,7 @@ import yaml
 from safetensors.torch import load_file
 from processes import kill_tree  # this folder is sys.path[0] when the script runs
 
-from multitune.demo import offline_config, prepare_offline
+from multitune.commands.demo import offline_config, prepare_offline
 
 STEPS = 24
 REPO = Path(__file__).resolve().parents[1]

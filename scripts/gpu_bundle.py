@@ -44,7 +44,7 @@ def download(specs: list[str], dest: Path) -> None:
 
 def build_assets(dest: Path) -> Path:
     """Generated data in the seed tasks' schemas and a small tiny model (a few MB), built once."""
-    from multitune import tiny
+    from multitune.commands import tiny
 
     dest.mkdir(parents=True, exist_ok=True)
     paths = tiny.synthetic_datasets(dest / "data", per_class=40)
@@ -58,7 +58,7 @@ def bench_config(assets: Path) -> Path:
     """The benchmark config over the assets (paths of this machine: rewritten wherever the assets are)."""
     import yaml
 
-    from multitune.demo import offline_config
+    from multitune.commands.demo import offline_config
 
     raw = offline_config(assets)
     raw["tasks"] = raw["tasks"][:3]

@@ -153,7 +153,7 @@ def section_c(s: Section, ctx: dict) -> bool:
 
 
 def _train_config(ctx: dict, name: str, **peft) -> Path:
-    from multitune.demo import offline_config
+    from multitune.commands.demo import offline_config
 
     raw = offline_config(ctx["assets"])
     raw["run_dir"] = str(ctx["work"] / name)

@@ -21,7 +21,7 @@ MIRROR = REPO.parent / "shared" / "hub"
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict[str, Path]:
     """Generated datasets in the seed schemas plus a tiny (pretrained-on-their-texts) Llama model."""
-    from multitune import tiny
+    from multitune.commands import tiny
 
     root = tmp_path_factory.mktemp("assets")
     paths = tiny.synthetic_datasets(root / "data", per_class=12)

@@ -77,7 +77,7 @@ def install(monkeypatch, hub: FakeHub) -> FakeHub:
     """Route multitune's Hub calls (checkpoint uploads and downloads, push) to ``hub``."""
     import huggingface_hub
 
-    from multitune import hub_checkpoints
+    from multitune.training import hub_checkpoints
 
     monkeypatch.setattr(hub_checkpoints, "make_api", lambda: hub)
     monkeypatch.setattr(hub_checkpoints, "snapshot_download", hub.snapshot_download)

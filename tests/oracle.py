@@ -3,7 +3,7 @@
 Each sequence is one unpadded forward pass with ``labels`` = -100 over the tokens that carry no loss.
 The model (and PEFT, which aligns labels with the virtual tokens of prompt tuning itself) returns the
 mean negative log-likelihood over the supervised tokens, so a completion's summed log-probability is
--loss x its token count. Nothing here shares code with ``multitune.scoring``: no logits are indexed,
+-loss x its token count. Nothing here shares code with ``multitune.scoring.scorer``: no logits are indexed,
 no padding, no masks, no shifting by hand.
 """
 
@@ -48,7 +48,7 @@ def mean_loss(model, input_ids: list[list[int]], labels: list[list[int]]) -> flo
 
 
 def chat_inputs(tokenizer, examples, labels: list[str], eot: str = "<|eot_id|>") -> tuple[list[list[int]], list[list[int]]]:
-    """Prompts and candidate completions from the tokenizer's own chat template, not multitune.formatting."""
+    """Prompts and candidate completions from the tokenizer's own chat template, not multitune.data.formatting."""
     prompts = [tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
                for ex in examples]
     return prompts, [tokenizer(x + eot, add_special_tokens=False)["input_ids"] for x in labels]

@@ -26,7 +26,7 @@ def train(
 ) -> None:
     """Train on the config's tasks; relaunching the same command resumes from the newest checkpoint."""
     from multitune.config import load_config
-    from multitune.train import train as run_training
+    from multitune.training.train import train as run_training
 
     run_training(load_config(config, overrides or []), resume=not no_resume, overwrite=overwrite)
 
@@ -46,8 +46,8 @@ def eval_(
     --mode, --shots, --template, --base, a config) writes metrics-<variant>.json and report-<variant>.md
     beside them (in the config's run_dir for a config), e.g. metrics-base-2shot.json.
     """
-    from multitune.run import RunDir
-    from multitune.variants import Variant, evaluate_and_write
+    from multitune.rundir import RunDir
+    from multitune.results.variants import Variant, evaluate_and_write
 
     variant = Variant(base=base or target.is_file(), shots=shots, template=template, mode=mode, max_rows=max_rows)
     if target.is_file():  # a config: its base model on the split its training makes (recorded in run_dir if it ran)
@@ -63,7 +63,7 @@ def eval_(
     if cfg.head == "classifier" and not variant.base:  # scored with its classification heads
         if shots or template:
             raise UserError("--shots and --template apply to head: lm runs; this run predicts with its classifier head")
-        from multitune import classifier
+        from multitune.training import classifier
 
         classifier.evaluate_run(run, cfg, mode=mode, max_rows=max_rows)
         return
@@ -90,7 +90,7 @@ def compare(
 
     Rows that name a training not yet finished are trained first (finished ones are reused).
     """
-    from multitune.compare import compare as run_compare
+    from multitune.commands.compare import compare as run_compare
 
     run_compare(spec)
 
@@ -106,8 +106,8 @@ def predict(
     min_confidence: Annotated[float | None, typer.Option(help="answer 'unsure' when the best label's probability is below this")] = None,
 ) -> None:
     """Predict labels (with their probability among the labels) or chat replies."""
-    from multitune.predict import predict as run_predict
-    from multitune.predict import read_inputs
+    from multitune.results.predict import predict as run_predict
+    from multitune.results.predict import read_inputs
 
     inputs: list = list(text or [])
     if input is not None:
@@ -134,7 +134,7 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled at this temperature")] = 0.0,
 ) -> None:
     """Talk to the fine-tuned model with its chat task's system prompt, the answer streamed as it is generated."""
-    from multitune.converse import answer_all, interactive, open_chat, read_prompts
+    from multitune.results.converse import answer_all, interactive, open_chat, read_prompts
 
     prompts = read_prompts(input) if input is not None else None
     session = open_chat(run_dir, task, max_new_tokens, temperature)
@@ -179,11 +179,11 @@ def make_tiny_model(
     only (the split is deterministic: `train` with that config makes the same one), never its
     validation rows, so that comparisons on the validation rows stay fair.
     """
-    from multitune import tiny
+    from multitune.commands import tiny
 
     if config is not None:
         from multitune.config import load_config
-        from multitune.data import load_tasks
+        from multitune.data.load import load_tasks
         from multitune.hub import mirror_root
 
         cfg = load_config(config)
@@ -203,8 +203,8 @@ def demo(
     offline: Annotated[bool | None, typer.Option("--offline/--online", help="force a mode (default: detect)")] = None,
 ) -> None:
     """Run the main job on an embedded default and print the per-task table, the base model's zero-shot beside it."""
-    from multitune.demo import before_after, demo_config
-    from multitune.train import train as run_training
+    from multitune.commands.demo import before_after, demo_config
+    from multitune.training.train import train as run_training
 
     cfg = demo_config(workdir, offline)
     tuned = run_training(cfg, overwrite=True)
@@ -221,8 +221,8 @@ def push(
     dry_run: Annotated[Path | None, typer.Option("--dry-run", help="write the folder that would be uploaded here instead")] = None,
 ) -> None:
     """Upload a finished run (adapter or merged weights, tokenizer, config, metrics, model card) in one commit."""
-    from multitune.publish import push as run_push
-    from multitune.run import RunDir
+    from multitune.publishing.publish import push as run_push
+    from multitune.rundir import RunDir
 
     run = RunDir(run_dir)
     run.require_finished()
@@ -239,8 +239,8 @@ def export(
     merged: Annotated[bool, typer.Option("--merged", help="merge the adapter into the base weights (QLoRA: dequantised first)")] = False,
 ) -> None:
     """Write the run's model (adapter, or merged into the base: a plain transformers model) with its model card."""
-    from multitune.export import export as run_export
-    from multitune.run import RunDir
+    from multitune.publishing.export import export as run_export
+    from multitune.rundir import RunDir
 
     run = RunDir(run_dir)
     run.require_finished()
@@ -261,7 +261,7 @@ def doctor(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides")] = None,
 ) -> None:
     """Check this machine before paying for it: versions, GPUs, kernels, disk, tokens, nodes, writable dirs."""
-    from multitune.doctor import format_table, run_checks
+    from multitune.launch.doctor import format_table, run_checks
 
     cfg = None
     if config is not None:
@@ -288,7 +288,7 @@ def plan(
     tokens_per_example: Annotated[float | None, typer.Option(help="mean tokens per example (default: measured)")] = None,
 ) -> None:
     """Per-GPU memory, whether it fits, the launch config and batch to use, tokens/s, wall time and cost."""
-    from multitune import plan as planner
+    from multitune.launch import plan as planner
     from multitune.config import load_config
 
     cfg = load_config(config, overrides or [])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import runpy
 
-from multitune import checkpoints
+from multitune.training import checkpoints
 
 
 def install() -> None:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from multitune import evaluate
+from multitune.scoring.scorer import evaluate
 from multitune.config import TaskConfig
-from multitune.data import load_tasks
-from multitune.formatting import Formatter
-from multitune.model import load_for_inference, load_tokenizer
-from multitune.run import RunDir
+from multitune.data.load import load_tasks
+from multitune.data.formatting import Formatter
+from multitune.modeling.load import load_for_inference, load_tokenizer
+from multitune.rundir import RunDir
 from multitune.tasks import resolve_tasks
 
 

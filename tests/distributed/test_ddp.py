@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from multitune.checkpoints import is_complete
+from multitune.training.checkpoints import is_complete
 from tests.distributed.conftest import config, finish, free_port, losses
 
 pytestmark = pytest.mark.slow

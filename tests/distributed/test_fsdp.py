@@ -15,12 +15,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from multitune.checkpoints import is_complete
-from multitune.data import load_tasks
-from multitune.formatting import Formatter
-from multitune.model import load_for_inference, load_tokenizer
-from multitune.run import RunDir
-from multitune.scoring import Scorer
+from multitune.training.checkpoints import is_complete
+from multitune.data.load import load_tasks
+from multitune.data.formatting import Formatter
+from multitune.modeling.load import load_for_inference, load_tokenizer
+from multitune.rundir import RunDir
+from multitune.scoring.scorer import Scorer
 from tests.distributed.conftest import accelerate_fsdp, cli, config, losses
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from multitune.checkpoints import is_complete
+from multitune.training.checkpoints import is_complete
 from tests.distributed.conftest import accelerate_fsdp, cli, config, copy_config, cut_to, finish, free_port, losses, torchrun
 
 pytestmark = pytest.mark.slow

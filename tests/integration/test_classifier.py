@@ -13,8 +13,8 @@ import pytest
 from multitune.cli import eval_
 from multitune.config import config_from_dict
 from multitune.errors import UserError
-from multitune.predict import predict
-from multitune.train import train
+from multitune.results.predict import predict
+from multitune.training.train import train
 from tests.conftest import tiny_config
 from tests.wandb_offline import history
 

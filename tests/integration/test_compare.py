@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from multitune.cli import app
-from multitune.compare import compare
+from multitune.commands.compare import compare
 from tests.conftest import tiny_config
 
 
@@ -56,8 +56,8 @@ def test_compare_table_equals_separate_evals(assets, tmp_path):
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "final").iterdir()) == final
 
     # the demo's closing table: the base model zero-shot (its own file) beside the fine-tuned metrics
-    from multitune.demo import before_after
-    from multitune.run import RunDir
+    from multitune.commands.demo import before_after
+    from multitune.rundir import RunDir
 
     tuned = json.loads(trained_metrics)
     shown = before_after(RunDir(run_dir).load_config(), tuned)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from multitune.config import config_from_dict
-from multitune.data import load_tasks
+from multitune.data.load import load_tasks
 
 pytestmark = pytest.mark.mirror
 

@@ -6,10 +6,10 @@ import pytest
 
 from multitune.cli import eval_
 from multitune.config import config_from_dict
-from multitune.data import load_tasks
-from multitune.model import load_for_inference, load_tokenizer
-from multitune.run import RunDir
-from multitune.train import train
+from multitune.data.load import load_tasks
+from multitune.modeling.load import load_for_inference, load_tokenizer
+from multitune.rundir import RunDir
+from multitune.training.train import train
 from tests import oracle
 from tests.conftest import tiny_config
 
@@ -54,7 +54,7 @@ def test_last_n_layers_adapts_only_those_layers(assets, tmp_path):
     import peft
     from transformers import AutoModelForCausalLM
 
-    from multitune.model import apply_peft
+    from multitune.modeling.load import apply_peft
 
     raw = tiny_config(assets, tmp_path / "run")
     raw["peft"].update(method="lora", last_n_layers=1, target_modules="attention")

@@ -13,13 +13,13 @@ import torch
 
 from multitune.cli import eval_
 from multitune.config import config_from_dict
-from multitune.data import load_tasks
-from multitune.formatting import Formatter
-from multitune.model import load_for_tasks, load_tokenizer, use_adapter
-from multitune.predict import predict
-from multitune.run import RunDir
-from multitune.scoring import Scorer
-from multitune.train import train
+from multitune.data.load import load_tasks
+from multitune.data.formatting import Formatter
+from multitune.modeling.load import load_for_tasks, load_tokenizer, use_adapter
+from multitune.results.predict import predict
+from multitune.rundir import RunDir
+from multitune.scoring.scorer import Scorer
+from multitune.training.train import train
 from tests.conftest import tiny_config
 from tests.unit.test_eval_modes import assert_plots_linked
 from tests.wandb_offline import history

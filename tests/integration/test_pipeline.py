@@ -15,7 +15,7 @@ import yaml
 
 from multitune.config import config_from_dict
 from multitune.errors import UserError
-from multitune.train import train
+from multitune.training.train import train
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -80,10 +80,10 @@ def test_training_learns(trained):
 def test_cost_counts_every_training_token_and_parameter(trained):
     from transformers import AutoModelForCausalLM
 
-    from multitune.formatting import Formatter
-    from multitune.model import load_tokenizer
-    from multitune.prepared import prepare
-    from multitune.run import RunDir
+    from multitune.data.formatting import Formatter
+    from multitune.modeling.load import load_tokenizer
+    from multitune.data.prepared import prepare
+    from multitune.rundir import RunDir
 
     cost = json.loads((trained / "cost.json").read_text())
     run = RunDir(trained)
@@ -103,9 +103,9 @@ def test_no_secret_in_run_dir(trained):
 
 
 def _final(trained):
-    from multitune.data import load_tasks
-    from multitune.model import load_for_inference, load_tokenizer
-    from multitune.run import RunDir
+    from multitune.data.load import load_tasks
+    from multitune.modeling.load import load_for_inference, load_tokenizer
+    from multitune.rundir import RunDir
 
     run = RunDir(trained)
     cfg = run.load_config()

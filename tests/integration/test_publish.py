@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from multitune.config import config_from_dict
-from multitune.hub_checkpoints import wait_for_uploads
-from multitune.run import RunDir
+from multitune.training.hub_checkpoints import wait_for_uploads
+from multitune.rundir import RunDir
 from tests.conftest import tiny_config
 from tests.fake_hub import FakeHub, install
 
@@ -87,10 +87,10 @@ def _adapter_and_log(run_dir: Path) -> tuple[bytes, list]:
 
 @pytest.fixture(scope="module")
 def published(assets, tmp_path_factory):
-    from multitune.export import export
-    from multitune.predict import predict, restore_task
-    from multitune.publish import push
-    from multitune.train import train
+    from multitune.publishing.export import export
+    from multitune.results.predict import predict, restore_task
+    from multitune.publishing.publish import push
+    from multitune.training.train import train
 
     root = tmp_path_factory.mktemp("publish")
     base = root / "base"  # the tiny model with a model card that declares a licence, as a Hub model has

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from multitune.config import config_from_dict
-from multitune.train import train
+from multitune.training.train import train
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,8 @@ def test_wandb_offline_run_keeps_its_id_and_no_secret(assets, tmp_path, monkeypa
 def test_push_uploads_adapter_and_model_card(assets, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from multitune.publish import push
-    from multitune.run import RunDir
+    from multitune.publishing.publish import push
+    from multitune.rundir import RunDir
 
     token = "hf_NOTsupposedTOleak"
     monkeypatch.setenv("HF_TOKEN", token)  # in the environment from the start: training could capture it too

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict
-from multitune.train import train
+from multitune.training.train import train
 from tests.conftest import tiny_config
 from tests.unit.test_chat_task import write_dolly
 from tests.unit.test_eval_modes import assert_plots_linked
@@ -99,7 +99,7 @@ def test_chat_input_answers_each_prompt_as_greedy_decoding_does(trained, tmp_pat
 
 
 def test_chat_streams_each_token_as_it_comes(trained):
-    from multitune.converse import open_chat
+    from multitune.results.converse import open_chat
 
     class Recorder:
         def __init__(self):

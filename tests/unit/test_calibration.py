@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
 
-from multitune.calibration import expected_calibration_error, reliability
+from multitune.scoring.calibration import expected_calibration_error, reliability
 
 
 def test_constant_overconfidence_is_the_gap():

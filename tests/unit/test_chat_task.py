@@ -11,7 +11,7 @@ import yaml
 
 from multitune.config import TaskConfig
 from multitune.errors import UserError
-from multitune.formatting import Formatter
+from multitune.data.formatting import Formatter
 from multitune.tasks import BUILTIN, build_task
 
 REPO = Path(__file__).resolve().parents[2]

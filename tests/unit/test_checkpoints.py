@@ -5,7 +5,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from multitune.checkpoints import MARKER, Layout, grad_accum_for_resume, is_complete, latest_complete, saved_layout
+from multitune.training.checkpoints import MARKER, Layout, grad_accum_for_resume, is_complete, latest_complete, saved_layout
 from multitune.errors import UserError
 
 

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from multitune.compare import build_table, format_markdown, load_spec
+from multitune.commands.compare import build_table, format_markdown, load_spec
 from multitune.errors import UserError
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from multitune.config import load_config
-from multitune.demo import offline_config
+from multitune.commands.demo import offline_config
 from multitune.tasks import build_task, resolve_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,8 +31,8 @@ def test_shipped_config_validates(path):
 
 @pytest.mark.parametrize("path", COMPARE_SPECS, ids=lambda p: p.name)
 def test_shipped_compare_spec_validates(path, monkeypatch):
-    from multitune.compare import load_spec, row_config
-    from multitune.variants import Variant, check_variant
+    from multitune.commands.compare import load_spec, row_config
+    from multitune.results.variants import Variant, check_variant
 
     monkeypatch.chdir(REPO)  # a spec's paths are relative to the repository root, as its commands are run
     spec = load_spec(path)
@@ -43,7 +43,7 @@ def test_shipped_compare_spec_validates(path, monkeypatch):
             cfg = row_config(spec, row)
             assert str(cfg.run_dir) == f"{spec.out_dir}/runs/{row.name}"
             if cfg.head == "classifier":  # what train refuses (a chat task under a head) must not wait hours for its row
-                from multitune import classifier
+                from multitune.training import classifier
                 from multitune.tasks import resolve_tasks
 
                 classifier.check(resolve_tasks(cfg))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
-from multitune.formatting import Formatter
-from multitune.scoring import Scorer
+from multitune.data.formatting import Formatter
+from multitune.scoring.scorer import Scorer
 from multitune.tasks import Example
 from tests import oracle
 

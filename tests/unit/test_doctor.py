@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from multitune import doctor
+from multitune.launch import doctor
 from multitune.cli import main
 
 

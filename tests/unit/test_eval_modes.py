@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multitune.calibration import expected_calibration_error
+from multitune.scoring.calibration import expected_calibration_error
 from multitune.errors import UserError
-from multitune.predict import predict
+from multitune.results.predict import predict
 from tests import oracle
 from tests.unit.test_run_commands import _run
 
@@ -50,8 +50,8 @@ def assert_plots_linked(report, names):
 
 def test_eval_reports_the_calibration_of_the_label_probabilities(run):
     from multitune.cli import eval_
-    from multitune.data import load_tasks
-    from multitune.run import RunDir
+    from multitune.data.load import load_tasks
+    from multitune.rundir import RunDir
 
     eval_(run, mode=None, max_rows=None)
     metrics = json.loads((run / "metrics.json").read_text())["claims"]
@@ -80,8 +80,8 @@ def test_eval_constrained_emits_only_labels_and_links_its_own_plots(run):
 
 
 def test_min_confidence_answers_unsure_below_it(run):
-    from multitune.predict import restore_task
-    from multitune.run import RunDir
+    from multitune.results.predict import restore_task
+    from multitune.rundir import RunDir
 
     task = restore_task(RunDir(run), None)
     probs = _oracle_probs(run, [task.example_from_text(t) for t in TEXTS], task.label_names)
@@ -100,8 +100,8 @@ def test_min_confidence_answers_unsure_below_it(run):
 def test_predict_constrained_scores_the_label_it_spelled(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from multitune.predict import restore_task
-    from multitune.run import RunDir
+    from multitune.results.predict import restore_task
+    from multitune.rundir import RunDir
 
     task = restore_task(RunDir(run), None)
     got = predict(run, None, TEXTS[:3], mode="constrained")
@@ -124,7 +124,7 @@ def test_bad_predict_options_are_one_clear_error(run, kw, fragment):
 
 
 def test_chat_on_a_run_without_a_chat_task_is_one_clear_error(run, tmp_path):
-    from multitune.converse import open_chat, read_prompts
+    from multitune.results.converse import open_chat, read_prompts
 
     with pytest.raises(UserError, match=r"this run trained no chat task \(its tasks: \['claims'\]\)"):
         open_chat(run)

@@ -10,12 +10,12 @@ import yaml
 
 from multitune.config import config_from_dict
 from multitune.errors import UserError
-from multitune.run import RunDir
+from multitune.rundir import RunDir
 
 
 def _adapter_run(tmp_path, assets, method):
     """A run dir holding an adapter with non-zero weights (no training needed to test merging)."""
-    from multitune.model import apply_peft, load_model
+    from multitune.modeling.load import apply_peft, load_model
 
     cfg = config_from_dict({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(assets["model"])},
                             "peft": {"method": method, "r": 4, "alpha": 8}, "tasks": [{"name": "claims", "dataset": str(assets["claims"])}]})
@@ -34,7 +34,7 @@ def _adapter_run(tmp_path, assets, method):
 def test_merged_model_computes_what_base_plus_adapter_computed(tmp_path, assets, method, capsys):
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-    from multitune.export import merged_model
+    from multitune.publishing.export import merged_model
 
     cfg, run, adapted = _adapter_run(tmp_path, assets, method)
     merged = merged_model(run, cfg).eval()
@@ -52,20 +52,20 @@ def test_merged_model_computes_what_base_plus_adapter_computed(tmp_path, assets,
         # same predictions as the 4-bit model, and fp32-exact against the adapter on the dequantised base, unmerged
         import peft
 
-        from multitune.model import load_model
+        from multitune.modeling.load import load_model
 
         assert torch.allclose(got, want, atol=3e-2) and torch.equal(got.argmax(-1), want.argmax(-1))
         unmerged = peft.PeftModel.from_pretrained(load_model(cfg).dequantize(dtype=torch.float32), str(run.final)).eval()
         with torch.no_grad():
             exact = unmerged(ids).logits
         assert torch.allclose(got, exact, atol=1e-5), (got - exact).abs().max()
-    base = __import__("multitune.model", fromlist=["load_model"]).load_model(cfg, quantize=False)
+    base = __import__("multitune.modeling.load", fromlist=["load_model"]).load_model(cfg, quantize=False)
     with torch.no_grad():
         assert not torch.allclose(base(ids).logits, want, atol=1e-3)  # the adapter really changes the output
 
 
 def test_prompt_tuning_cannot_be_merged(tmp_path, assets):
-    from multitune.export import merged_model
+    from multitune.publishing.export import merged_model
 
     cfg = config_from_dict({"model": {"name_or_path": str(assets["model"])}, "peft": {"method": "prompt_tuning"},
                             "tasks": [{"name": "claims", "dataset": str(assets["claims"])}]})
@@ -78,7 +78,7 @@ def finished_run(tmp_path, assets):
     """A run directory that `push` accepts: config, final adapter, splits."""
     import json
 
-    from multitune.model import load_tokenizer
+    from multitune.modeling.load import load_tokenizer
     from multitune.tasks import build_task
 
     cfg, run, _ = _adapter_run(tmp_path, assets, "lora")

@@ -4,9 +4,9 @@ import pytest
 
 from multitune.config import config_from_dict
 from multitune.errors import UserError
-from multitune.fewshot import add_shots, draw_shots
-from multitune.formatting import Formatter
-from multitune.variants import Variant, check_variant, eval_data
+from multitune.data.fewshot import add_shots, draw_shots
+from multitune.data.formatting import Formatter
+from multitune.results.variants import Variant, check_variant, eval_data
 from tests.conftest import tiny_config
 
 

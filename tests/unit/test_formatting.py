@@ -1,7 +1,7 @@
 import pytest
 
 from multitune.errors import UserError
-from multitune.formatting import IGNORE, Formatter, check_supervision, end_of_turn
+from multitune.data.formatting import IGNORE, Formatter, check_supervision, end_of_turn
 from multitune.tasks import Example
 
 EXAMPLES = [

@@ -9,8 +9,8 @@ import yaml
 
 from multitune.config import config_from_dict
 from multitune.errors import UserError
-from multitune.formatting import Formatter
-from multitune.heads import Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
+from multitune.data.formatting import Formatter
+from multitune.modeling.heads import Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.tasks import Example
 from tests.conftest import tiny_config
 from tests.unit.test_cli import assert_clean_error, run_cli  # noqa: F401  (fixture)

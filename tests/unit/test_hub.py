@@ -51,7 +51,7 @@ def test_gated_model_through_the_loader(monkeypatch):
     from transformers import AutoTokenizer
 
     from multitune.config import ModelConfig
-    from multitune.model import load_tokenizer
+    from multitune.modeling.load import load_tokenizer
 
     def gated(*a, **k):
         raise OSError("meta-llama/Llama-3.1-8B-Instruct is a gated repository. Make sure to request access")
@@ -63,7 +63,7 @@ def test_gated_model_through_the_loader(monkeypatch):
 
 def test_a_pinned_dataset_revision_is_loaded_and_recorded_in_the_split(monkeypatch):
     from multitune.config import config_from_dict
-    from multitune.data import load_tasks
+    from multitune.data.load import load_tasks
 
     calls = []
 

@@ -9,11 +9,11 @@ import torch
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from safetensors.torch import save_file
 
-from multitune import hub_checkpoints
+from multitune.training import hub_checkpoints
 from multitune.config import config_from_dict
 from multitune.errors import UserError
-from multitune.hub_checkpoints import HubCheckpoints, commit_operations, wait_for_uploads
-from multitune.run import RunDir
+from multitune.training.hub_checkpoints import HubCheckpoints, commit_operations, wait_for_uploads
+from multitune.rundir import RunDir
 from tests.fake_hub import FakeHub, install
 
 

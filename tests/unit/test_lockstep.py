@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from multitune.formatting import Formatter
-from multitune.scoring import LabelTrie, Scorer, best_candidates, candidate_logprobs_reference
+from multitune.data.formatting import Formatter
+from multitune.scoring.scorer import LabelTrie, Scorer, best_candidates, candidate_logprobs_reference
 from multitune.tasks import Example
 
 LABELS = ["card_arrival", "change_pin", "Refund_not_showing_up", "A", "reverted_card_payment?", "top_up_failed"]

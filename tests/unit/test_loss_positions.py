@@ -1,4 +1,4 @@
-"""The supervised-positions loss (multitune.loss) against the model's own loss with labels.
+"""The supervised-positions loss (multitune.modeling.loss) against the model's own loss with labels.
 
 The oracle is the full computation: `model(..., labels=labels).loss`, the model's (and for prompt
 tuning PEFT's) own shift, virtual-token alignment and mean over every position's logits. Loss and
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict
-from multitune.loss import supervised_index, supervised_loss
-from multitune.model import apply_peft, load_model
+from multitune.modeling.loss import supervised_index, supervised_loss
+from multitune.modeling.load import apply_peft, load_model
 from tests.conftest import tiny_config
 
 METHODS = ["lora", "qlora", "dora", "rslora", "prompt_tuning", "prefix_tuning", "ia3", "full"]

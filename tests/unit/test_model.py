@@ -1,4 +1,4 @@
-"""Precision and attention decisions in multitune.model, and scoring under a training-only attention."""
+"""Precision and attention decisions in multitune.modeling.load, and scoring under a training-only attention."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import transformers
 
 from multitune.config import config_from_dict
 from multitune.errors import UserError
-from multitune.model import load_model, resolve_dtype
+from multitune.modeling.load import load_model, resolve_dtype
 from tests.conftest import tiny_config
 
 
@@ -27,7 +27,7 @@ def _gpu(monkeypatch, native_bf16: bool):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, assets, tmp_path, native):
-    from multitune.train import _bf16
+    from multitune.training.train import _bf16
 
     _gpu(monkeypatch, native)
     assert resolve_dtype("auto") == (torch.bfloat16 if native else torch.float32)
@@ -50,7 +50,7 @@ def loaded(monkeypatch):
 
 
 def test_full_fine_tuning_keeps_fp32_master_weights_on_a_bf16_gpu(monkeypatch, assets, tmp_path, loaded):
-    from multitune.train import _bf16
+    from multitune.training.train import _bf16
 
     _gpu(monkeypatch, native_bf16=True)
     full = _cfg(assets, tmp_path, "full")
@@ -80,8 +80,8 @@ def test_missing_flash_attn_or_bitsandbytes_is_one_clear_error(monkeypatch, asse
 def test_scoring_uses_sdpa_under_a_training_only_attention(assets, tokenizer):
     """flash_attention_2 takes no tree mask: scoring switches to SDPA (one pass per batch, not one per
     label) and hands the model back with the attention it trains with."""
-    from multitune.formatting import Formatter
-    from multitune.scoring import Scorer
+    from multitune.data.formatting import Formatter
+    from multitune.scoring.scorer import Scorer
     from multitune.tasks import Example
     from tests import oracle
 

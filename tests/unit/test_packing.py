@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict
-from multitune.formatting import Formatter
-from multitune.model import load_model
-from multitune.prepared import prepare
-from multitune.run import RunDir
+from multitune.data.formatting import Formatter
+from multitune.modeling.load import load_model
+from multitune.data.prepared import prepare
+from multitune.rundir import RunDir
 from tests import oracle
 from tests.conftest import tiny_config
 
 
 def test_a_packed_batch_trains_each_example_as_if_alone(assets, tokenizer, tmp_path):
-    from multitune.train import MultitaskTrainer, sft_config
+    from multitune.training.train import MultitaskTrainer, sft_config
 
     raw = tiny_config(assets, tmp_path / "run", packing=True, batch_size=4, eval_rows_during_training=0)
     raw["tasks"] = raw["tasks"][:2]

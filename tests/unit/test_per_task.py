@@ -9,7 +9,7 @@ import pytest
 from multitune.cli import export, push
 from multitune.config import config_from_dict, dump_config
 from multitune.errors import UserError
-from multitune.run import RunDir, TaskRun, part_of, parts
+from multitune.rundir import RunDir, TaskRun, part_of, parts
 from tests.conftest import tiny_config
 
 
@@ -62,7 +62,7 @@ def test_push_and_export_refuse_a_run_of_several_adapters(assets, tmp_path, comm
 
 def test_a_per_task_run_missing_one_adapter_is_unfinished(assets, tmp_path):
     """eval/predict/chat on a run killed between two tasks: one error line, not a PEFT traceback."""
-    from multitune.run import RunDir
+    from multitune.rundir import RunDir
 
     run = tmp_path / "run"
     cfg = config_from_dict(_cfg(assets, run))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict
-from multitune.model import apply_peft, load_model, load_tokenizer, resolve_dtype
-from multitune.plan import GPUS, Layout, count, memory, nf4_bytes
+from multitune.modeling.load import apply_peft, load_model, load_tokenizer, resolve_dtype
+from multitune.launch.plan import GPUS, Layout, count, memory, nf4_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,7 +90,7 @@ def test_llama3_8b_shape_and_the_adapter_size_from_the_issue():
 @pytest.fixture(scope="module")
 def seed_data_stats(mirror):
     from multitune.config import load_config
-    from multitune.plan import data_stats
+    from multitune.launch.plan import data_stats
 
     cfg = load_config(REPO / "configs" / "llama3-8b-lora.yaml", [f"hub_mirror={mirror}"])
     # the seed datasets only: the chat task's databricks-dolly-15k is not in the mirror (its rows only add steps)

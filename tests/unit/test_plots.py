@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
-from multitune.plots import curves, most_confused, panels, write_plots
+from multitune.results.plots import curves, most_confused, panels, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,7 +63,7 @@ def test_curves_read_the_trainer_log(tmp_path):
 
 @pytest.mark.parametrize("n", [2, 15, 77])
 def test_confusion_stays_readable(tmp_path, n):
-    from multitune.plots import TOP_CONFUSED, confusion_png
+    from multitune.results.plots import TOP_CONFUSED, confusion_png
 
     names = [f"c{i}" for i in range(n)]
     gold = list(range(n)) * 3
@@ -79,7 +79,7 @@ def test_a_per_task_run_plots_each_tasks_training_loss(tmp_path):
     import json
 
     from multitune.config import config_from_dict
-    from multitune.run import RunDir, training_log
+    from multitune.rundir import RunDir, training_log
 
     cfg = config_from_dict({"model": {"name_or_path": "m"}, "strategy": "per_task", "run_dir": str(tmp_path),
                             "tasks": [{"name": "claims", "dataset": "x"}, {"name": "banking77", "dataset": "y"}]})

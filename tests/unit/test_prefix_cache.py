@@ -1,4 +1,4 @@
-"""Scoring from the cache of the prefix a task's prompts share (multitune.prefix_cache) scores what the full
+"""Scoring from the cache of the prefix a task's prompts share (multitune.scoring.prefix_cache) scores what the full
 prompts score: against the uncached pass and against the oracle (the model's own loss, tests/oracle.py), for
 the base model and LoRA, in fp32, with batches of prompts of different lengths; the pruned search and
 generation pick the same labels and texts; the shared tokens are really not fed again."""
@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, set_seed
 
-from multitune.formatting import Formatter
-from multitune.prefix_cache import SharedPrefix, shared_length
-from multitune.scoring import LabelTrie, Scorer, best_candidates, candidate_logprobs
+from multitune.data.formatting import Formatter
+from multitune.scoring.prefix_cache import SharedPrefix, shared_length
+from multitune.scoring.scorer import LabelTrie, Scorer, best_candidates, candidate_logprobs
 from multitune.tasks import Example
 from tests import oracle
 

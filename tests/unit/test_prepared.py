@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from multitune.config import config_from_dict
-from multitune.formatting import Formatter
-from multitune.prepared import prepare
+from multitune.data.formatting import Formatter
+from multitune.data.prepared import prepare
 from tests.conftest import tiny_config
 
 
@@ -66,7 +66,7 @@ def test_any_changed_input_misses(assets, tokenizer, tmp_path, cache):
 
 
 def test_rows_cut_to_fit_are_counted_per_task_and_printed(assets, tokenizer, tmp_path, cache):
-    from multitune.data import training_summary
+    from multitune.data.load import training_summary
 
     cfg = _cfg(assets, tmp_path, model={"max_length": 185})
     f = Formatter(tokenizer, 185)

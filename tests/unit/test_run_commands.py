@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict, dump_config
-from multitune.data import load_tasks, save_splits
+from multitune.data.load import load_tasks, save_splits
 from multitune.errors import UserError
-from multitune.predict import predict, restore_task
-from multitune.run import RunDir
+from multitune.results.predict import predict, restore_task
+from multitune.rundir import RunDir
 from multitune.tasks import resolve_tasks
 from tests import oracle
 from tests.conftest import tiny_config
@@ -90,7 +90,7 @@ def test_partial_or_other_mode_eval_writes_beside_the_run_metrics(assets, tmp_pa
 def test_tiny_model_from_a_config_never_sees_validation_rows(assets, tmp_path, monkeypatch):
     import yaml
 
-    from multitune import tiny
+    from multitune.commands import tiny
     from multitune.cli import make_tiny_model
 
     raw = tiny_config(assets, tmp_path / "run")

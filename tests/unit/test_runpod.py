@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from multitune.errors import UserError
-from multitune.runpod import ACCELERATE_DIR, launch_env
+from multitune.launch.runpod import ACCELERATE_DIR, launch_env
 
 REPO = Path(__file__).resolve().parents[2]
 ENS = [f"ens{i}" for i in range(1, 9)]
@@ -92,7 +92,7 @@ def test_start_script_launches_the_mapped_command(tmp_path):
     bin_dir = _fake_accelerate(tmp_path)
     config = REPO / "configs" / "llama3-8b-lora.yaml"
     env = {k: v for k, v in os.environ.items() if k not in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "HF_TOKEN")}
-    # this interpreter first: the script runs `python -m multitune.runpod`, as it would in the image
+    # this interpreter first: the script runs `python -m multitune.launch.runpod`, as it would in the image
     env |= CLUSTER_NODE_1 | {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{env['PATH']}", "NCCL_SOCKET_IFNAME": "ens"}
     res = subprocess.run(["bash", str(REPO / "scripts/runpod/train.sh"), str(config), "train.epochs=1"],
                          capture_output=True, text=True, env=env, timeout=120)

@@ -1,9 +1,9 @@
 """Every scoring path against the independent oracle (tests/oracle.py: the model's own loss with labels),
-for each of the 8 PEFT methods, built through multitune.model and MultitaskTrainer as training builds
+for each of the 8 PEFT methods, built through multitune.modeling.load and MultitaskTrainer as training builds
 them, in fp32: likelihood scores, the pruned trie search, chat loss and the accuracy logged in training.
 
 Adapters are perturbed so that they change the scores (LoRA's B starts at zero, IA3 at one). The
-oracle's inputs come from the tokenizer's own chat template, not from multitune.formatting.
+oracle's inputs come from the tokenizer's own chat template, not from multitune.data.formatting.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 from transformers import set_seed
 
 from multitune.config import config_from_dict
-from multitune.data import load_tasks, subsample
-from multitune.formatting import Formatter
-from multitune.model import apply_peft, load_model
-from multitune.run import RunDir
-from multitune.scoring import Scorer
+from multitune.data.load import load_tasks, subsample
+from multitune.data.formatting import Formatter
+from multitune.modeling.load import apply_peft, load_model
+from multitune.rundir import RunDir
+from multitune.scoring.scorer import Scorer
 from tests import oracle
 from tests.conftest import tiny_config
 
@@ -58,7 +58,7 @@ def _model(cfg):
 
 
 def _trainer(cfg, model, tokenizer, tmp_path, task_data):
-    from multitune.train import MultitaskTrainer, sft_config
+    from multitune.training.train import MultitaskTrainer, sft_config
 
     formatter = Formatter(tokenizer, cfg.model.max_length)
     enc = formatter.encode(task_data[0].train[:4])

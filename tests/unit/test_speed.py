@@ -1,4 +1,4 @@
-"""train.liger and train.compile (multitune.speed): when Liger runs, and compiling without per-length recompiles."""
+"""train.liger and train.compile (multitune.modeling.speed): when Liger runs, and compiling without per-length recompiles."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from multitune.errors import UserError
-from multitune.loss import supervised_loss
-from multitune.speed import COMPILE_PAD_MULTIPLE, sft_args, use_liger
+from multitune.modeling.loss import supervised_loss
+from multitune.modeling.speed import COMPILE_PAD_MULTIPLE, sft_args, use_liger
 
 
 @pytest.mark.parametrize(("cuda", "installed", "expected"), [(True, True, True), (True, False, False), (False, True, False)])

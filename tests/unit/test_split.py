@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 
 from multitune.config import TaskConfig
-from multitune.data import check_split, make_split
+from multitune.data.load import check_split, make_split
 from multitune.errors import UserError
 from multitune.tasks import Example, build_task
 
@@ -57,7 +57,7 @@ def _recorded(tmp_path, rows):
     import datasets
 
     from multitune.config import config_from_dict
-    from multitune.data import load_tasks, save_splits
+    from multitune.data.load import load_tasks, save_splits
 
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
@@ -73,7 +73,7 @@ ROWS = [{"text": f"message number {i} about my policy", "label": "Claim" if i % 
 def test_a_changed_dataset_with_the_same_row_count_is_refused(tmp_path):
     import datasets
 
-    from multitune.data import load_tasks
+    from multitune.data.load import load_tasks
 
     cfg, file, record = _recorded(tmp_path, ROWS)
     assert len(load_tasks(cfg, record.parent, create=False)[0].val) == 4  # unchanged: read back
@@ -92,7 +92,7 @@ def test_a_changed_dataset_with_the_same_row_count_is_refused(tmp_path):
 def test_a_damaged_recorded_split_is_refused(tmp_path, edit, problem):
     import json
 
-    from multitune.data import load_tasks
+    from multitune.data.load import load_tasks
 
     cfg, _, record = _recorded(tmp_path, ROWS)
     split = json.loads(record.read_text())

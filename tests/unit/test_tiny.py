@@ -1,10 +1,10 @@
-"""The offline demo's generated data (multitune.tiny)."""
+"""The offline demo's generated data (multitune.commands.tiny)."""
 
 import re
 
 import datasets
 
-from multitune import tiny
+from multitune.commands import tiny
 
 
 def _words(text: str) -> set[str]:
@@ -29,7 +29,7 @@ def test_demo_multiple_choice_is_a_reading_task(tmp_path):
 
 
 def test_the_demo_uses_that_data_and_rebuilds_its_model_when_the_data_changed(tmp_path, monkeypatch):
-    from multitune import demo
+    from multitune.commands import demo
 
     built, generate = [], tiny.synthetic_datasets
 

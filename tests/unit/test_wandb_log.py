@@ -1,4 +1,4 @@
-"""multitune.wandb_log's run lifecycle against a stand-in `wandb` module: which runs start, with which ids, and
+"""multitune.training.wandb_log's run lifecycle against a stand-in `wandb` module: which runs start, with which ids, and
 that a wandb failure is one clear error before training and a warning after it (never a crash of rank 0 alone)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import types
 
 import pytest
 
-from multitune import wandb_log
+from multitune.training import wandb_log
 from multitune.config import config_from_dict
 from multitune.errors import UserError
-from multitune.run import RunDir, TaskRun
+from multitune.rundir import RunDir, TaskRun
 
 
 class FakeWandb(types.ModuleType):

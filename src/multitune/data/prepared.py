@@ -23,13 +23,13 @@ from pathlib import Path
 import datasets
 
 from multitune.config import Config
-from multitune.data import TaskData, load_tasks, training_dataset, validation_datasets
-from multitune.formatting import Formatter
+from multitune.data.load import TaskData, load_tasks, training_dataset, validation_datasets
+from multitune.data.formatting import Formatter
 from multitune.hub import mirror_root
 from multitune.tasks import build_task
 
 CACHE_ENV = "MULTITUNE_CACHE"
-_CODE = ("data.py", "formatting.py", "prepared.py", "tasks")
+_CODE = ("data/load.py", "data/formatting.py", "data/prepared.py", "tasks")
 
 
 @dataclass
@@ -46,7 +46,7 @@ def cache_root() -> Path:
 
 
 def _code_hash() -> str:
-    root = Path(__file__).parent
+    root = Path(__file__).parents[1]
     h = hashlib.sha256()
     for name in _CODE:
         for f in sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]:

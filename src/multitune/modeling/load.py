@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from multitune import hub
 from multitune.config import Config, ModelConfig, PeftConfig
 from multitune.errors import UserError
-from multitune.speed import apply_liger
+from multitune.modeling.speed import apply_liger
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def load_for_tasks(cfg: Config, run, tasks: list[str]):
     adapter from final/<task>/ (strategy: per_task), the first task's active."""
     if cfg.strategy == "joint":
         return load_for_inference(cfg, run.final)
-    from multitune.run import TaskRun
+    from multitune.rundir import TaskRun
 
     return load_task_adapters(cfg, {t: TaskRun(run.root, t).final for t in tasks})
 

@@ -23,10 +23,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from multitune.config import Config, load_config
-from multitune.data import TaskData, load_tasks, save_splits
+from multitune.data.load import TaskData, load_tasks, save_splits
 from multitune.errors import UserError
-from multitune.run import RunDir, parts
-from multitune.variants import Variant, check_variant, eval_data, evaluate
+from multitune.rundir import RunDir, parts
+from multitune.results.variants import Variant, check_variant, eval_data, evaluate
 
 COST_KEYS = ("train_seconds", "trainable_params", "tokens_seen")
 
@@ -127,9 +127,9 @@ def run_row(run: RunDir, row: RowSpec, spec: CompareSpec, reference: dict[str, d
 
 def classifier_metrics(cfg: Config, run: RunDir, data: list[TaskData], max_rows: int | None, seed: int) -> dict[str, dict[str, Any]]:
     """A classifier-head run scored with its saved heads, as `multitune eval` does, without writing files."""
-    from multitune import classifier
-    from multitune.formatting import Formatter
-    from multitune.model import load_tokenizer
+    from multitune.training import classifier
+    from multitune.data.formatting import Formatter
+    from multitune.modeling.load import load_tokenizer
 
     results: dict[str, dict[str, Any]] = {}
     for part in parts(cfg, run):
@@ -165,7 +165,7 @@ def method_of(row: RowSpec, cfg: Config) -> str:
 
 def compare(spec_path: Path) -> dict[str, Any]:
     """Train what the spec names and has not finished, score every row, write compare.{json,md}, print it."""
-    from multitune.train import train
+    from multitune.training.train import train
 
     import os
 
@@ -184,7 +184,7 @@ def compare(spec_path: Path) -> dict[str, Any]:
         elif row.trains:  # its config is valid and trainable (a head needs label tasks) before any row trains
             cfg = row_config(spec, row)
             if cfg.head == "classifier":
-                from multitune import classifier
+                from multitune.training import classifier
                 from multitune.tasks import resolve_tasks
 
                 try:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from multitune.config import PROMPT_LEARNING, Config
 from multitune.errors import UserError
-from multitune.run import RunDir
+from multitune.rundir import RunDir
 
 
 def merged_model(run: RunDir, cfg: Config):
     """Base model + the run's adapter, merged: a plain transformers model in the compute dtype."""
     import peft
 
-    from multitune.model import load_model, resolve_dtype
+    from multitune.modeling.load import load_model, resolve_dtype
 
     if cfg.peft.method in PROMPT_LEARNING:
         raise UserError(f"{cfg.peft.method} has nothing to merge into the weights (its virtual tokens sit outside the "
@@ -50,7 +50,7 @@ def merged_model(run: RunDir, cfg: Config):
 
 def write_weights(run: RunDir, cfg: Config, out: Path, *, merged: bool) -> None:
     """Model files and tokenizer into ``out``: the trained adapter (or full model) as saved, or merged."""
-    from multitune.model import load_tokenizer
+    from multitune.modeling.load import load_tokenizer
 
     if not merged:
         for f in sorted(run.final.iterdir()):
@@ -67,7 +67,7 @@ def write_weights(run: RunDir, cfg: Config, out: Path, *, merged: bool) -> None:
 
 def export(run: RunDir, cfg: Config, out: Path, *, merged: bool, repo_id: str | None = None) -> Path:
     """The publishable folder (weights, tokenizer, config, metrics, model card) in ``out``, for any host."""
-    from multitune.publish import build_folder
+    from multitune.publishing.publish import build_folder
 
     name = repo_id or cfg.hub.repo_id or f"your-name/{run.root.name}"
     build_folder(run, cfg, out, repo_id=name, merged=merged)

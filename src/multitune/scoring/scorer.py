@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from multitune.distributed import any_rank, max_over_ranks
-from multitune.formatting import IGNORE, Formatter
-from multitune.prefix_cache import SharedPrefix, shared_length
+from multitune.data.formatting import IGNORE, Formatter
+from multitune.scoring.prefix_cache import SharedPrefix, shared_length
 from multitune.tasks import Example
 from multitune.tasks.base import normalize_label
 
@@ -317,7 +317,7 @@ class Scorer:
     forward passes per batch.
 
     With ``share_prefix`` (the default) each call computes the cache of the prefix its prompts share once and
-    starts every batch from it (multitune.prefix_cache), except for prompt/prefix tuning, which put their
+    starts every batch from it (multitune.scoring.prefix_cache), except for prompt/prefix tuning, which put their
     own virtual tokens in front: under ``lockstep`` the ranks agree to use it, since it is one more pass.
     """
 
@@ -430,14 +430,14 @@ class Scorer:
     @_with_sdpa
     def constrained(self, examples: list[Example], labels: Sequence[str], desc: str = "constrained") -> tuple[list[int], list[float]]:
         """Greedy decoding restricted to the label trie: the label reached and its summed log-prob."""
-        from multitune.constrained import constrained_greedy, constrained_greedy_uncached
+        from multitune.scoring.constrained import constrained_greedy, constrained_greedy_uncached
 
         trie = self.trie(labels)
         prompts = self._prompts(examples, max(len(c) for c in trie.cands))
         dev = _model_device(self.model)
 
         def decode(batch: list[list[int]]) -> list[tuple[int, float]]:
-            if _uses_prompt_learning(self.model):  # one unpadded row at a time, no cache (see multitune.constrained)
+            if _uses_prompt_learning(self.model):  # one unpadded row at a time, no cache (see multitune.scoring.constrained)
                 steps = max(len(c) for c in trie.cands) if self.lockstep else None
                 return [constrained_greedy_uncached(self.model, p, trie, lambda ids: _input_logits(self.model, input_ids=ids), steps)
                         for p in batch]

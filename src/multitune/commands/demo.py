@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from multitune import tiny
+from multitune.commands import tiny
 from multitune.config import Config, config_from_dict
 
 ONLINE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -97,9 +97,9 @@ def demo_config(workdir: Path, offline: bool | None = None) -> Config:
 def before_after(cfg: Config, tuned: dict[str, dict[str, Any]]) -> str:
     """The base model zero-shot on the run's validation rows (written to metrics-base.json) beside the
     fine-tuned results: what the fine-tuning bought."""
-    from multitune.evaluate import write_results
-    from multitune.run import RunDir
-    from multitune.variants import Variant, eval_data, evaluate
+    from multitune.scoring.evaluate import write_results
+    from multitune.rundir import RunDir
+    from multitune.results.variants import Variant, eval_data, evaluate
 
     run = RunDir(Path(cfg.run_dir))
     variant = Variant(base=True)

@@ -1,4 +1,4 @@
-"""`head: classifier`: train, evaluate and predict with a classification head per task (multitune.heads).
+"""`head: classifier`: train, evaluate and predict with a classification head per task (multitune.modeling.heads).
 
 The run is laid out like an LM run (config.yaml, splits/, checkpoints/, final/, metrics.json,
 report.md, DONE), so `multitune eval` and `multitune predict` work on it and its metrics have the same
@@ -7,7 +7,7 @@ each task's head (final/); with ``strategy: per_task`` each task gets its own ad
 trained one after the other (final/<task>/ with its own trainer_state.json and cost.json,
 checkpoints/<task>/; the run's cost.json is their sum).
 
-A launch goes through the LM path's stages (multitune.train): ``plan_launch`` for each model the run
+A launch goes through the LM path's stages (multitune.training.train): ``plan_launch`` for each model the run
 trains (the same refusals, resume agreement across ranks and relaunch of a finished run),
 ``prepare_run`` (split, data cache, run directory), ``fit`` and ``save_outputs``. Only the trainer
 and the scoring differ: transformers' Trainer (there is no completion for TRL's SFTTrainer to
@@ -27,22 +27,22 @@ import torch
 from accelerate import PartialState
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from multitune import wandb_log
-from multitune.adapter_state import PortableAdapterCheckpoints
-from multitune.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
+from multitune.training import wandb_log
+from multitune.training.adapter_state import PortableAdapterCheckpoints
+from multitune.training.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
 from multitune.config import Config
-from multitune.data import TaskData, _weighted, subsample
+from multitune.data.load import TaskData, _weighted, subsample
 from multitune.distributed import any_rank, checked
 from multitune.errors import UserError
-from multitune.calibration import calibration_metrics
-from multitune.evaluate import format_table, prediction_rows, write_results
-from multitune.formatting import Formatter, TooLong
-from multitune.heads import HEADS_FILE, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
+from multitune.scoring.calibration import calibration_metrics
+from multitune.scoring.evaluate import format_table, prediction_rows, write_results
+from multitune.data.formatting import Formatter, TooLong
+from multitune.modeling.heads import HEADS_FILE, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.hub import mirror_root
-from multitune.model import adapters_in_fp32, load_tokenizer
-from multitune.run import RunDir, TaskRun, part_of, parts, training_log
+from multitune.modeling.load import adapters_in_fp32, load_tokenizer
+from multitune.rundir import RunDir, TaskRun, part_of, parts, training_log
 from multitune.tasks import Example, Task, resolve_tasks
-from multitune.train import (
+from multitune.training.train import (
     COST_FILE, Setup, already_finished, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
     sft_config, total_cost,
 )
@@ -255,7 +255,7 @@ def evaluate_run(run: RunDir, cfg: Config, *, mode: str | None = None, max_rows:
     """`multitune eval` for a classifier run: re-score the recorded validation split with the saved heads.
 
     All rows rewrite metrics.json; --max-rows writes metrics-classifier-<N>rows.json beside it (as the LM path)."""
-    from multitune.data import load_tasks
+    from multitune.data.load import load_tasks
 
     if mode not in (None, MODE):
         raise UserError(f"--mode {mode} applies to head: lm runs; this run predicts with its classifier head (leave --mode out)")

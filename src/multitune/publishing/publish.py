@@ -18,8 +18,8 @@ from typing import Any
 
 from multitune.config import Config
 from multitune.errors import UserError
-from multitune.evaluate import summary_rows
-from multitune.run import RunDir
+from multitune.scoring.evaluate import summary_rows
+from multitune.rundir import RunDir
 
 TASK_TYPES = {"classification": "text-classification", "multiple_choice": "multiple-choice", "chat": "text-generation"}
 METRICS = {"classification": [("accuracy", "accuracy", "accuracy", None), ("f1", "macro_f1", "macro-F1", "macro")],
@@ -73,8 +73,8 @@ def eval_results(cfg: Config, results: dict[str, Any]):
 
 def task_prompts(run: RunDir, cfg: Config, tokenizer) -> list[dict[str, Any]]:
     """Each task's exact chat messages (placeholders for the input), rendered prompt and answers."""
-    from multitune.formatting import Formatter
-    from multitune.predict import restore_task
+    from multitune.data.formatting import Formatter
+    from multitune.results.predict import restore_task
 
     eot = Formatter(tokenizer, cfg.model.max_length).eot
     out = []
@@ -186,8 +186,8 @@ def _usage(repo_id: str, base: str, plain: bool, r: int, pr: dict | None, eot: s
 
 def build_folder(run: RunDir, cfg: Config, out: Path, *, repo_id: str, merged: bool = False) -> Path:
     """Write exactly what `push` uploads into ``out`` (which must not exist, or be empty)."""
-    from multitune.export import write_weights
-    from multitune.model import load_tokenizer
+    from multitune.publishing.export import write_weights
+    from multitune.modeling.load import load_tokenizer
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from multitune.config import Config
-from multitune.runpod import ADAPTER_METHODS, accelerate_config_for
+from multitune.launch.runpod import ADAPTER_METHODS, accelerate_config_for
 
 MiB, GiB = 1024**2, 1024**3
 BLOCK, BLOCK2 = 64, 256  # bitsandbytes NF4 block size, and the block size of its double quantisation
@@ -106,7 +106,7 @@ def count(cfg: Config, compute_dtype: torch.dtype = torch.bfloat16, hf_config=No
     """Exact parameter and byte counts for ``cfg`` trained in ``compute_dtype`` (bf16 on a bf16 GPU)."""
     from transformers import AutoModelForCausalLM
 
-    from multitune.model import apply_peft
+    from multitune.modeling.load import apply_peft
 
     notes = []
     if hf_config is None:
@@ -226,9 +226,9 @@ class DataStats:
 def data_stats(cfg: Config, sample: int = 200) -> DataStats:
     """Count the training examples and measure their length (the tokenizer's, else ~4 characters a token)."""
     from multitune.errors import UserError
-    from multitune.formatting import Formatter
+    from multitune.data.formatting import Formatter
     from multitune.hub import mirror_root
-    from multitune.model import load_tokenizer
+    from multitune.modeling.load import load_tokenizer
     from multitune.tasks import build_task
 
     mirror = mirror_root(cfg.hub_mirror)

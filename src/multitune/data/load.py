@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from multitune.config import Config
 from multitune.errors import UserError
-from multitune.formatting import Formatter, TooLong, check_supervision
+from multitune.data.formatting import Formatter, TooLong, check_supervision
 from multitune.hub import mirror_root
 from multitune.tasks import Example, Task, build_task
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from multitune.config import Config
-from multitune.data import TaskData, load_tasks
+from multitune.data.load import TaskData, load_tasks
 from multitune.errors import UserError
-from multitune.fewshot import add_shots
+from multitune.data.fewshot import add_shots
 from multitune.hub import mirror_root
-from multitune.scoring import MODES
+from multitune.scoring.scorer import MODES
 from multitune.tasks import build_task, templates
 
 
@@ -95,7 +95,7 @@ def eval_data(cfg: Config, split_dir: Path | None, variant: Variant, seed: int) 
 
 def load_scoring_model(cfg: Config, weights: Path | None):
     """The model and tokenizer to score with: the trained weights in ``weights``, or the base model."""
-    from multitune.model import device, load_for_inference, load_model, load_tokenizer
+    from multitune.modeling.load import device, load_for_inference, load_model, load_tokenizer
 
     if weights is not None:
         return load_for_inference(cfg, weights), load_tokenizer(cfg.model, None, source=str(weights))
@@ -107,14 +107,14 @@ def load_scoring_model(cfg: Config, weights: Path | None):
 
 def evaluate(cfg: Config, weights: Path | None, data: list[TaskData], variant: Variant, seed: int) -> dict[str, dict[str, Any]]:
     """Per-task metrics of the base model (``weights`` None) or a run's weights on ``data``."""
-    from multitune.evaluate import evaluate_tasks
-    from multitune.formatting import Formatter
+    from multitune.scoring.evaluate import evaluate_tasks
+    from multitune.data.formatting import Formatter
 
     mode = variant.mode or cfg.eval.mode
     if weights is not None:  # a trained run: one adapter on the mixed tasks, or one per task (strategy: per_task)
-        from multitune.model import load_tokenizer
-        from multitune.per_task import evaluate_trained, tokenizer_dir
-        from multitune.run import RunDir
+        from multitune.modeling.load import load_tokenizer
+        from multitune.training.per_task import evaluate_trained, tokenizer_dir
+        from multitune.rundir import RunDir
 
         run = RunDir(weights.parent)
         assert weights == run.final, weights
@@ -128,8 +128,8 @@ def evaluate(cfg: Config, weights: Path | None, data: list[TaskData], variant: V
 
 def evaluate_and_write(cfg: Config, root: Path, weights: Path | None, split_dir: Path | None, variant: Variant) -> Path:
     """Evaluate, write metrics[-<variant>].json and report[-<variant>].md in ``root``, print the table."""
-    from multitune.evaluate import format_table, write_results
-    from multitune.run import RunDir, training_log
+    from multitune.scoring.evaluate import format_table, write_results
+    from multitune.rundir import RunDir, training_log
 
     check_variant(cfg, variant)
     results = evaluate(cfg, weights, eval_data(cfg, split_dir, variant, cfg.seed), variant, cfg.seed)

@@ -7,11 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from multitune.calibration import calibration_metrics
-from multitune.data import TaskData, subsample
+from multitune.scoring.calibration import calibration_metrics
+from multitune.data.load import TaskData, subsample
 from multitune.distributed import all_gather, is_distributed, max_over_ranks, rank, world_size
-from multitune.formatting import IGNORE, Formatter
-from multitune.scoring import Scorer
+from multitune.data.formatting import IGNORE, Formatter
+from multitune.scoring.scorer import Scorer
 
 
 def evaluate_tasks(
@@ -136,7 +136,7 @@ def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: st
     curves from ``log_history``) and report.md, which links them. With a ``variant``: metrics-<variant>.json,
     report-<variant>.md and plots/<task>-*-<variant>.png beside them (a partial or other-mode evaluation,
     which must not replace the run's own results). Returns the plots written, per task."""
-    from multitune.plots import write_plots
+    from multitune.results.plots import write_plots
 
     suffix = f"-{variant}" if variant else ""
     metrics = {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}

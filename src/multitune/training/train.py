@@ -19,25 +19,25 @@ from accelerate import PartialState
 from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from multitune import wandb_log
-from multitune.adapter_state import PortableAdapterCheckpoints
-from multitune.checkpoints import (
+from multitune.training import wandb_log
+from multitune.training.adapter_state import PortableAdapterCheckpoints
+from multitune.training.checkpoints import (
     CompleteMarker, GracefulStop, Layout, TimedCheckpoints, TrainingClock, grad_accum_for_resume, is_sharded, latest_complete,
     saved_layout, step_of,
 )
 from multitune.config import PROMPT_LEARNING, Config
-from multitune.data import TaskData, save_splits, training_summary
+from multitune.data.load import TaskData, save_splits, training_summary
 from multitune.distributed import checked, gather_checked, main_print, node_print, rank
 from multitune.errors import UserError
-from multitune.evaluate import evaluate_tasks, format_table, write_results
-from multitune.formatting import Formatter
+from multitune.scoring.evaluate import evaluate_tasks, format_table, write_results
+from multitune.data.formatting import Formatter
 from multitune.hub import mirror_root
-from multitune.hub_checkpoints import fetch_newest_checkpoint, hub_callbacks
-from multitune.loss import trainer_loss
-from multitune.model import adapters_in_fp32, apply_peft, bf16_supported, check_requirements, load_model, load_tokenizer
-from multitune.prepared import Prepared, prepare
-from multitune.run import RunDir
-from multitune.speed import sft_args
+from multitune.training.hub_checkpoints import fetch_newest_checkpoint, hub_callbacks
+from multitune.modeling.loss import trainer_loss
+from multitune.modeling.load import adapters_in_fp32, apply_peft, bf16_supported, check_requirements, load_model, load_tokenizer
+from multitune.data.prepared import Prepared, prepare
+from multitune.rundir import RunDir
+from multitune.modeling.speed import sft_args
 from multitune.tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
         return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`train.loss_positions: supervised`: the LM head and loss on supervised positions only (multitune.loss)."""
+        """`train.loss_positions: supervised`: the LM head and loss on supervised positions only (multitune.modeling.loss)."""
         if self.mt_cfg.train.loss_positions == "all" or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return trainer_loss(self, model, inputs, num_items_in_batch)
@@ -153,7 +153,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         ddp_find_unused_parameters=False,
         bf16=_bf16(cfg),
         use_cpu=not torch.cuda.is_available(),
-        **sft_args(t),  # train.compile: padded to a multiple of 64, dynamic shapes; train.liger checked (multitune.speed)
+        **sft_args(t),  # train.compile: padded to a multiple of 64, dynamic shapes; train.liger checked (multitune.modeling.speed)
         activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         dataloader_num_workers=t.dataloader_workers,
@@ -176,11 +176,11 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
     if cfg.head == "classifier":  # a classification head per task instead of writing the label
-        from multitune import classifier
+        from multitune.training import classifier
 
         return classifier.train(cfg, resume=resume, overwrite=overwrite)
     if cfg.strategy == "per_task":  # one adapter per task, trained in turn
-        from multitune import per_task
+        from multitune.training import per_task
 
         return per_task.train(cfg, resume=resume, overwrite=overwrite)
     cfg = checkpointing_for_peft(resolve_tasks(cfg))
@@ -370,7 +370,7 @@ def evaluate_and_report(trainer: SFTTrainer, cfg: Config, run: RunDir, setup: Se
         run.mark_done()
     wandb_log.log_final(results, plots, trainer.state.global_step)  # rank 0 only: the others have no wandb run
     if cfg.hub.push and rank() == 0:
-        from multitune.publish import push
+        from multitune.publishing.publish import push
 
         try:
             push(run, cfg, results)

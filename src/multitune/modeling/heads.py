@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from multitune import hub
 from multitune.config import Config
 from multitune.errors import UserError
-from multitune.formatting import Formatter
-from multitune.model import device, load_model, peft_config
+from multitune.data.formatting import Formatter
+from multitune.modeling.load import device, load_model, peft_config
 from multitune.tasks import Example
 
 HEADS_FILE = "heads.json"

@@ -27,11 +27,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from multitune.checkpoints import MARKER, is_complete, latest_complete
+from multitune.training.checkpoints import MARKER, is_complete, latest_complete
 from multitune.config import Config
 from multitune.distributed import checked
 from multitune.errors import UserError
-from multitune.run import RunDir
+from multitune.rundir import RunDir
 
 SUFFIX = "-checkpoints"
 _PENDING: list[Future] = []

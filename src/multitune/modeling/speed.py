@@ -1,6 +1,6 @@
 """GPU-only speed options: Liger kernels (`train.liger`) and `torch.compile` without per-length recompiles.
 
-Liger and the supervised-positions loss (multitune.loss). Liger's layer kernels (RMSNorm, RoPE,
+Liger and the supervised-positions loss (multitune.modeling.loss). Liger's layer kernels (RMSNorm, RoPE,
 SwiGLU) replace those modules' forwards and combine with either loss path. Its fused linear
 cross-entropy (FLCE) is not used: with `train.loss_positions: supervised` the head already runs on
 the few supervised rows only (a [answer tokens x vocab] product, small next to the decoder), and with

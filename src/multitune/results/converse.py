@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from multitune.errors import UserError
-from multitune.formatting import Formatter, TooLong
-from multitune.run import RunDir, part_of
+from multitune.data.formatting import Formatter, TooLong
+from multitune.rundir import RunDir, part_of
 from multitune.tasks import Task
 
 
 def chat_task(run: RunDir, name: str | None) -> Task:
     """The run's chat task (the one named, the one called `chat`, or its only chat task), bound as trained."""
-    from multitune.predict import restore_task
+    from multitune.results.predict import restore_task
 
     cfg = run.load_config()
     chats = [t.name for t in cfg.tasks if (t.type or "") == "chat"]
@@ -75,7 +75,7 @@ class Chat:
 
 
 def open_chat(run_dir: Path, task_name: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0) -> Chat:
-    from multitune.model import load_for_tasks, load_tokenizer
+    from multitune.modeling.load import load_for_tasks, load_tokenizer
 
     if max_new_tokens < 1 or temperature < 0:
         raise UserError("--max-new-tokens must be at least 1 and --temperature at least 0 (0: greedy)")

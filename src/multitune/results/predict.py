@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from multitune.errors import UserError
-from multitune.formatting import Formatter
-from multitune.model import load_for_tasks, load_tokenizer
-from multitune.run import RunDir, part_of
-from multitune.scoring import Scorer
+from multitune.data.formatting import Formatter
+from multitune.modeling.load import load_for_tasks, load_tokenizer
+from multitune.rundir import RunDir, part_of
+from multitune.scoring.scorer import Scorer
 from multitune.tasks import Task, build_task
 
 UNSURE = "unsure"  # the answer below --min-confidence
@@ -76,7 +76,7 @@ def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | 
         except UserError as e:
             raise UserError(f"input {n}: {e}") from None
     if cfg.head == "classifier":  # the run's classification head gives the label and its probability
-        from multitune import classifier
+        from multitune.training import classifier
 
         if mode != "likelihood":
             raise UserError(f"--mode {mode}: a head: classifier run predicts with its classification head; drop --mode")
