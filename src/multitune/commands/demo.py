@@ -97,7 +97,7 @@ def demo_config(workdir: Path, offline: bool | None = None) -> Config:
 def before_after(cfg: Config, tuned: dict[str, dict[str, Any]]) -> str:
     """The base model zero-shot on the run's validation rows (written to metrics-base.json) beside the
     fine-tuned results: what the fine-tuning bought."""
-    from multitune.scoring.evaluate import write_results
+    from multitune.results.report import write_results
     from multitune.rundir import RunDir
     from multitune.results.variants import Variant, eval_data, evaluate
 

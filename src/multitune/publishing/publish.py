@@ -18,7 +18,7 @@ from typing import Any
 
 from multitune.config import Config
 from multitune.errors import UserError
-from multitune.scoring.evaluate import summary_rows
+from multitune.results.report import summary_rows
 from multitune.rundir import RunDir
 
 TASK_TYPES = {"classification": "text-classification", "multiple_choice": "multiple-choice", "chat": "text-generation"}

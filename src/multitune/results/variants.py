@@ -128,7 +128,7 @@ def evaluate(cfg: Config, weights: Path | None, data: list[TaskData], variant: V
 
 def evaluate_and_write(cfg: Config, root: Path, weights: Path | None, split_dir: Path | None, variant: Variant) -> Path:
     """Evaluate, write metrics[-<variant>].json and report[-<variant>].md in ``root``, print the table."""
-    from multitune.scoring.evaluate import format_table, write_results
+    from multitune.results.report import format_table, write_results
     from multitune.rundir import RunDir, training_log
 
     check_variant(cfg, variant)

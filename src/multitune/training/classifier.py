@@ -35,7 +35,8 @@ from multitune.data.load import TaskData, _weighted, subsample
 from multitune.distributed import any_rank, checked
 from multitune.errors import UserError
 from multitune.scoring.calibration import calibration_metrics
-from multitune.scoring.evaluate import format_table, prediction_rows, write_results
+from multitune.scoring.evaluate import prediction_rows
+from multitune.results.report import format_table, write_results
 from multitune.data.formatting import Formatter, TooLong
 from multitune.modeling.heads import HEADS_FILE, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.hub import mirror_root

@@ -32,7 +32,8 @@ from multitune.training import wandb_log
 from multitune.config import Config
 from multitune.data.load import TaskData
 from multitune.distributed import any_rank, main_print
-from multitune.scoring.evaluate import evaluate_tasks, format_table, write_results
+from multitune.scoring.evaluate import evaluate_tasks
+from multitune.results.report import format_table, write_results
 from multitune.data.formatting import Formatter
 from multitune.modeling.load import load_for_tasks, use_adapter
 from multitune.data.prepared import Prepared

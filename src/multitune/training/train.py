@@ -29,7 +29,8 @@ from multitune.config import PROMPT_LEARNING, Config
 from multitune.data.load import TaskData, save_splits, training_summary
 from multitune.distributed import checked, gather_checked, main_print, node_print, rank
 from multitune.errors import UserError
-from multitune.scoring.evaluate import evaluate_tasks, format_table, write_results
+from multitune.scoring.evaluate import evaluate_tasks
+from multitune.results.report import format_table, write_results
 from multitune.data.formatting import Formatter
 from multitune.hub import mirror_root
 from multitune.training.hub_checkpoints import fetch_newest_checkpoint, hub_callbacks
