@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from multitune.scoring.scorer import evaluate
+from multitune.scoring import evaluate
 from multitune.config import TaskConfig
 from multitune.data.load import load_tasks
 from multitune.data.formatting import Formatter
