@@ -18,7 +18,8 @@ from multitune.data.load import load_tasks, subsample
 from multitune.data.formatting import Formatter
 from multitune.modeling.load import load_for_inference, load_tokenizer
 from multitune.rundir import RunDir
-from multitune.scoring.scorer import Scorer, candidate_logprobs_reference
+from multitune.scoring.likelihood import candidate_logprobs_reference
+from multitune.scoring.scorer import Scorer
 
 
 def _timed(fn):

@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from multitune.data.formatting import Formatter
-from multitune.scoring.scorer import LabelTrie, Scorer, best_candidates, candidate_logprobs_reference
+from multitune.scoring.likelihood import best_candidates, candidate_logprobs_reference
+from multitune.scoring.scorer import Scorer
+from multitune.scoring.trie import LabelTrie
 from multitune.tasks import Example
 
 LABELS = ["card_arrival", "change_pin", "Refund_not_showing_up", "A", "reverted_card_payment?", "top_up_failed"]

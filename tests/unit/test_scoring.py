@@ -7,7 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from multitune.data.formatting import Formatter
-from multitune.scoring.scorer import LabelTrie, Scorer, candidate_logprobs, candidate_logprobs_reference
+from multitune.scoring.likelihood import candidate_logprobs, candidate_logprobs_reference
+from multitune.scoring.scorer import Scorer
+from multitune.scoring.trie import LabelTrie
 from multitune.tasks import Example
 
 LABELS = ["card_arrival", "change_pin", "Refund_not_showing_up", "A", "reverted_card_payment?", "top_up_failed"]
@@ -69,7 +71,7 @@ def test_predict_labels_is_the_reference_argmax(model, tokenizer):
 
 
 def test_pruned_search_finds_the_exact_argmax(model, tokenizer):
-    from multitune.scoring.scorer import best_candidates
+    from multitune.scoring.likelihood import best_candidates
 
     f = Formatter(tokenizer, 256)
     prompts, cands = f.prompt_ids(EXAMPLES * 3), f.completion_ids(LABELS)
@@ -83,7 +85,7 @@ def test_pruned_search_finds_the_exact_argmax(model, tokenizer):
 
 
 def test_pruned_search_without_rescoring_when_the_model_is_sure(model, tokenizer):
-    from multitune.scoring.scorer import best_candidates
+    from multitune.scoring.likelihood import best_candidates
 
     prompt = Formatter(tokenizer, 256).prompt_ids(EXAMPLES[:1])[0]
     greedy = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False)[0, len(prompt):].tolist()

@@ -1,7 +1,7 @@
 """Constrained decoding: greedy generation that can only spell one of the labels.
 
 At each step the model may pick only a token that continues some label along the label trie
-(:class:`~multitune.scoring.scorer.LabelTrie`), so whatever it generates is a valid label, even from an
+(:class:`~multitune.scoring.trie.LabelTrie`), so whatever it generates is a valid label, even from an
 untrained model. The walk is transformers' own greedy ``generate`` with ``prefix_allowed_tokens_fn``
 (the KV cache and ``synced_gpus`` included); this module only says which tokens each trie state allows
 and reads the label and its log-probability back. Prompt/prefix-tuning models take a plain loop of
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from multitune.scoring.scorer import LabelTrie
+from multitune.scoring.trie import LabelTrie
 
 
 def _walk(trie: LabelTrie, tokens: list[int]) -> tuple[int, int, int]:
