@@ -113,7 +113,8 @@ def run_block(name: str, node: dict[str, str], tmp_path: Path, args: str = "", d
     env |= envs | node | {"PATH": f"{_fake_accelerate(tmp_path)}:{Path(sys.executable).parent}:{env['PATH']}"}
     if done:
         env["FAKE_DONE"] = str(tmp_path / "runs" / "llama3-8b-lora")
-    return subprocess.run(["bash", "-c", config["run"]], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(["bash", "-c", config["run"]], cwd=REPO, capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
 
 
 def test_every_node_of_the_3x4_task_launches_its_share_of_12_processes(tmp_path):
@@ -196,5 +197,5 @@ def test_the_run_commands_pass_shellcheck(tmp_path):
             script = tmp_path / f"{name}.{part}.sh"
             script.write_text("#!/usr/bin/env bash\n" + config[part])
             scripts.append(script)
-    res = subprocess.run([tool("shellcheck"), *map(str, scripts)], capture_output=True, text=True)
+    res = subprocess.run([tool("shellcheck"), *map(str, scripts)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout
