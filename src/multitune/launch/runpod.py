@@ -7,6 +7,10 @@ wants ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, ``GPUS_PER_NO
 :func:`launch_env` is the mapping, a pure function of the environment so that it can be tested for 1 and 3
 nodes; ``python -m multitune.launch.runpod CONFIG`` prints it as ``export`` lines for the start script to ``eval``.
 
+SkyPilot (``launch/sky/``) runs the same start script on every node of its cluster and sets
+``SKYPILOT_NODE_RANK``, ``SKYPILOT_NODE_IPS`` (one address a line, node 0 first), ``SKYPILOT_NUM_NODES`` and
+``SKYPILOT_NUM_GPUS_PER_NODE``; :func:`cluster_env` puts them under the names above, so one mapping serves both.
+
 Secrets are never printed: a token held in a RunPod secret (``RUNPOD_SECRET_<name>``) is exported by
 reference (``export HF_TOKEN="${RUNPOD_SECRET_hf_token}"``), so its value appears in no output or log.
 """
@@ -29,6 +33,9 @@ SECRET_NAMES = {
     "HF_TOKEN": ("hf_token", "huggingface_token", "hugging_face_token", "hf"),
     "WANDB_API_KEY": ("wandb_api_key", "wandb_key", "wandb"),
 }
+# SkyPilot's variable -> the RunPod name launch_env reads (the address comes from SKYPILOT_NODE_IPS)
+SKYPILOT_NAMES = {"SKYPILOT_NUM_NODES": "NUM_NODES", "SKYPILOT_NODE_RANK": "NODE_RANK",
+                  "SKYPILOT_NUM_GPUS_PER_NODE": "NUM_TRAINERS"}
 ADAPTER_METHODS = ("lora", "qlora", "dora", "rslora", "ia3", "prompt_tuning", "prefix_tuning")
 
 
@@ -115,15 +122,36 @@ def secret_exports(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def cluster_env(env: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """The environment with a SkyPilot cluster's variables under RunPod's names, and which provider set it.
+
+    On SkyPilot (``SKYPILOT_NODE_RANK`` set) its values win over any RunPod-style ones; across nodes the
+    rendezvous is node 0, the first of ``SKYPILOT_NODE_IPS``; one node uses 127.0.0.1, as a single pod does.
+    """
+    if env.get("SKYPILOT_NODE_RANK") in (None, ""):
+        return dict(env), "runpod"
+    out = dict(env)
+    for sky, ours in SKYPILOT_NAMES.items():
+        if env.get(sky):
+            out[ours] = env[sky]
+    ips = env.get("SKYPILOT_NODE_IPS", "").split()
+    nnodes = _int(env, "SKYPILOT_NUM_NODES") or len(ips) or 1
+    if nnodes > 1 and len(ips) != nnodes:
+        raise UserError(f"SKYPILOT_NUM_NODES={nnodes} but SKYPILOT_NODE_IPS lists {len(ips)} address(es)")
+    out["PRIMARY_ADDR"] = ips[0] if nnodes > 1 else "127.0.0.1"
+    return out, "skypilot"
+
+
 def launch_env(
     env: Mapping[str, str], *, method: str = "lora", gpu_count: int = 0, interfaces: Sequence[str] = (),
     accelerate_dir: Path = ACCELERATE_DIR,
 ) -> LaunchEnv:
-    """Map a pod's environment (RunPod names, or the launcher's own) to the launcher's variables.
+    """Map a pod's environment (RunPod or SkyPilot names, or the launcher's own) to the launcher's variables.
 
     ``gpu_count`` is what this node sees (``nvidia-smi -L``), used when neither ``NUM_TRAINERS`` nor
     ``GPUS_PER_NODE`` is set; ``interfaces`` are this node's network interfaces (``/sys/class/net``).
     """
+    env, provider = cluster_env(env)
     nnodes = _int(env, "NUM_NODES") or _int(env, "NNODES") or 1
     gpus = _int(env, "NUM_TRAINERS") or _int(env, "GPUS_PER_NODE") or gpu_count or 1
     node_rank = _int(env, "NODE_RANK", 0)
@@ -142,7 +170,7 @@ def launch_env(
     if nnodes == 1:
         addr = addr or "127.0.0.1"
     exports = {}
-    if nnodes > 1:
+    if nnodes > 1 and provider == "runpod":  # ens* is RunPod's cluster network; SkyPilot's clouds route the node IPs
         exports |= {k: shlex.quote(v) for k, v in socket_interfaces(env, interfaces).items()}
         if not any(i.startswith("ens") for i in interfaces) and not env.get("NCCL_SOCKET_IFNAME"):
             notes.append("no ens* interface found: NCCL picks one itself; set NCCL_SOCKET_IFNAME if nodes cannot connect")
