@@ -110,7 +110,8 @@ def _last_loss(log_history: list[dict]) -> float:
 
 
 def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: StepWindow, eval_rows: int = EVAL_ROWS) -> dict[str, Any]:
-    from multitune.training import train as train_module
+    from multitune.launch.runner import train as run_training
+    from multitune.training.lm import MultitaskTrainer
     from multitune.config import load_config
     from multitune.data.formatting import Formatter
     from multitune.modeling.load import load_for_inference, load_tokenizer
@@ -123,7 +124,7 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
     per_step = packed_rows(cfg, cfg.train.grad_accum) if cfg.train.packing else cfg.train.batch_size
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": micro_batch(per_step, cfg.train.grad_accum)})})
     # the benchmark's timing callback joins the trainer that `multitune train` builds (the harness, not the product)
-    trainer_cls, init = train_module.MultitaskTrainer, train_module.MultitaskTrainer.__init__
+    trainer_cls, init = MultitaskTrainer, MultitaskTrainer.__init__
 
     def timed_init(self, *args, **kwargs):
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), window.callback]
@@ -132,7 +133,7 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
 
     trainer_cls.__init__ = timed_init
     try:
-        train_module.train(cfg, resume=False, overwrite=True)
+        run_training(cfg, resume=False, overwrite=True)
     finally:
         trainer_cls.__init__ = init
     run = RunDir(Path(cfg.run_dir))

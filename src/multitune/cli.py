@@ -26,7 +26,7 @@ def train(
 ) -> None:
     """Train on the config's tasks; relaunching the same command resumes from the newest checkpoint."""
     from multitune.config import load_config
-    from multitune.training.train import train as run_training
+    from multitune.launch.runner import train as run_training
 
     run_training(load_config(config, overrides or []), resume=not no_resume, overwrite=overwrite)
 
@@ -46,8 +46,9 @@ def eval_(
     --mode, --shots, --template, --base, a config) writes metrics-<variant>.json and report-<variant>.md
     beside them (in the config's run_dir for a config), e.g. metrics-base-2shot.json.
     """
+    from multitune.results.trained import open_run
+    from multitune.results.variants import Variant, as_base, evaluate_and_write
     from multitune.rundir import RunDir
-    from multitune.results.variants import Variant, evaluate_and_write
 
     variant = Variant(base=base or target.is_file(), shots=shots, template=template, mode=mode, max_rows=max_rows)
     if target.is_file():  # a config: its base model on the split its training makes (recorded in run_dir if it ran)
@@ -55,21 +56,12 @@ def eval_(
 
         cfg = load_config(target)
         run = RunDir(Path(cfg.run_dir))
-    else:
+        path = evaluate_and_write(as_base(cfg), run.root, run.splits, variant)
+    elif base:  # the run's base model on the run's recorded split
         run = RunDir(target)
-        cfg = run.load_config()
-        if not base:
-            run.require_finished()
-    if cfg.head == "classifier" and not variant.base:  # scored with its classification heads
-        if shots or template:
-            raise UserError("--shots and --template apply to head: lm runs; this run predicts with its classifier head")
-        from multitune.training import classifier
-
-        classifier.evaluate_run(run, cfg, mode=mode, max_rows=max_rows)
-        return
-    if variant.base:
-        cfg = cfg.model_copy(update={"head": "lm"}) if cfg.head != "lm" else cfg
-    path = evaluate_and_write(cfg, run.root, None if variant.base else run.final, run.splits, variant)
+        path = evaluate_and_write(as_base(run.load_config()), run.root, run.splits, variant)
+    else:
+        path = open_run(target).evaluate_and_write(variant)
     print(f"wrote {path}")
 
 
@@ -204,7 +196,7 @@ def demo(
 ) -> None:
     """Run the main job on an embedded default and print the per-task table, the base model's zero-shot beside it."""
     from multitune.commands.demo import before_after, demo_config
-    from multitune.training.train import train as run_training
+    from multitune.launch.runner import train as run_training
 
     cfg = demo_config(workdir, offline)
     tuned = run_training(cfg, overwrite=True)
@@ -222,12 +214,13 @@ def push(
 ) -> None:
     """Upload a finished run (adapter or merged weights, tokenizer, config, metrics, model card) in one commit."""
     from multitune.publishing.publish import push as run_push
+    from multitune.results.trained import open_run
     from multitune.rundir import RunDir
 
     run = RunDir(run_dir)
-    run.require_finished()
-    cfg = run.load_config()
-    _one_model(cfg, "push")
+    trained = open_run(run)
+    trained.publishable("push")
+    cfg = trained.cfg
     hub = cfg.hub.model_copy(update={"repo_id": repo_id or cfg.hub.repo_id})
     run_push(run, cfg.model_copy(update={"hub": hub}), merged=merged, dry_run=dry_run, private=private)
 
@@ -240,19 +233,14 @@ def export(
 ) -> None:
     """Write the run's model (adapter, or merged into the base: a plain transformers model) with its model card."""
     from multitune.publishing.export import export as run_export
+    from multitune.results.trained import open_run
     from multitune.rundir import RunDir
 
     run = RunDir(run_dir)
-    run.require_finished()
-    cfg = run.load_config()
-    _one_model(cfg, "export")
+    trained = open_run(run)
+    trained.publishable("export")
+    cfg = trained.cfg
     run_export(run, cfg, out_dir, merged=merged)
-
-
-def _one_model(cfg, command: str) -> None:
-    if cfg.strategy == "per_task" or cfg.head == "classifier":
-        raise UserError(f"`multitune {command}` handles a run with one language-model adapter (head: lm, strategy: joint); "
-                        f"this run is head: {cfg.head}, strategy: {cfg.strategy}: upload or copy run_dir/final with `hf upload`")
 
 
 @app.command()

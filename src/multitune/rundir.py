@@ -139,7 +139,9 @@ class RunDir:
         """Make the directory ready: start over unless resuming, then record the config."""
         if not resuming and self.root.exists():
             # the wandb ids too: new training must not be appended to the old run's wandb runs
+            # cost.json last marks a trained model (multitune.training.parts): a stale one must not pass for this run's
             for path in (self.checkpoints, self.splits, self.final, self.done, self.metrics, self.report, self.plots,
+                         *(self.root / f for f in ("cost.json", "trainer_state.json", "launch.json")),
                          *self.root.glob("wandb_id*"), self.root / "wandb"):
                 if path.is_dir():
                     shutil.rmtree(path)

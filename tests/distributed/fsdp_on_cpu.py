@@ -45,7 +45,7 @@ def _log_gathers(folder: str) -> None:
     import transformers
     from torch.distributed.tensor import DTensor, Replicate
 
-    import multitune.training.train
+    import multitune.training.stages
 
     counts: dict = {"checkpoint": [], "final": []}
     shapes: list = []
@@ -72,7 +72,7 @@ def _log_gathers(folder: str) -> None:
 
     DTensor.redistribute = counting
     transformers.Trainer._save_checkpoint = in_phase("checkpoint", transformers.Trainer._save_checkpoint)
-    multitune.training.train.save_final = in_phase("final", multitune.training.train.save_final)
+    multitune.training.stages.save_final = in_phase("final", multitune.training.stages.save_final)
     out = Path(folder) / f"rank{os.environ.get('RANK', '0')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atexit.register(lambda: out.write_text(json.dumps({**counts, "shapes": shapes})))

@@ -14,7 +14,7 @@ from multitune.cli import eval_
 from multitune.config import config_from_dict
 from multitune.errors import UserError
 from multitune.results.predict import predict
-from multitune.training.train import train
+from multitune.launch.runner import train
 from tests.conftest import tiny_config
 from tests.wandb_offline import history
 

@@ -9,7 +9,7 @@ from multitune.config import config_from_dict
 from multitune.data.load import load_tasks
 from multitune.modeling.load import load_for_inference, load_tokenizer
 from multitune.rundir import RunDir
-from multitune.training.train import train
+from multitune.launch.runner import train
 from tests import oracle
 from tests.conftest import tiny_config
 

@@ -19,7 +19,7 @@ from multitune.modeling.load import load_for_tasks, load_tokenizer, use_adapter
 from multitune.results.predict import predict
 from multitune.rundir import RunDir
 from multitune.scoring.scorer import Scorer
-from multitune.training.train import train
+from multitune.launch.runner import train
 from tests.conftest import tiny_config
 from tests.unit.test_eval_modes import assert_plots_linked
 from tests.wandb_offline import history

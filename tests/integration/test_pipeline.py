@@ -15,7 +15,7 @@ import yaml
 
 from multitune.config import config_from_dict
 from multitune.errors import UserError
-from multitune.training.train import train
+from multitune.launch.runner import train
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow

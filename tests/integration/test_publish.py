@@ -90,7 +90,7 @@ def published(assets, tmp_path_factory):
     from multitune.publishing.export import export
     from multitune.results.predict import predict, restore_task
     from multitune.publishing.publish import push
-    from multitune.training.train import train
+    from multitune.launch.runner import train
 
     root = tmp_path_factory.mktemp("publish")
     base = root / "base"  # the tiny model with a model card that declares a licence, as a Hub model has

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from multitune.config import config_from_dict
-from multitune.training.train import train
+from multitune.launch.runner import train
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict
-from multitune.training.train import train
+from multitune.launch.runner import train
 from tests.conftest import tiny_config
 from tests.unit.test_chat_task import write_dolly
 from tests.unit.test_eval_modes import assert_plots_linked

@@ -34,7 +34,7 @@ def _adapter_run(tmp_path, assets, method):
 def test_merged_model_computes_what_base_plus_adapter_computed(tmp_path, assets, method, capsys):
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-    from multitune.publishing.export import merged_model
+    from multitune.publishing.weights import merged_model
 
     cfg, run, adapted = _adapter_run(tmp_path, assets, method)
     merged = merged_model(run, cfg).eval()
@@ -65,7 +65,7 @@ def test_merged_model_computes_what_base_plus_adapter_computed(tmp_path, assets,
 
 
 def test_prompt_tuning_cannot_be_merged(tmp_path, assets):
-    from multitune.publishing.export import merged_model
+    from multitune.publishing.weights import merged_model
 
     cfg = config_from_dict({"model": {"name_or_path": str(assets["model"])}, "peft": {"method": "prompt_tuning"},
                             "tasks": [{"name": "claims", "dataset": str(assets["claims"])}]})

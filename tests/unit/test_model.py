@@ -27,7 +27,7 @@ def _gpu(monkeypatch, native_bf16: bool):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, assets, tmp_path, native):
-    from multitune.training.train import _bf16
+    from multitune.training.args import _bf16
 
     _gpu(monkeypatch, native)
     assert resolve_dtype("auto") == (torch.bfloat16 if native else torch.float32)
@@ -50,7 +50,7 @@ def loaded(monkeypatch):
 
 
 def test_full_fine_tuning_keeps_fp32_master_weights_on_a_bf16_gpu(monkeypatch, assets, tmp_path, loaded):
-    from multitune.training.train import _bf16
+    from multitune.training.args import _bf16
 
     _gpu(monkeypatch, native_bf16=True)
     full = _cfg(assets, tmp_path, "full")

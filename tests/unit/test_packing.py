@@ -22,7 +22,8 @@ from tests.conftest import tiny_config
 
 
 def test_a_packed_batch_trains_each_example_as_if_alone(assets, tokenizer, tmp_path):
-    from multitune.training.train import MultitaskTrainer, sft_config
+    from multitune.training.args import sft_config
+    from multitune.training.lm import MultitaskTrainer
 
     raw = tiny_config(assets, tmp_path / "run", packing=True, batch_size=4, eval_rows_during_training=0)
     raw["tasks"] = raw["tasks"][:2]

@@ -7,7 +7,7 @@ import pytest
 from multitune.config import config_from_dict, dump_config
 from multitune.errors import UserError
 from multitune.rundir import RunDir
-from multitune.training.train import refuse_unresumable
+from multitune.training.stages import refuse_unresumable
 
 
 def _cfg(tmp_path, **changes):

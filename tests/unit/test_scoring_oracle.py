@@ -58,7 +58,8 @@ def _model(cfg):
 
 
 def _trainer(cfg, model, tokenizer, tmp_path, task_data):
-    from multitune.training.train import MultitaskTrainer, sft_config
+    from multitune.training.args import sft_config
+    from multitune.training.lm import MultitaskTrainer
 
     formatter = Formatter(tokenizer, cfg.model.max_length)
     enc = formatter.encode(task_data[0].train[:4])

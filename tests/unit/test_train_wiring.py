@@ -6,7 +6,7 @@ import os
 
 from multitune.config import config_from_dict
 from multitune.rundir import RunDir
-from multitune.training.train import checkpointing_for_peft, sft_config
+from multitune.training.args import checkpointing_for_peft, sft_config
 
 
 def _cfg(tmp_path, method: str):
@@ -37,7 +37,7 @@ def test_push_without_a_token_stops_the_launch_before_training(tmp_path, monkeyp
     import pytest
 
     from multitune.errors import UserError
-    from multitune.training.train import train
+    from multitune.launch.runner import train
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # no stored login either
@@ -54,7 +54,7 @@ def test_several_gpus_in_one_process_are_refused_not_wrapped_in_data_parallel(tm
     from trl import SFTConfig
 
     from multitune.errors import UserError
-    from multitune.training.train import train
+    from multitune.launch.runner import train
 
     monkeypatch.setattr(SFTConfig, "n_gpu", property(lambda self: 4))
     with pytest.raises(UserError, match="4 GPUs are visible to one process.*--num_processes 4"):

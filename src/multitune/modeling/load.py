@@ -241,13 +241,13 @@ def load_task_adapters(cfg: Config, adapters: dict[str, Path]):
 
 
 def load_for_tasks(cfg: Config, run, tasks: list[str]):
-    """A run's trained model for ``tasks``: its one model (strategy: joint), or the base with each task's
-    adapter from final/<task>/ (strategy: per_task), the first task's active."""
-    if cfg.strategy == "joint":
-        return load_for_inference(cfg, run.final)
-    from multitune.rundir import TaskRun
+    """A run's trained model for ``tasks``: the one model that holds them all, or the base with each task's
+    own adapter (final/<task>/, strategy: per_task) named by its task, the first task's active."""
+    from multitune.rundir import part_of, parts
 
-    return load_task_adapters(cfg, {t: TaskRun(run.root, t).final for t in tasks})
+    if parts(cfg, run) == [run]:  # one model holds every task
+        return load_for_inference(cfg, run.final)
+    return load_task_adapters(cfg, {t: part_of(cfg, run, t).final for t in tasks})
 
 
 def use_adapter(model, task: str) -> None:

@@ -186,7 +186,7 @@ def _usage(repo_id: str, base: str, plain: bool, r: int, pr: dict | None, eot: s
 
 def build_folder(run: RunDir, cfg: Config, out: Path, *, repo_id: str, merged: bool = False) -> Path:
     """Write exactly what `push` uploads into ``out`` (which must not exist, or be empty)."""
-    from multitune.publishing.export import write_weights
+    from multitune.publishing.weights import write_weights
     from multitune.modeling.load import load_tokenizer
 
     out = Path(out)

@@ -13,14 +13,14 @@ import torch
 
 from multitune.errors import UserError
 from multitune.data.formatting import Formatter, TooLong
-from multitune.rundir import RunDir, part_of
+from multitune.results.predict import restore_task
+from multitune.results.trained import open_run
+from multitune.rundir import RunDir
 from multitune.tasks import Task
 
 
 def chat_task(run: RunDir, name: str | None) -> Task:
     """The run's chat task (the one named, the one called `chat`, or its only chat task), bound as trained."""
-    from multitune.results.predict import restore_task
-
     cfg = run.load_config()
     chats = [t.name for t in cfg.tasks if (t.type or "") == "chat"]
     if name is None:
@@ -75,18 +75,12 @@ class Chat:
 
 
 def open_chat(run_dir: Path, task_name: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0) -> Chat:
-    from multitune.modeling.load import load_for_tasks, load_tokenizer
-
     if max_new_tokens < 1 or temperature < 0:
         raise UserError("--max-new-tokens must be at least 1 and --temperature at least 0 (0: greedy)")
-    run = RunDir(Path(run_dir))
-    run.require_finished()
-    cfg = run.load_config()
-    task = chat_task(run, task_name)
-    weights = part_of(cfg, run, task.name).final  # per_task: the chat task's own adapter
-    tokenizer = load_tokenizer(cfg.model, None, source=str(weights))
-    model = load_for_tasks(cfg, run, [task.name]).eval()
-    return Chat(model, Formatter(tokenizer, cfg.model.max_length), task, max_new_tokens, temperature)
+    trained = open_run(Path(run_dir))
+    task = chat_task(trained.run, task_name)
+    model = trained.model([task.name])  # per_task: the chat task's own adapter
+    return Chat(model, trained.formatter(task.name), task, max_new_tokens, temperature)
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from multitune.errors import UserError
-from multitune.data.formatting import Formatter
-from multitune.modeling.load import load_for_tasks, load_tokenizer
-from multitune.rundir import RunDir, part_of
-from multitune.scoring.scorer import Scorer
+from multitune.results.trained import open_run
+from multitune.rundir import RunDir
 from multitune.tasks import Task, build_task
 
 UNSURE = "unsure"  # the answer below --min-confidence
@@ -62,10 +59,8 @@ def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | 
             mode: str = "likelihood", min_confidence: float | None = None) -> list[dict[str, Any]]:
     """Each input's prediction: {"label", "score"} (with ``min_confidence``, label "unsure" and the "guess"
     below it), or {"response"} for a chat task."""
-    run = RunDir(Path(run_dir))
-    run.require_finished()
-    cfg = run.load_config()
-    task = restore_task(run, task_name)
+    trained = open_run(Path(run_dir))
+    task = restore_task(trained.run, task_name)
     check_options(task.kind, mode, min_confidence)
     examples = []
     for n, value in enumerate(inputs, 1):
@@ -75,22 +70,12 @@ def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | 
             examples.append(task.example_from_input(value))
         except UserError as e:
             raise UserError(f"input {n}: {e}") from None
-    if cfg.head == "classifier":  # the run's classification head gives the label and its probability
-        from multitune.training import classifier
-
-        if mode != "likelihood":
-            raise UserError(f"--mode {mode}: a head: classifier run predicts with its classification head; drop --mode")
-        return label_answers(classifier.probabilities_of(run, cfg, task, examples), task.label_names, min_confidence)
-    tokenizer = load_tokenizer(cfg.model, None, source=str(part_of(cfg, run, task.name).final))
-    model = load_for_tasks(cfg, run, [task.name])  # per_task: the base with this task's adapter
-    scorer = Scorer(model, Formatter(tokenizer, cfg.model.max_length), cfg.eval.batch_size)
+    trained.check_predict_mode(mode)
     if task.kind == "chat":
-        return [{"response": r} for r in scorer.generate(examples, max_new_tokens)]
-    if mode == "constrained":
-        # the probability of the label the decoding spelled, under the whole vocabulary (not only among labels)
-        idx, logp = scorer.constrained(examples, task.label_names)
-        return [{"label": task.label_names[i], "score": round(math.exp(v), 4)} for i, v in zip(idx, logp, strict=True)]
-    return label_answers(scorer.likelihood(examples, task.label_names).softmax(-1), task.label_names, min_confidence)
+        return [{"response": r} for r in trained.generate(task, examples, max_new_tokens)]
+    if mode == "constrained":  # the probability of the label the decoding spelled, under the whole vocabulary
+        return [{"label": task.label_names[i], "score": round(p, 4)} for i, p in trained.constrained(task, examples)]
+    return label_answers(trained.label_probabilities(task, examples), task.label_names, min_confidence)
 
 
 def label_answers(probs, labels: list[str], min_confidence: float | None = None) -> list[dict[str, Any]]:

@@ -93,49 +93,39 @@ def eval_data(cfg: Config, split_dir: Path | None, variant: Variant, seed: int) 
     return data
 
 
-def load_scoring_model(cfg: Config, weights: Path | None):
-    """The model and tokenizer to score with: the trained weights in ``weights``, or the base model."""
-    from multitune.modeling.load import device, load_for_inference, load_model, load_tokenizer
+def as_base(cfg: Config) -> Config:
+    """The config's base model as a language model (a classifier run's base writes its labels too)."""
+    return cfg.model_copy(update={"head": "lm"})
 
-    if weights is not None:
-        return load_for_inference(cfg, weights), load_tokenizer(cfg.model, None, source=str(weights))
+
+def load_base_model(cfg: Config):
+    """The base model, untrained, and its tokenizer, to score with."""
+    from multitune.modeling.load import device, load_model, load_tokenizer
+
     model = load_model(cfg)
     if cfg.peft.method != "qlora":
         model.to(device())
     return model.eval(), load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
 
 
-def evaluate(cfg: Config, weights: Path | None, data: list[TaskData], variant: Variant, seed: int) -> dict[str, dict[str, Any]]:
-    """Per-task metrics of the base model (``weights`` None) or a run's weights on ``data``."""
-    from multitune.scoring.evaluate import evaluate_tasks
+def evaluate(cfg: Config, data: list[TaskData], variant: Variant, seed: int) -> dict[str, dict[str, Any]]:
+    """Per-task metrics of the base model on ``data`` (a trained run: multitune.results.trained)."""
     from multitune.data.formatting import Formatter
+    from multitune.scoring.evaluate import evaluate_tasks
 
-    mode = variant.mode or cfg.eval.mode
-    if weights is not None:  # a trained run: one adapter on the mixed tasks, or one per task (strategy: per_task)
-        from multitune.modeling.load import load_tokenizer
-        from multitune.training.per_task import evaluate_trained, tokenizer_dir
-        from multitune.rundir import RunDir
-
-        run = RunDir(weights.parent)
-        assert weights == run.final, weights
-        formatter = Formatter(load_tokenizer(cfg.model, None, source=str(tokenizer_dir(cfg, run))), cfg.model.max_length)
-        return evaluate_trained(cfg, run, formatter, data, mode=mode, max_rows=variant.max_rows, seed=seed, detail=True)
-    model, tokenizer = load_scoring_model(cfg, weights)
-    formatter = Formatter(tokenizer, cfg.model.max_length)
-    return evaluate_tasks(model, formatter, data, mode=mode, batch_size=cfg.eval.batch_size,
-                          max_rows=variant.max_rows, seed=seed, detail=True)
+    model, tokenizer = load_base_model(cfg)
+    return evaluate_tasks(model, Formatter(tokenizer, cfg.model.max_length), data, mode=variant.mode or cfg.eval.mode,
+                          batch_size=cfg.eval.batch_size, max_rows=variant.max_rows, seed=seed, detail=True)
 
 
-def evaluate_and_write(cfg: Config, root: Path, weights: Path | None, split_dir: Path | None, variant: Variant) -> Path:
-    """Evaluate, write metrics[-<variant>].json and report[-<variant>].md in ``root``, print the table."""
+def evaluate_and_write(cfg: Config, root: Path, split_dir: Path | None, variant: Variant) -> Path:
+    """Evaluate the base model, write metrics-<variant>.json and report-<variant>.md in ``root``, print the table."""
     from multitune.results.report import format_table, write_results
-    from multitune.rundir import RunDir, training_log
 
     check_variant(cfg, variant)
-    results = evaluate(cfg, weights, eval_data(cfg, split_dir, variant, cfg.seed), variant, cfg.seed)
+    results = evaluate(cfg, eval_data(cfg, split_dir, variant, cfg.seed), variant, cfg.seed)
     name = variant.name(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    history = training_log(cfg, RunDir(root)) if weights is not None else None  # training curves beside a trained run's scores
-    write_results(root, results, variant.describe(cfg), name, history)
+    write_results(root, results, variant.describe(cfg), name)
     print(format_table(results))
-    return root / (f"metrics-{name}.json" if name else "metrics.json")
+    return root / f"metrics-{name}.json"

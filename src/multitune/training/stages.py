@@ -1,204 +1,42 @@
-"""Training: thin wiring of the config, tasks, data and model onto TRL's SFTTrainer.
+"""The stages of a launch that every kind of part goes through: agree on what this launch does with the run
+directory (plan_launch), prepare the data and the run directory (prepare_run), fit, save the outputs.
 
-Under torchrun/accelerate every rank runs :func:`train`, stage by stage: agree on what this launch
-does with the run directory, prepare the data and the run directory, build the trainer, fit, then
-save, evaluate and report. Each stage that leads to a collective is entered by every rank.
+Under torchrun/accelerate every rank runs the launch (multitune.launch.runner) stage by stage; each stage
+that leads to a collective is entered by every rank.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
-from transformers import PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
-from multitune.training import wandb_log
 from multitune.training.adapter_state import PortableAdapterCheckpoints
 from multitune.training.checkpoints import (
-    CompleteMarker, GracefulStop, Layout, TimedCheckpoints, TrainingClock, grad_accum_for_resume, is_sharded, latest_complete,
+    GracefulStop, Layout, TrainingClock, grad_accum_for_resume, is_sharded, latest_complete,
     saved_layout, step_of,
 )
 from multitune.config import PROMPT_LEARNING, Config
 from multitune.data.load import TaskData, save_splits, training_summary
 from multitune.distributed import checked, gather_checked, main_print, node_print, rank
 from multitune.errors import UserError
-from multitune.scoring.evaluate import evaluate_tasks
-from multitune.results.report import format_table, write_results
 from multitune.data.formatting import Formatter
 from multitune.hub import mirror_root
-from multitune.training.hub_checkpoints import fetch_newest_checkpoint, hub_callbacks
-from multitune.modeling.loss import trainer_loss
-from multitune.modeling.load import adapters_in_fp32, apply_peft, bf16_supported, check_requirements, load_model, load_tokenizer
+from multitune.modeling.load import check_requirements, load_tokenizer
 from multitune.data.prepared import Prepared, prepare
 from multitune.rundir import RunDir
-from multitune.modeling.speed import sft_args
-from multitune.tasks import resolve_tasks
+from multitune.training.args import fsdp_launch
 
 log = logging.getLogger(__name__)
 
 
-class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
-    """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss).
-
-    The override exists because Trainer's ``compute_metrics`` sees per-token logits of the eval set,
-    while label-likelihood accuracy needs its own scoring passes over the candidate labels. Under FSDP,
-    adapter checkpoints are gathered whole (PortableAdapterCheckpoints).
-    """
-
-    def __init__(self, *args, task_data: list[TaskData], formatter: Formatter, cfg: Config, **kwargs):
-        super().__init__(*args, **kwargs)
-        adapters_in_fp32(self.model)  # TRL made a 4-bit model's adapters bf16; every method trains fp32 adapters
-        self.task_data, self.formatter, self.mt_cfg = task_data, formatter, cfg
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        n = self.mt_cfg.train.eval_rows_during_training
-        labelled = [td for td in self.task_data if td.task.kind != "chat"]
-        if eval_dataset is None and metric_key_prefix == "eval" and n and labelled:
-            tables = self.mt_cfg.train.report_to == "wandb"  # every rank alike: with detail, scoring differs
-            results = evaluate_tasks(
-                self.model, self.formatter, labelled, mode="likelihood", batch_size=self.args.per_device_eval_batch_size,
-                max_rows=n, seed=self.mt_cfg.seed, detail=tables,
-            )
-            extra = {f"eval_{name}_{key}": r[key] for name, r in results.items() for key in ("accuracy", "macro_f1", "ece") if key in r}
-            self.log(extra)
-            metrics.update(extra)
-            if tables:
-                wandb_log.log_evaluation(results, self.state.global_step)
-        return metrics
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`train.loss_positions: supervised`: the LM head and loss on supervised positions only (multitune.modeling.loss)."""
-        if self.mt_cfg.train.loss_positions == "all" or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return trainer_loss(self, model, inputs, num_items_in_batch)
-
-    def _run_epoch(self, *args, **kwargs):
-        # Resumed from a checkpoint saved at the last step (a kill during the final save or evaluation),
-        # Trainer (5.24) would still run one more step before it checks max_steps: a step past the end,
-        # logged and saved. Nothing is left to train.
-        if 0 < self.state.max_steps <= self.state.global_step:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
-
-
-def _bf16(cfg: Config) -> bool:
-    if cfg.train.bf16 == "auto":
-        return bf16_supported()
-    return bool(cfg.train.bf16)
-
-
-def _fsdp_launch() -> bool:
-    """Launched by accelerate with an FSDP config (how accelerate itself decides, before any Trainer exists)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def _fsdp_checkpointing() -> bool:
-    return os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
-
-
-def checkpointing_for_peft(cfg: Config) -> Config:
-    """Hand activation checkpointing from FSDP's wrappers to transformers' when training an adapter.
-
-    PEFT (0.21) finds adapter weights by module name, and FSDP's checkpoint wrappers insert
-    `_checkpoint_wrapped_module` into those names while state-dict keys leave it out. With
-    `fsdp_activation_checkpointing: true`, every FSDP checkpoint and the final adapter came out empty
-    (0 tensors, measured with accelerate 1.15), so a resume silently restarted from the base model.
-    transformers' checkpointing (train.gradient_checkpointing) recomputes the same layers without
-    renaming modules.
-    """
-    if not _fsdp_checkpointing() or cfg.peft.method == "full":
-        return cfg
-    os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = "false"  # read by accelerate when the Trainer builds its plugin
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("note: fsdp_activation_checkpointing is replaced by train.gradient_checkpointing for adapters "
-              "(FSDP's wrappers make PEFT save empty adapters)")
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})})
-
-
-def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
-    t = cfg.train
-    # Under an accelerate FSDP config with fsdp_activation_checkpointing, FSDP wraps the layers itself.
-    checkpointing = t.gradient_checkpointing and not _fsdp_checkpointing()
-    return SFTConfig(
-        output_dir=str(run.checkpoints),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=cfg.eval.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        include_num_input_tokens_seen="non_padding",  # cost.json: tokens trained on (kept in the checkpoints)
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if t.eval_steps else "epoch",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        save_on_each_node=t.save_on_each_node,
-        # Every parameter our PEFT methods (and full fine-tuning) train takes part in every forward, so DDP
-        # need not search the graph for unused ones each step; Trainer would turn the search on for any
-        # model that is not a PreTrainedModel (a PeftModel). Were one unused, DDP stops with an error.
-        ddp_find_unused_parameters=False,
-        bf16=_bf16(cfg),
-        use_cpu=not torch.cuda.is_available(),
-        **sft_args(t),  # train.compile: padded to a multiple of 64, dynamic shapes; train.liger checked (multitune.modeling.speed)
-        activation_checkpointing=checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-        dataloader_num_workers=t.dataloader_workers,
-        report_to=[] if t.report_to == "none" else [t.report_to],
-        run_name=t.wandb.run_name or run.root.name,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        max_length=cfg.model.max_length,
-        packing=t.packing,
-        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
-        padding_free=t.padding_free,
-        eval_packing=False,
-    )
-
-
-
 # ---------------------------------------------------------------- the stages of a launch
-
-
-def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
-    if cfg.head == "classifier":  # a classification head per task instead of writing the label
-        from multitune.training import classifier
-
-        return classifier.train(cfg, resume=resume, overwrite=overwrite)
-    if cfg.strategy == "per_task":  # one adapter per task, trained in turn
-        from multitune.training import per_task
-
-        return per_task.train(cfg, resume=resume, overwrite=overwrite)
-    cfg = checkpointing_for_peft(resolve_tasks(cfg))
-    run = RunDir(Path(cfg.run_dir))
-    args = sft_config(cfg, run)
-    _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
-    fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume and not overwrite)  # a fresh pod: its newest Hub checkpoint
-    launch = plan_launch(cfg, run, args, resume=resume, overwrite=overwrite)
-    if launch.mode == "finished":
-        return already_finished(run)
-    args.gradient_accumulation_steps = launch.grad_accum
-    setup = prepare_run(cfg, run, resuming=launch.mode == "resume", writer=args.should_save)
-    trainer = build_trainer(cfg, run, args, setup, launch.checkpoint)
-    if not fit(trainer, launch.checkpoint):
-        return {}
-    save_outputs(trainer, run, setup.tokenizer)
-    return evaluate_and_report(trainer, cfg, run, setup)
 
 
 @dataclass(frozen=True)
@@ -223,7 +61,7 @@ class Setup:
 
 def refuse_unresumable(cfg: Config) -> None:
     """Combinations whose checkpoints nobody could resume from: refused before anything runs."""
-    if not _fsdp_launch():
+    if not fsdp_launch():
         return
     if cfg.peft.method in PROMPT_LEARNING:
         raise UserError(
@@ -276,10 +114,10 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
 
 def _resume_grad_accum(cfg: Config, args: SFTConfig, checkpoint: Path, grad_accum_from_user: bool) -> int:
     """The grad_accum that resumes ``checkpoint`` on this launch's processes, or a clear refusal."""
-    if is_sharded(checkpoint) and not _fsdp_launch():
+    if is_sharded(checkpoint) and not fsdp_launch():
         raise UserError(f"{checkpoint} holds FSDP shards of the whole model; resume it under FSDP "
                         "(accelerate launch --config_file configs/accelerate/fsdp2-1x4.yaml ...)")
-    if cfg.peft.method == "full" and _fsdp_launch() and not is_sharded(checkpoint):
+    if cfg.peft.method == "full" and fsdp_launch() and not is_sharded(checkpoint):
         raise UserError(f"{checkpoint} was written without FSDP; resume full fine-tuning without FSDP, as it started, "
                         "or start over with --no-resume")
     saved, now = saved_layout(checkpoint), Layout(args.world_size, cfg.train.batch_size, cfg.train.grad_accum)
@@ -324,18 +162,6 @@ def prepare_run(cfg: Config, run: RunDir, *, resuming: bool, writer: bool) -> Se
     return Setup(tokenizer, formatter, prepared)
 
 
-def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None) -> MultitaskTrainer:
-    set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
-    model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
-    wandb_log.start(cfg, run)
-    return MultitaskTrainer(
-        model=model, args=args, train_dataset=setup.prepared.train, eval_dataset=setup.prepared.eval,
-        processing_class=setup.tokenizer, task_data=setup.data, formatter=setup.formatter, cfg=cfg,
-        callbacks=[TrainingClock(resume_from), CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop(),
-                   *hub_callbacks(cfg, run)],
-    )
-
-
 def fit(trainer: SFTTrainer, checkpoint: Path | None) -> bool:
     """Train (from ``checkpoint`` if given); False when a signal stopped it with a checkpoint."""
     if checkpoint:
@@ -357,28 +183,6 @@ def save_outputs(trainer: SFTTrainer, run: RunDir, tokenizer: PreTrainedTokenize
         trainer.state.save_to_json(str(run.logs / "trainer_state.json"))  # the whole loss/LR/eval history
         (run.logs / "launch.json").write_text(json.dumps(launch_facts(trainer), indent=2))
         (run.logs / COST_FILE).write_text(json.dumps(cost_facts(trainer), indent=2))
-
-
-def evaluate_and_report(trainer: SFTTrainer, cfg: Config, run: RunDir, setup: Setup) -> dict[str, Any]:
-    """Score the validation rows (shared out over the ranks), write the reports, mark the run done, push."""
-    results = evaluate_tasks(trainer.model, setup.formatter, setup.data, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
-                             seed=cfg.seed, detail=True)
-    plots = {}
-    if trainer.args.should_save:
-        plots = write_results(run.root, results, f"multitune validation: {cfg.model.name_or_path} ({cfg.peft.method})",
-                              log_history=trainer.state.log_history)
-        print(format_table(results))
-        run.mark_done()
-    wandb_log.log_final(results, plots, trainer.state.global_step)  # rank 0 only: the others have no wandb run
-    if cfg.hub.push and rank() == 0:
-        from multitune.publishing.publish import push
-
-        try:
-            push(run, cfg, results)
-        except UserError as e:  # the run is trained and saved: a failed upload must not lose it or hang the other ranks
-            print(f"warning: {e}; the run is complete in {run.root}: push it with `multitune push {run.root}`", flush=True)
-    trainer.accelerator.wait_for_everyone()
-    return results
 
 
 def save_final(trainer: SFTTrainer, path: Path) -> None:

@@ -1,0 +1,116 @@
+"""`multitune train`: the one launch of every run, whatever it trains (multitune.training.parts).
+
+Under torchrun/accelerate every rank runs :func:`train`, stage by stage; each stage that leads to a
+collective is entered by every rank, and everything that can refuse the input runs before anything is
+written to the run directory:
+
+    agree      fetch the Hub's newest checkpoint on a fresh pod; agree on what this launch does with
+               each part's directory (start, resume, or nothing: the same run already finished)
+    prepare    the split, the tokenised data (cached) and the run directory
+    train      each part not finished by an earlier launch: build its trainer, fit, save its weights
+               and its marker; a part finished earlier is reloaded from its weights
+    evaluate   each part's tasks on the validation rows, shared out over the ranks
+    report     metrics.json, report.md and plots, the run's cost, DONE; wandb; push to the Hub
+
+strategy: per_task trains one model per task, one after the other in one launch: one base in memory at
+a time, every rank walks the same parts in the same order (the same collectives), and a relaunch skips
+the parts whose marker exists and resumes the first unfinished one from its checkpoints. Each task's
+adapter is trained exactly as a single-task run of that task would be: the same recorded split, the same
+tokenised rows in the same order, ``set_seed`` before its adapter is created and the same Trainer seed
+(tests/integration/test_per_task.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+
+from multitune.config import Config
+from multitune.distributed import any_rank, main_print, rank
+from multitune.errors import UserError
+from multitune.publishing.publish import push
+from multitune.results.report import format_table, write_results
+from multitune.results.trained import open_run
+from multitune.rundir import RunDir, parts, training_log
+from multitune.tasks import resolve_tasks
+from multitune.training import wandb_log
+from multitune.training.args import checkpointing_for_peft, sft_config
+from multitune.training.hub_checkpoints import fetch_newest_checkpoint
+from multitune.training.parts import LmParts, HeadParts, part_kind, trained_step
+from multitune.training.stages import COST_FILE, Launch, Setup, already_finished, fit, plan_launch, prepare_run, save_outputs, total_cost
+
+
+def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
+    kind = part_kind(cfg)
+    cfg = checkpointing_for_peft(resolve_tasks(cfg))
+    kind.check(cfg)
+    run = RunDir(Path(cfg.run_dir))
+    args = sft_config(cfg, run)
+    _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
+    fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume and not overwrite)  # a fresh pod: its newest Hub checkpoint
+    launches = [plan_launch(cfg, part, args, resume=resume, overwrite=overwrite) for part in parts(cfg, run)]
+    if launches[0].mode == "finished":  # every part reads the same config and DONE: they agree
+        return already_finished(run)
+    kind.before_prepare(cfg)
+    setup = kind.prepared(prepare_run(cfg, run, resuming=launches[0].mode == "resume", writer=args.should_save))
+    results: dict[str, dict[str, Any]] = {}
+    step = 0
+    for part, launch in zip(parts(cfg, run), launches, strict=True):
+        model = train_part(kind, cfg, part, launch, setup)
+        if model is None:  # a signal stopped it with a checkpoint
+            return {}
+        results |= kind.evaluate(model, cfg, part, setup)
+        step = trained_step(part)
+        del model
+        release()
+    return report(cfg, run, results, step, writer=args.should_save)
+
+
+def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Launch, setup: Setup):
+    """The part's trained model: trained now (from its checkpoint, if any), or reloaded when an earlier launch
+    finished it; None when a signal stopped training with a checkpoint."""
+    if launch.mode == "resume" and not any_rank(not kind.is_done(part)):  # agreed: every rank finds the marker
+        main_print(f"{part.final}: trained by an earlier launch")
+        return kind.load(cfg, part, setup)
+    args = sft_config(cfg, part)
+    args.gradient_accumulation_steps = launch.grad_accum
+    trainer = kind.trainer(cfg, part, args, setup, launch.checkpoint)
+    if not fit(trainer, launch.checkpoint):
+        return None
+    save_outputs(trainer, part, setup.tokenizer)  # cost.json last
+    kind.mark_done(trainer, part, setup)
+    trainer.accelerator.wait_for_everyone()
+    return trainer.model
+
+
+def release() -> None:
+    """One base in memory at a time: the next part loads its own."""
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: int, *, writer: bool) -> dict[str, Any]:
+    """The run's files (the writers), then wandb and the Hub (rank 0), then every rank waits for them."""
+    several = parts(cfg, run) != [run]
+    plots = {}
+    if writer:
+        if several:  # each part wrote its own cost.json; the run's is their sum
+            costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
+            (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
+        plots = write_results(run.root, results, open_run(run, finished=False).header, log_history=training_log(cfg, run))
+        print(format_table(results))
+        run.mark_done()
+    wandb_log.finish(cfg, run, results, plots, 0 if several else step)  # per_task: each part trained in its own wandb run
+    if cfg.hub.push and rank() == 0:
+        try:
+            push(run, cfg, results)
+        except UserError as e:  # the run is trained and saved: a failed upload must not lose it or hang the other ranks
+            print(f"warning: {e}; the run is complete in {run.root}: push it with `multitune push {run.root}`", flush=True)
+    PartialState().wait_for_everyone()
+    return results

@@ -1,0 +1,80 @@
+"""The language-model trainer (`head: lm`): TRL's SFTTrainer, with each task's label accuracy in its evaluations,
+the loss on supervised positions only, and FSDP adapter checkpoints any node can resume from alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from multitune.config import Config
+from multitune.data.formatting import Formatter
+from multitune.data.load import TaskData
+from multitune.modeling.load import adapters_in_fp32, apply_peft, load_model
+from multitune.modeling.loss import trainer_loss
+from multitune.rundir import RunDir
+from multitune.scoring.evaluate import evaluate_tasks
+from multitune.training import wandb_log
+from multitune.training.adapter_state import PortableAdapterCheckpoints
+from multitune.training.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
+from multitune.training.hub_checkpoints import hub_callbacks
+from multitune.training.stages import Setup
+
+
+class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
+    """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss).
+
+    The override exists because Trainer's ``compute_metrics`` sees per-token logits of the eval set,
+    while label-likelihood accuracy needs its own scoring passes over the candidate labels. Under FSDP,
+    adapter checkpoints are gathered whole (PortableAdapterCheckpoints).
+    """
+
+    def __init__(self, *args, task_data: list[TaskData], formatter: Formatter, cfg: Config, **kwargs):
+        super().__init__(*args, **kwargs)
+        adapters_in_fp32(self.model)  # TRL made a 4-bit model's adapters bf16; every method trains fp32 adapters
+        self.task_data, self.formatter, self.mt_cfg = task_data, formatter, cfg
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        n = self.mt_cfg.train.eval_rows_during_training
+        labelled = [td for td in self.task_data if td.task.kind != "chat"]
+        if eval_dataset is None and metric_key_prefix == "eval" and n and labelled:
+            tables = self.mt_cfg.train.report_to == "wandb"  # every rank alike: with detail, scoring differs
+            results = evaluate_tasks(
+                self.model, self.formatter, labelled, mode="likelihood", batch_size=self.args.per_device_eval_batch_size,
+                max_rows=n, seed=self.mt_cfg.seed, detail=tables,
+            )
+            extra = {f"eval_{name}_{key}": r[key] for name, r in results.items() for key in ("accuracy", "macro_f1", "ece") if key in r}
+            self.log(extra)
+            metrics.update(extra)
+            if tables:
+                wandb_log.log_evaluation(results, self.state.global_step)
+        return metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`train.loss_positions: supervised`: the LM head and loss on supervised positions only (multitune.modeling.loss)."""
+        if self.mt_cfg.train.loss_positions == "all" or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return trainer_loss(self, model, inputs, num_items_in_batch)
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint saved at the last step (a kill during the final save or evaluation),
+        # Trainer (5.24) would still run one more step before it checks max_steps: a step past the end,
+        # logged and saved. Nothing is left to train.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+
+def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None) -> MultitaskTrainer:
+    set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
+    model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
+    wandb_log.start(cfg, run)
+    return MultitaskTrainer(
+        model=model, args=args, train_dataset=setup.prepared.train, eval_dataset=setup.prepared.eval,
+        processing_class=setup.tokenizer, task_data=setup.data, formatter=setup.formatter, cfg=cfg,
+        callbacks=[TrainingClock(resume_from), CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop(),
+                   *hub_callbacks(cfg, run)],
+    )
