@@ -23,7 +23,6 @@ import datasets
 import torch
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from multitune.training import wandb_log
 from multitune.training.adapter_state import PortableAdapterCheckpoints
 from multitune.training.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
 from multitune.config import Config
@@ -35,6 +34,7 @@ from multitune.modeling.heads import Heads, SlicedLoss, build_model, prompt_ids
 from multitune.hub import mirror_root
 from multitune.modeling.load import adapters_in_fp32, load_tokenizer
 from multitune.tasks import Example
+from multitune.training.hooks import TaskEvaluation
 from multitune.training.stages import Setup
 
 def check(cfg: Config) -> None:
@@ -99,30 +99,23 @@ def metrics_during_training(data: list[TaskData], heads: Heads):
 # ---------------------------------------------------------------- training
 
 
-class HeadTrainer(PortableAdapterCheckpoints, Trainer):
-    """Trainer with the LM path's FSDP adapter checkpoints and fp32 adapters (see train.MultitaskTrainer);
-    with report_to: wandb, each evaluation also logs a table of validation predictions per task."""
+class HeadTrainer(TaskEvaluation, PortableAdapterCheckpoints, Trainer):
+    """Trainer with the LM path's FSDP adapter checkpoints and fp32 adapters (see lm.MultitaskTrainer);
+    with report_to: wandb, each evaluation also logs a table of validation predictions per task (hooks)."""
 
     def __init__(self, *args, tables: tuple | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         adapters_in_fp32(self.model)
         self.tables = tables  # (cfg, formatter, data, heads) when wandb gets prediction tables
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.tables and eval_dataset is None and metric_key_prefix == "eval":  # every rank alike (report_to is shared)
-            cfg, formatter, data, heads = self.tables
-            results = evaluate_heads(self.model, formatter, data, heads, batch_size=self.args.per_device_eval_batch_size,
-                               max_rows=cfg.train.eval_rows_during_training or None, seed=cfg.seed)
-            wandb_log.log_evaluation(results, self.state.global_step)
-        return metrics
-
-    def _run_epoch(self, *args, **kwargs):
-        # as MultitaskTrainer: resumed from a checkpoint of the last step, Trainer would run a step past the end
-        if 0 < self.state.max_steps <= self.state.global_step:
-            self.control.should_training_stop = True
+    def score_tasks(self, tables: bool):
+        """With wandb only: each task's predictions through its head (Trainer's compute_metrics gives the scalars)."""
+        if not self.tables:
             return None
-        return super()._run_epoch(*args, **kwargs)
+        cfg, formatter, data, heads = self.tables
+        results = evaluate_heads(self.model, formatter, data, heads, batch_size=self.args.per_device_eval_batch_size,
+                                 max_rows=cfg.train.eval_rows_during_training or None, seed=cfg.seed)
+        return results, {}
 
 
 def build_trainer(cfg: Config, args, setup: Setup, data: list[TaskData], heads: Heads, resume_from: Path | None = None) -> HeadTrainer:

@@ -18,11 +18,12 @@ from multitune.scoring.evaluate import evaluate_tasks
 from multitune.training import wandb_log
 from multitune.training.adapter_state import PortableAdapterCheckpoints
 from multitune.training.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
+from multitune.training.hooks import TaskEvaluation
 from multitune.training.hub_checkpoints import hub_callbacks
 from multitune.training.stages import Setup
 
 
-class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
+class MultitaskTrainer(TaskEvaluation, PortableAdapterCheckpoints, SFTTrainer):
     """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss).
 
     The override exists because Trainer's ``compute_metrics`` sees per-token logits of the eval set,
@@ -35,37 +36,22 @@ class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
         adapters_in_fp32(self.model)  # TRL made a 4-bit model's adapters bf16; every method trains fp32 adapters
         self.task_data, self.formatter, self.mt_cfg = task_data, formatter, cfg
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+    def score_tasks(self, tables: bool):
+        """Label accuracy by likelihood on at most train.eval_rows_during_training rows per labelled task (with
+        ``tables``, every label scored: the predictions' probabilities and calibration)."""
         n = self.mt_cfg.train.eval_rows_during_training
         labelled = [td for td in self.task_data if td.task.kind != "chat"]
-        if eval_dataset is None and metric_key_prefix == "eval" and n and labelled:
-            tables = self.mt_cfg.train.report_to == "wandb"  # every rank alike: with detail, scoring differs
-            results = evaluate_tasks(
-                self.model, self.formatter, labelled, mode="likelihood", batch_size=self.args.per_device_eval_batch_size,
-                max_rows=n, seed=self.mt_cfg.seed, detail=tables,
-            )
-            extra = {f"eval_{name}_{key}": r[key] for name, r in results.items() for key in ("accuracy", "macro_f1", "ece") if key in r}
-            self.log(extra)
-            metrics.update(extra)
-            if tables:
-                wandb_log.log_evaluation(results, self.state.global_step)
-        return metrics
+        if not (n and labelled):
+            return None
+        results = evaluate_tasks(self.model, self.formatter, labelled, mode="likelihood",
+                                 batch_size=self.args.per_device_eval_batch_size, max_rows=n, seed=self.mt_cfg.seed, detail=tables)
+        return results, {f"eval_{name}_{key}": r[key] for name, r in results.items() for key in ("accuracy", "macro_f1", "ece") if key in r}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`train.loss_positions: supervised`: the LM head and loss on supervised positions only (multitune.modeling.loss)."""
         if self.mt_cfg.train.loss_positions == "all" or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return trainer_loss(self, model, inputs, num_items_in_batch)
-
-    def _run_epoch(self, *args, **kwargs):
-        # Resumed from a checkpoint saved at the last step (a kill during the final save or evaluation),
-        # Trainer (5.24) would still run one more step before it checks max_steps: a step past the end,
-        # logged and saved. Nothing is left to train.
-        if 0 < self.state.max_steps <= self.state.global_step:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
 
 
 def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None) -> MultitaskTrainer:
