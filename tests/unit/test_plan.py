@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict
-from multitune.model import apply_peft, load_model, load_tokenizer, resolve_dtype
+from multitune.model import adapters_in_fp32, apply_peft, load_model, load_tokenizer, resolve_dtype
 from multitune.plan import GPUS, Layout, count, memory, nf4_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +50,7 @@ def test_plan_counts_equal_a_real_model_after_a_real_step(assets, tmp_path, meth
                          args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[],
                                         per_device_train_batch_size=2, max_steps=1))
     model = trainer.model  # after TRL's own preparation (it casts QLoRA adapters to bf16)
+    adapters_in_fp32(model)  # and multitune's, as MultitaskTrainer does: every adapter trains in fp32
     real = real_counts(model, method)
     base = load_model(cfg, quantize=False)  # 4-bit tensors report packed sizes
     assert planned.params == sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
@@ -129,3 +130,21 @@ def test_plan_command_offline_on_the_tiny_model(assets, tmp_path, capsys, monkey
     n_train = round(72 * 0.8)  # the generated claims data: 72 rows
     assert f"data: {n_train:,} training examples" in out
     assert "global 32 = micro-batch" in out and "cost: 4 GPU(s)" in out
+
+
+def test_full_fine_tuning_counts_16_bytes_a_trainable_parameter():
+    """Full fine-tuning loads fp32 weights (model.weights_dtype): fp32 weight + gradient + two Adam moments."""
+    cfg = config_from_dict({"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"}, "peft": {"method": "full"},
+                            "tasks": [{"name": "claims"}]})
+    c = count(cfg)
+    parts = memory(c, cfg, Layout("ddp-1x4.yaml", 1), micro_batch=1, seq=512, world=1, checkpointing=True)
+    static = parts["weights"] + parts["trainable params"] + parts["gradients"] + parts["optimizer (AdamW)"]
+    assert abs(static - 16 * c.params) <= 4 * c.trainable_tensors  # + AdamW's 4-byte step counter per tensor
+
+
+def test_qlora_adapters_and_their_adam_moments_are_fp32():
+    cfg = config_from_dict({"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"}, "peft": {"method": "qlora", "r": 16},
+                            "tasks": [{"name": "claims"}]})
+    c = count(cfg)
+    assert c.trainable == 41_943_040 and c.trainable_bytes == 4 * 41_943_040
+    assert c.optimizer_bytes == 2 * 4 * 41_943_040 + 4 * c.trainable_tensors
