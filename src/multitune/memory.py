@@ -18,6 +18,8 @@ Modelled, because the CPU cannot show it (each said where it is used):
   conversion in PyTorch's SDPA front end); flash_attention_2 takes no mask; eager keeps the T x T scores;
 - Liger's RMSNorm and SwiGLU kernels (CUDA only) keep the bf16 input and the gate and up projections
   instead of the fp32 normalised copy and the SiLU output: 4d + 2I bytes less per token and layer;
+- dropout: CUDA's fused kernel keeps a 1-byte mask per dropped element where the CPU keeps its noise tensor
+  (bf16 or fp32, the input's dtype; measured apart as ``dropout_noise``);
 - TRL's fused LM head (Triton devices) scores only labelled positions in [4096 x 32768] tiles;
 - bitsandbytes 4-bit layers dequantise one weight at a time to bf16 for each matmul (forward and backward).
 """
@@ -61,12 +63,17 @@ class LivePeak(TorchDispatchMode):
         if st in self._seen:
             return
         n = st.nbytes()
-        self._seen[st] = weakref.ref(st, lambda r, n=n: self._freed(n, r))
+        self._seen[st] = (weakref.ref(st, lambda r, n=n: self._freed(n, r)), self._op, n)
         self.live += n
         self.peak = max(self.peak, self.live)
 
+    def live_from(self, op: str) -> int:
+        """Live bytes of the storages that ops named ``op`` created (e.g. "empty_like": CPU dropout draws its noise into one)."""
+        return sum(v[2] for v in self._seen.values() if v is not None and op in v[1])
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._op = str(func)
         tree_map_only(torch.Tensor, self._track, out)
         return out
 
@@ -128,10 +135,10 @@ def measure(method: str, *, layers: int, tokens: int, sequences: int = 1, superv
                 value = supervised_loss(model, inputs)[0]
             else:
                 value = model(**inputs, use_cache=False).loss
-        kept = live.live
+        kept, noise = live.live, live.live_from("empty_like")
         value.backward()
         del value
-    return {"kept": kept, "peak": live.peak}
+    return {"kept": kept, "peak": live.peak, "dropout_noise": noise}
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,7 @@ class Coefficients:
     logit_peak: float  # bytes per supervised logit (positions x vocab) at the loss's peak: bf16 logits, fp32 copies, grads
     logit_peak_all: float  # the same for the model's own loss on every position (train.loss_positions: all)
     per_trainable_param: float  # bytes per trainable parameter of a layer, kept whatever the length (autocast's bf16 copies)
+    dropout_noise: float = 0.0  # of kept_per_layer: CPU dropout's noise tensors (the input's dtype; a GPU keeps 1-byte masks)
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.__dict__.items()}
@@ -166,6 +174,7 @@ def measure_coefficients(method: str, dropout: float = 0.0, r: int = 16, tokens:
         return (runs[1, b, c]["peak"] - runs[1, a, c]["peak"]) / (b - a) / d - kept
 
     kept, ckpt_kept = per_layer("kept", False), per_layer("kept", True)
+    noise = per_layer("dropout_noise", False)
     packed = measure(method, layers=2, tokens=b, sequences=2, r=r, dropout=dropout)
     mask = (packed["kept"] - runs[2, b, False]["kept"]) / 2 / b**2
     mask_working = (packed["peak"] - runs[2, b, False]["peak"]) / b**2 - 2 * mask
@@ -177,23 +186,24 @@ def measure_coefficients(method: str, dropout: float = 0.0, r: int = 16, tokens:
     layer_params = sum(p.numel() for p in layer.parameters() if p.requires_grad)
     return Coefficients(kept, working(False, kept), ckpt_kept, working(True, ckpt_kept), mask, mask_working,
                         (logits[1] - logits[0]) / (positions - 1) / vocab, (every[1] - every[0]) / positions / vocab,
-                        fixed / layer_params)
+                        fixed / layer_params, noise)
 
 
 # Measured with measure_coefficients() at SLICE (torch 2.13 CPU, transformers 5.24, peft 0.21.2; `python -m multitune.memory`).
 # Bytes per token per unit of hidden width, except mask_* (per mask element), logit_* (per logit), per_trainable_param.
 LLAMA3_8B_MEASURED = {
     "lora": Coefficients(kept_per_layer=53.484, working=30.008, ckpt_kept_per_layer=2.0, ckpt_working=85.5, mask_per_layer=2.0,
-                         mask_working=0.969, logit_peak=8.263, logit_peak_all=18.811, per_trainable_param=2.006),
+                         mask_working=0.969, logit_peak=8.263, logit_peak_all=18.811, per_trainable_param=2.0),
     "lora+dropout": Coefficients(kept_per_layer=91.484, working=28.008, ckpt_kept_per_layer=2.0, ckpt_working=137.5, mask_per_layer=2.0,
-                                 mask_working=0.969, logit_peak=8.263, logit_peak_all=18.811, per_trainable_param=2.006),
+                                 mask_working=0.969, logit_peak=8.263, logit_peak_all=18.811, per_trainable_param=2.0,
+                                 dropout_noise=38.0),
     "full": Coefficients(kept_per_layer=59.047, working=6.0, ckpt_kept_per_layer=4.0, ckpt_working=61.062, mask_per_layer=5.0,
                          mask_working=0.0, logit_peak=8.263, logit_peak_all=18.811, per_trainable_param=1.999),
 }
 # The loss-path figures (logit_*) are the frozen-head LoRA measurement for every method: with a 4096-word vocabulary
 # the full fine-tuning slice peaks elsewhere (its head's bf16 weight copy), so its own logit figure says nothing.
-CPU_DROPOUT_MASK, GPU_DROPOUT_MASK = 4, 1  # bytes per dropped element: CPU's dropout keeps a noise tensor of the input's
-# dtype (fp32: PEFT casts the adapter input to the adapter's dtype); CUDA's fused native_dropout keeps a bool mask
+GPU_DROPOUT_MASK = 1  # bytes per dropped element: CUDA's fused native_dropout keeps a bool mask; the CPU's dropout
+# (ATen's _dropout_impl) keeps a noise tensor of the input's dtype, measured as Coefficients.dropout_noise
 
 
 @dataclass(frozen=True)
@@ -218,7 +228,8 @@ class Step:
     checkpointing: bool = False
     attention: str = "sdpa"  # sdpa | flash_attention_2 | eager
     liger: bool = False
-    loss: str = "supervised"  # supervised (multitune) | all (the model's own loss) | trl-fused (TRL's chunked head on a GPU)
+    loss: str = "supervised"  # supervised (multitune) | all (the model's own loss) | trl-fused (TRL's chunked head on a
+    # GPU, labelled positions only) | trl-fused-all (the same head without Triton: every position)
 
 
 def coefficients_for(method: str, dropout: float) -> tuple[Coefficients, str]:
@@ -233,15 +244,17 @@ def activation_parts(coef: Coefficients, arch: Arch, step: Step, method: str = "
     """Bytes above the static tensors at the step's peak, by part (comparable with torch.cuda.max_memory_allocated)."""
     d, L, V, tokens = arch.hidden, arch.layers, arch.vocab, step.rows * step.length
     kept = coef.kept_per_layer * d
-    if dropout > 0 and method != "full":  # the CPU measured a 4-byte dropout mask; a GPU keeps 1 byte (modelled)
-        kept -= (CPU_DROPOUT_MASK - GPU_DROPOUT_MASK) * arch.adapted_inputs
+    if dropout > 0 and method != "full":  # modelled: CUDA's dropout keeps a 1-byte mask where the CPU kept its noise
+        kept -= coef.dropout_noise * d - GPU_DROPOUT_MASK * arch.adapted_inputs
     if step.liger:  # modelled: Liger keeps the bf16 norm input (not its fp32 copy) and recomputes SiLU(gate)
         kept -= 4 * d + 2 * arch.intermediate
+    # autocast caches a bf16 copy of every trainable fp32 weight until it exits after the loss, checkpointing or not
+    copies = L * coef.per_trainable_param * arch.layer_trainable
     if step.checkpointing:  # every layer keeps its input; one layer at a time is recomputed for its backward
-        layers = L * coef.ckpt_kept_per_layer * d * tokens + (kept - coef.kept_per_layer * d + coef.ckpt_working * d) * tokens
+        layers = L * coef.ckpt_kept_per_layer * d * tokens + (kept - coef.kept_per_layer * d + coef.ckpt_working * d) * tokens + copies
         mask_layers = 1
     else:
-        layers = L * (kept * tokens + coef.per_trainable_param * arch.layer_trainable) + coef.working * d * tokens
+        layers = L * kept * tokens + coef.working * d * tokens + copies
         mask_layers = L
     parts = {"activations": int(layers)}
     elements = step.rows * step.length**2
@@ -250,8 +263,9 @@ def activation_parts(coef: Coefficients, arch: Arch, step: Step, method: str = "
     elif step.attention == "eager":  # modelled: fp32 scores and bf16 probabilities of every head, kept by each layer
         heads = d // 128
         parts["attention scores"] = int(mask_layers * heads * elements * 6)
-    if step.loss == "trl-fused":  # modelled from TRL's code: one bf16 tile, the kept bf16 rows, their fp32 gradient
-        parts["logits"] = 2 * min(step.supervised, TOKEN_TILE) * min(V, VOCAB_TILE) + 6 * step.supervised * d
+    if step.loss.startswith("trl-fused"):  # modelled from TRL's code: one bf16 tile, the kept bf16 rows, their fp32 gradient
+        scored = step.supervised if step.loss == "trl-fused" else tokens  # trl-fused-all: no Triton, every position scored
+        parts["logits"] = 2 * min(scored, TOKEN_TILE) * min(V, VOCAB_TILE) + 6 * scored * d
     else:
         parts["logits"] = int((coef.logit_peak if step.loss == "supervised" else coef.logit_peak_all) * step.supervised * V)
     if method == "qlora":  # modelled: bitsandbytes dequantises one 4-bit weight to bf16 per matmul
