@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 GiB = 1024**3
 SCALE = 8  # measured at 1/SCALE of the model's widths
 # Llama 3 8B / 8: the widths of the measured slice
-SLICE = dict(hidden_size=512, intermediate_size=1792, num_attention_heads=4, num_key_value_heads=1, head_dim=128)
+SLICE = {"hidden_size": 512, "intermediate_size": 1792, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 128}
 TOKEN_TILE, VOCAB_TILE = 4096, 32768  # TRL 1.16's chunked log-prob head (trl/kernels/chunked_logprob.py)
 
 

@@ -180,7 +180,8 @@ def step_for(c: Counts, cfg: Config, micro_batch: int, seq: int, checkpointing: 
 
 def activation_parts(c: Counts, cfg: Config, step) -> dict[str, int]:
     """The step's activations, attention mask and logits at its peak (multitune.memory: measured coefficients)."""
-    from multitune.memory import Arch, activation_parts as parts, coefficients_for
+    from multitune.memory import Arch, coefficients_for
+    from multitune.memory import activation_parts as parts
 
     coef, _ = coefficients_for(cfg.peft.method, cfg.peft.dropout)
     arch = Arch(c.hidden, c.intermediate, c.layers, c.vocab, c.layer_trainable, c.adapted_inputs, c.largest_weight)

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict
-from multitune.memory import LLAMA3_8B_MEASURED, SLICE, Arch, Step, _slice_model, coefficients_for, measure, predict_peak
+from multitune.memory import (
+    LLAMA3_8B_MEASURED,
+    SLICE,
+    Arch,
+    Step,
+    _slice_model,
+    coefficients_for,
+    measure,
+    predict_peak,
+)
 from multitune.plan import GiB, count
 
 REPO = Path(__file__).resolve().parents[2]
