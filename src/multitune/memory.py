@@ -236,7 +236,8 @@ def coefficients_for(method: str, dropout: float) -> tuple[Coefficients, str]:
     key = "full" if method == "full" else ("lora+dropout" if dropout > 0 and method in ("lora", "qlora", "dora", "rslora") else "lora")
     note = {"dora": "DoRA's activations not measured: LoRA's used (DoRA keeps more)",
             "prompt_tuning": "prompt tuning's activations not measured: LoRA's used (an upper bound)",
-            "prefix_tuning": "prefix tuning's activations not measured: LoRA's used"}.get(method, "")
+            "prefix_tuning": "prefix tuning's activations not measured: LoRA's used",
+            "qlora": "QLoRA's activations are LoRA's on a bf16 base (measured); the 4-bit dequantisation is modelled"}.get(method, "")
     return LLAMA3_8B_MEASURED[key], note
 
 

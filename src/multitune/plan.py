@@ -347,7 +347,7 @@ def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> st
     out.append(f"auto-fit: micro-batch {p.micro_batch} x {seq} tokens, gradient checkpointing {ckpt} (the largest micro-batch "
                f"dividing {p.micro_batch * p.grad_accum} examples per GPU that fits with {margin}; checkpointing only when "
                "none fits without)")
-    rows = f"one padding-free row of {p.micro_batch} x {seq}" if cfg.train.packing else f"{p.micro_batch} rows of {seq}"
+    rows = f"one padding-free row of {p.micro_batch} x {seq}" if cfg.train.packing else f"{p.micro_batch} row(s) of {seq}"
     answers = (f"{p.data.answer_tokens:.0f} answer tokens an example (the longest seen)" if p.data.answer_tokens
                and cfg.train.loss_positions == "supervised" else "every position")
     out.append(f"\nper-GPU memory at its peak, {rows} tokens (model.max_length), loss on {answers}:")
