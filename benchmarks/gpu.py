@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{matmul_params(shape):.3g} matmul weights; bf16 matmul measured {rate['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     for side in args.sides:
         r = run_side(side, config, args, args.workdir / f"gpu-{side}.json")
+        if "memory_shape" in r:  # the full shape, for the memory model's test (tests/unit/test_memory.py)
+            peft_cfg = raw["peft"] | {"method": SIDES[side][1].get("peft.method", "lora")}
+            r["memory_shape"] = {"side": side, "model": {"shape": args.shape, "layers": shape["num_hidden_layers"], "dtype": "bfloat16"},
+                                 "peft": peft_cfg, **r["memory_shape"]}
         if "error" not in r:
             f = flops_per_token(shape, round(context), r.get("adapter_params"))
             r["mfu_measured"] = r["tokens_per_s"] * f / rate["flops_per_s"]

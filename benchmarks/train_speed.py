@@ -62,6 +62,7 @@ class StepWindow:
 
         self.warmup, self.trainer, self.t0, self.tok0 = warmup, None, None, None
         self.result: dict[str, float] = {}
+        self.micro_batches: list[dict[str, int]] = []  # each micro-batch's shape as trained (the memory model's input)
         cb = self
 
         class _Callback(TrainerCallback):
@@ -77,6 +78,17 @@ class StepWindow:
                 cb._mark(state.global_step, state.max_steps)
 
         self.callback = _Callback()
+
+    def watch(self, trainer) -> None:
+        """Join ``trainer``: its token count times the window, and each micro-batch's shape is recorded."""
+        self.trainer = trainer
+        step = trainer.training_step
+
+        def training_step(model, inputs, *args, **kwargs):
+            self.micro_batches.append(batch_shape(inputs))
+            return step(model, inputs, *args, **kwargs)
+
+        trainer.training_step = training_step
 
     def _mark(self, step: int, last: int) -> None:
         import torch
@@ -94,6 +106,28 @@ class StepWindow:
             if torch.cuda.is_available():
                 self.result |= {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def batch_shape(inputs: dict) -> dict[str, int]:
+    """rows x length as trained, real tokens, supervised positions (next token labelled), sequences in a padding-free row."""
+    ids = inputs["input_ids"]
+    shape = {"rows": ids.size(0), "length": ids.size(1), "tokens": int(inputs["attention_mask"].sum()) if "attention_mask" in inputs
+             else ids.numel()}
+    if inputs.get("labels") is not None:
+        shape["supervised"] = int((inputs["labels"][:, 1:] != -100).sum())
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        shape["sequences"] = int((inputs["position_ids"] == 0).sum())
+    return shape
+
+
+def memory_shape(window: StepWindow, loss: str) -> dict[str, Any]:
+    """What the memory model needs of a side, as it ran (benchmarks/gpu.py adds the model and adapter)."""
+    args, model = window.trainer.args, window.trainer.model
+    base = getattr(model, "get_base_model", lambda: model)()
+    return {"grad_accum": args.gradient_accumulation_steps, "checkpointing": bool(args.gradient_checkpointing),
+            "attention": getattr(base.config, "_attn_implementation", None), "liger": bool(getattr(base, "_multitune_liger", False)
+                                                                                             or args.use_liger_kernel),
+            "loss": loss, "steps": window.micro_batches}
 
 
 def _val_loss(model, formatter, data, rows: int = EVAL_ROWS) -> float:
@@ -129,7 +163,7 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
     def timed_init(self, *args, **kwargs):
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), window.callback]
         init(self, *args, **kwargs)
-        window.trainer = self
+        window.watch(self)
 
     trainer_cls.__init__ = timed_init
     try:
@@ -145,7 +179,8 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
     trained = window.trainer.model
     liger = getattr(getattr(trained, "get_base_model", lambda: trained)(), "_multitune_liger", False)  # applied, not asked
     return {"train_loss_last": _last_loss(state["log_history"]), "val_answer_loss": _val_loss(model, formatter, data, eval_rows),
-            "adapter_params": adapter, "batch_size": cfg.train.batch_size, "liger": liger}
+            "adapter_params": adapter, "batch_size": cfg.train.batch_size, "liger": liger,
+            "memory_shape": memory_shape(window, cfg.train.loss_positions)}
 
 
 def micro_batch(per_step: int, accum: int) -> int:
@@ -223,12 +258,14 @@ def run_trl(side: str, cfg_path: Path, steps: int, window: StepWindow, lora: boo
         peft_config = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[window.callback])
-    window.trainer = trainer
+    window.watch(trainer)
     trainer.train()
     return {"train_loss_last": _last_loss(trainer.state.log_history), "val_answer_loss": _val_loss(trainer.model, formatter, data, eval_rows),
             "adapter_params": _trainable(trainer.model) if lora else None, "batch_size": args.per_device_train_batch_size,
             "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "packing": args.packing,
-            "liger": bool(args.use_liger_kernel)}
+            "liger": bool(args.use_liger_kernel),
+            # TRL's loss: its chunked LM head, on labelled positions only where Triton runs (trl.trainer.utils.add_fused_lm_head)
+            "memory_shape": memory_shape(window, "trl-fused" if cuda else "trl-fused-all")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -284,7 +284,8 @@ def plan(
     result = planner.make_plan(cfg, gpus=gpus, nodes=nodes, gpu=gpu, global_batch=global_batch, mfu=mfu, data=data)
     if examples and not tokens_per_example or tokens_per_example and not examples:
         measured = result.data
-        result.data = planner.DataStats(examples or measured.examples, tokens_per_example or measured.tokens, measured.source)
+        result.data = planner.DataStats(examples or measured.examples, tokens_per_example or measured.tokens, measured.source,
+                                       measured.answer_tokens)
     print(planner.report(cfg, result, price, str(config)), end="")
 
 

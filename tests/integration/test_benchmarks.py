@@ -38,6 +38,12 @@ def test_training_sides_report_comparable_numbers(assets, tmp_path):
         assert r["steps"] == 3 and r["timed_steps"] == 2 and r["train_s"] > 0 and r["peak_rss_mb"] > 0
         assert 0 < r["tokens"] < r["tokens_all_steps"]  # the timed window leaves the first step out
         assert 0 < r["val_answer_loss"] < 20
+        # the shape the memory model needs, one entry per micro-batch trained; their real tokens are the counted ones
+        shape = r["memory_shape"]
+        assert len(shape["steps"]) == 3 * shape["grad_accum"] and shape["attention"] == "sdpa"
+        assert sum(s["tokens"] for s in shape["steps"]) == r["tokens_all_steps"]
+        assert all(0 < s["supervised"] <= s["tokens"] <= s["rows"] * s["length"] for s in shape["steps"])
+    assert sides["trl-defaults"]["memory_shape"]["checkpointing"] and not sides["multitune"]["memory_shape"]["checkpointing"]
     # the same seed and batch size over the same train split: the same examples, so the same non-pad tokens
     assert len({r["tokens"] for r in sides.values()}) == 1
     expert, ours = sides["trl-expert"], sides["multitune"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict
-from multitune.modeling.load import apply_peft, load_model, load_tokenizer, resolve_dtype
-from multitune.launch.plan import GPUS, Layout, count, memory, nf4_bytes
+from multitune.modeling.load import adapters_in_fp32, apply_peft, load_model, load_tokenizer, resolve_dtype
+from multitune.launch.plan import GPUS, LLAMA3_8B, GiB, Layout, count, memory, nf4_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +50,7 @@ def test_plan_counts_equal_a_real_model_after_a_real_step(assets, tmp_path, meth
                          args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[],
                                         per_device_train_batch_size=2, max_steps=1))
     model = trainer.model  # after TRL's own preparation (it casts QLoRA adapters to bf16)
+    adapters_in_fp32(model)  # and multitune's, as MultitaskTrainer does: every adapter trains in fp32
     real = real_counts(model, method)
     base = load_model(cfg, quantize=False)  # 4-bit tensors report packed sizes
     assert planned.params == sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
@@ -129,3 +130,76 @@ def test_plan_command_offline_on_the_tiny_model(assets, tmp_path, capsys, monkey
     n_train = round(72 * 0.8)  # the generated claims data: 72 rows
     assert f"data: {n_train:,} training examples" in out
     assert "global 32 = micro-batch" in out and "cost: 4 GPU(s)" in out
+
+
+def test_full_fine_tuning_counts_16_bytes_a_trainable_parameter():
+    """Full fine-tuning loads fp32 weights (model.weights_dtype): fp32 weight + gradient + two Adam moments."""
+    cfg = config_from_dict({"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"}, "peft": {"method": "full"},
+                            "tasks": [{"name": "claims"}]})
+    c = count(cfg)
+    parts = memory(c, cfg, Layout("ddp-1x4.yaml", 1), micro_batch=1, seq=512, world=1, checkpointing=True)
+    static = parts["weights"] + parts["trainable params"] + parts["gradients"] + parts["optimizer (AdamW)"]
+    assert abs(static - 16 * c.params) <= 4 * c.trainable_tensors  # + AdamW's 4-byte step counter per tensor
+
+
+def test_qlora_adapters_and_their_adam_moments_are_fp32():
+    cfg = config_from_dict({"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"}, "peft": {"method": "qlora", "r": 16},
+                            "tasks": [{"name": "claims"}]})
+    c = count(cfg)
+    assert c.trainable == 41_943_040 and c.trainable_bytes == 4 * 41_943_040
+    assert c.optimizer_bytes == 2 * 4 * 41_943_040 + 4 * c.trainable_tensors
+
+
+def test_plan_memory_matches_the_recorded_2_layer_gpu_peak():
+    """benchmarks/results/2026-11-27T0200-h100-gpu-check.json, section c: a 2-layer model of the 8B width, LoRA r=16
+    (dropout 0), 4 packed rows of 2048 tokens a micro-batch, no checkpointing, Liger off: 7.62 GiB allocated at the
+    peak. Its examples average 150.2 tokens (the record) with ~4 answer tokens each (182-226 supervised positions in
+    ~8,000 tokens: tests/unit/data/gpu_record_shapes_2026-11-27.json). The old plan charged logits at every position
+    and said 15.5 GiB."""
+    from transformers import LlamaConfig
+
+    from multitune.launch.plan import DataStats, make_plan
+
+    hf = LlamaConfig(**(dict(LLAMA3_8B) | {"num_hidden_layers": 2, "max_position_embeddings": 8192}))
+    cfg = config_from_dict({"model": {"name_or_path": "random-8b-2l", "max_length": 2048},
+                            "peft": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+                            "train": {"packing": True, "liger": False, "batch_size": 4, "grad_accum": 1}, "tasks": [{"name": "claims"}]})
+    c = count(cfg, hf_config=hf)
+    parts = memory(c, cfg, Layout("1gpu.yaml", 1), micro_batch=4, seq=2048, world=1, checkpointing=False,
+                   answer_tokens=226 / 49, tokens_per_example=150.2)
+    assert abs(sum(parts.values()) / GiB - 7.62) <= 0.1 * 7.62
+    plan = make_plan(cfg, gpus=1, nodes=1, gpu="h100-80gb", counts=c, data=DataStats(100, 150.2, "given", 226 / 49))
+    assert plan.fits and not plan.checkpointing and plan.micro_batch == 4
+
+
+@pytest.mark.parametrize("gpu", ["a100-40gb", "h100-80gb"])
+def test_plan_prints_the_auto_fit_micro_batch_and_checkpointing(gpu, capsys, monkeypatch):
+    """The largest micro-batch (dividing the examples per GPU) whose peak fits the card less the margin, and
+    checkpointing only when no micro-batch fits without it."""
+    import re
+    import sys
+
+    from multitune.cli import main
+    from multitune.config import load_config
+    from multitune.launch.plan import total_with_overhead
+
+    monkeypatch.setattr(sys, "argv", ["multitune", "plan", str(REPO / "configs" / "llama3-8b-lora.yaml"), "--gpu", gpu,
+                                     "--examples", "1000", "--tokens-per-example", "150"])  # answers unknown: every position
+    main()
+    out = capsys.readouterr().out
+    m = re.search(r"auto-fit: micro-batch (\d+) x 512 tokens, gradient checkpointing (on|off)", out)
+    assert m, out
+    micro, ckpt = int(m.group(1)), m.group(2) == "on"
+    cfg = load_config(REPO / "configs" / "llama3-8b-lora.yaml")
+    per_gpu = cfg.train.batch_size * cfg.train.grad_accum
+    c, card = count(cfg), GPUS[gpu].memory
+
+    def fits(n, checkpointing):
+        return total_with_overhead(memory(c, cfg, Layout("1gpu.yaml", 1), n, 512, 1, checkpointing)) <= card
+
+    assert fits(micro, ckpt)
+    bigger = [n for n in range(micro + 1, per_gpu + 1) if per_gpu % n == 0]
+    assert not any(fits(n, ckpt) for n in bigger)
+    if ckpt:
+        assert not fits(1, False)
+    assert f"train.batch_size={micro} " in out

@@ -3,11 +3,13 @@
 Parameter counts are exact: the model is instantiated on PyTorch's ``meta`` device (no memory) from its
 config, and the adapter is applied by PEFT with multitune's own adapter config, so every architecture and
 PEFT method is counted as it will really be built. Bytes follow from how training holds them: the frozen base
-in the compute dtype (bf16 on a bf16 GPU) or in NF4 with double-quantised statistics (QLoRA), the adapter in
-fp32 (PEFT upcasts it) except under QLoRA, where TRL casts it to bf16, AdamW's two moments in the parameter
-dtype plus one fp32 step counter per tensor. tests/unit/test_plan.py checks these byte counts against a real
-tiny model after a real optimizer step. Activations, logits and throughput are estimates, with their formulas
-stated in :func:`activation_bytes` and ``README.md`` (MFU).
+in the compute dtype (bf16 on a bf16 GPU) or in NF4 with double-quantised statistics (QLoRA); full fine-tuning
+in fp32 (model.weights_dtype), so 16 bytes a trainable parameter with its gradient and AdamW's moments; every
+adapter in fp32 (model.adapters_in_fp32, QLoRA's too), AdamW's two moments in the parameter dtype plus one
+fp32 step counter per tensor. tests/unit/test_plan.py checks these byte counts against a real tiny model
+after a real optimizer step. Activations, the attention mask and the loss's logits come from
+:mod:`multitune.launch.memory` (measured per token and layer from the real model code); throughput is an
+estimate (``README.md``, MFU).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from multitune.config import Config
+from multitune.launch.memory import coefficients_for
 from multitune.launch.runpod import ADAPTER_METHODS, accelerate_config_for
 
 MiB, GiB = 1024**2, 1024**3
@@ -70,6 +73,9 @@ class Counts:
     trainable_tensors: int
     trainable_bytes: int  # one copy of the trainable parameters (and so of their gradients)
     largest_layer_bytes: int  # one decoder layer's parameters: what FSDP gathers at a time
+    layer_trainable: int  # trainable parameters of one decoder layer
+    adapted_inputs: int  # per token and layer, input elements of the adapted linear layers (what LoRA dropout drops)
+    largest_weight: int  # elements of the largest decoder linear weight
     layers: int
     hidden: int
     intermediate: int
@@ -130,11 +136,13 @@ def count(cfg: Config, compute_dtype: torch.dtype = torch.bfloat16, hf_config=No
         trained = apply_peft(model, cfg, False) if cfg.peft.method != "full" else model
     weight_bytes = sum(nf4_bytes(p.numel()) if key in nf4 else p.numel() * p.element_size() for key, p in base.items())
     trainable = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
-    if cfg.peft.method == "qlora":
-        # TRL's SFTTrainer casts a quantised model's trainable parameters to bf16, DoRA magnitudes excepted
-        dtype_of = {n: (p.dtype if "lora_magnitude_vector" in n else torch.bfloat16) for n, p in trainable}
-    else:
-        dtype_of = {n: p.dtype for n, p in trainable}
+    # adapters are kept in fp32 (model.adapters_in_fp32); full fine-tuning trains the weights as loaded for training,
+    # fp32 unless model.dtype names another (model.weights_dtype)
+    dtype_of = {n: torch.float32 for n, _ in trainable}
+    if cfg.peft.method == "full":
+        full = torch.float32 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+        dtype_of = {n: full for n, _ in trainable}
+        weight_bytes = sum(p.numel() for p in base.values()) * (torch.finfo(full).bits // 8)
     tcfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     heads = tcfg.num_attention_heads
     head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // heads
@@ -142,32 +150,42 @@ def count(cfg: Config, compute_dtype: torch.dtype = torch.bfloat16, hf_config=No
         params=sum(p.numel() for p in base.values()), matmul_params=matmul, weight_bytes=weight_bytes,
         trainable=sum(p.numel() for _, p in trainable), trainable_tensors=len(trainable),
         trainable_bytes=sum(p.numel() * (torch.finfo(dtype_of[n]).bits // 8) for n, p in trainable),
-        largest_layer_bytes=layer_bytes, layers=tcfg.num_hidden_layers, hidden=tcfg.hidden_size,
+        largest_layer_bytes=layer_bytes, layer_trainable=sum(p.numel() for n, p in trainable if ".layers.0." in n),
+        adapted_inputs=sum(m.in_features for n, m in trained.named_modules() if ".layers.0." in n and hasattr(m, "lora_A")
+                           and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)),
+        largest_weight=max((m.weight.numel() for m in linear.values() if m is not head), default=0), layers=tcfg.num_hidden_layers, hidden=tcfg.hidden_size,
         intermediate=getattr(tcfg, "intermediate_size", 4 * tcfg.hidden_size),
         kv_dim=getattr(tcfg, "num_key_value_heads", heads) * head_dim, vocab=tcfg.vocab_size, notes=notes,
     )
 
 
-def activation_bytes(c: Counts, cfg: Config, tokens: int, checkpointing: bool) -> int:
-    """Estimated activation memory for ``tokens`` (micro-batch x sequence length) tokens, bf16.
+def step_for(c: Counts, cfg: Config, micro_batch: int, seq: int, checkpointing: bool, answer_tokens: float | None = None,
+             tokens_per_example: float | None = None):
+    """The micro-batch as the trainer will run it: ``micro_batch`` rows of ``seq`` tokens (model.max_length, the worst
+    case), or with train.packing one padding-free row of them; the loss on every position, or (train.loss_positions:
+    supervised) on the answers: ``answer_tokens`` per example (the longest seen in the data), all positions if unknown."""
+    from multitune.launch.memory import Step
+    from multitune.modeling.speed import liger_available
 
-    Per token and decoder layer: attention ~ 6d + 2·kv values, the SwiGLU MLP ~ d + 4·I, the two RMSNorms
-    upcast to fp32 (4 more d-sized values), and for LoRA with dropout one dropped-out copy of each adapted
-    projection's input plus its mask (~6d + I values at 3 bytes). SDPA/flash attention keep no s x s matrix.
-    With checkpointing only each layer's input is kept, and one layer is recomputed at a time.
-    """
-    d, i, kv = c.hidden, c.intermediate, c.kv_dim
-    per_token_layer = 2 * (6 * d + 2 * kv) + 2 * (d + 4 * i) + 2 * 4 * d
-    if cfg.peft.method in ("lora", "qlora", "dora", "rslora") and cfg.peft.dropout > 0:
-        per_token_layer += 3 * (6 * d + i)
-    if checkpointing:
-        return tokens * (c.layers * 2 * d + per_token_layer)
-    return tokens * c.layers * per_token_layer
+    packed = cfg.train.packing
+    rows, length = (1, micro_batch * seq) if packed else (micro_batch, seq)
+    supervised = micro_batch * seq
+    if cfg.train.loss_positions == "supervised" and answer_tokens:
+        share = min(1.0, answer_tokens / tokens_per_example) if packed and tokens_per_example else None
+        supervised = math.ceil(micro_batch * seq * share) if share else micro_batch * min(seq, math.ceil(answer_tokens))
+    liger = cfg.train.liger is True or (cfg.train.liger == "auto" and liger_available())
+    return Step(rows, length, supervised, masked=True, checkpointing=checkpointing, attention=cfg.model.attn_implementation,
+                liger=liger, loss="supervised" if cfg.train.loss_positions == "supervised" else "all")
 
 
-def logits_bytes(c: Counts, tokens: int) -> int:
-    """bf16 logits, their fp32 copy for the loss, and the fp32 log-softmax kept for backward: 10 bytes a logit."""
-    return tokens * c.vocab * (2 + 4 + 4)
+def activation_parts(c: Counts, cfg: Config, step) -> dict[str, int]:
+    """The step's activations, attention mask and logits at its peak (multitune.launch.memory: measured coefficients)."""
+    from multitune.launch.memory import Arch, coefficients_for
+    from multitune.launch.memory import activation_parts as parts
+
+    coef, _ = coefficients_for(cfg.peft.method, cfg.peft.dropout)
+    arch = Arch(c.hidden, c.intermediate, c.layers, c.vocab, c.layer_trainable, c.adapted_inputs, c.largest_weight)
+    return parts(coef, arch, step, cfg.peft.method, cfg.peft.dropout)
 
 
 @dataclass
@@ -176,7 +194,8 @@ class Layout:
     shards: int  # how many GPUs share one copy of weights/gradients/optimizer (1: replicated)
 
 
-def memory(c: Counts, cfg: Config, layout: Layout, micro_batch: int, seq: int, world: int, checkpointing: bool) -> dict[str, int]:
+def memory(c: Counts, cfg: Config, layout: Layout, micro_batch: int, seq: int, world: int, checkpointing: bool,
+           answer_tokens: float | None = None, tokens_per_example: float | None = None) -> dict[str, int]:
     """Per-GPU bytes by component (peak of live tensors, comparable to torch.cuda.max_memory_allocated)."""
     shard = layout.shards
     out = {
@@ -184,8 +203,7 @@ def memory(c: Counts, cfg: Config, layout: Layout, micro_batch: int, seq: int, w
         "trainable params": c.trainable_bytes // shard if cfg.peft.method != "full" else 0,
         "gradients": c.trainable_bytes // shard,
         "optimizer (AdamW)": c.optimizer_bytes // shard,
-        "activations": activation_bytes(c, cfg, micro_batch * seq, checkpointing),
-        "logits": logits_bytes(c, micro_batch * seq),
+        **activation_parts(c, cfg, step_for(c, cfg, micro_batch, seq, checkpointing, answer_tokens, tokens_per_example)),
     }
     if shard == 1 and world > 1:
         out["DDP gradient buckets"] = c.trainable_bytes
@@ -221,6 +239,7 @@ class DataStats:
     examples: int | None  # training examples per epoch, after max_rows, the validation split and weights
     tokens: float | None  # mean tokens per training example (prompt + answer)
     source: str
+    answer_tokens: float | None = None  # the most supervised (answer) tokens of one example in the sample
 
 
 def data_stats(cfg: Config, sample: int = 200) -> DataStats:
@@ -237,7 +256,7 @@ def data_stats(cfg: Config, sample: int = 200) -> DataStats:
         how = "measured with the model's tokenizer"
     except (UserError, OSError, ValueError):
         formatter, how = None, "estimated at 4 characters a token (tokenizer not readable here)"
-    total, weighted_len = 0, 0.0
+    total, weighted_len, answers = 0, 0.0, [0.0]
     try:
         for tcfg in cfg.tasks:
             task = build_task(tcfg)
@@ -247,15 +266,18 @@ def data_stats(cfg: Config, sample: int = 200) -> DataStats:
             rows = ds.shuffle(seed=cfg.seed).select(range(min(sample, len(ds))))
             examples = [task.example(r) for r in rows]
             if formatter is not None:
-                lengths = [len(ids) for ids in formatter.encode(examples)["input_ids"]]
+                encoded = formatter.encode(examples)
+                lengths = [len(ids) for ids in encoded["input_ids"]]
+                answers += [sum(t != -100 for t in lab) for lab in encoded["labels"]]
             else:  # ~4 characters a token, plus ~5 template tokens a message
                 lengths = [sum(len(m["content"]) for m in ex.messages) / 4 + len(ex.target) / 4 + 5 * (len(ex.messages) + 1)
                            for ex in examples]
+                answers += [len(ex.target) / 4 + 5 for ex in examples]
             total += n_train
             weighted_len += n_train * sum(lengths) / len(lengths)
     except UserError as e:
         return DataStats(None, None, f"datasets not readable here ({e}); pass --examples and --tokens-per-example")
-    return DataStats(total, weighted_len / total, how)
+    return DataStats(total, weighted_len / total, how, max(answers))
 
 
 @dataclass
@@ -292,20 +314,19 @@ def make_plan(cfg: Config, *, gpus: int, nodes: int, gpu: str, global_batch: int
     target = global_batch or cfg.train.batch_size * cfg.train.grad_accum * world
     if target % world:
         raise UserError(f"a global batch of {target} does not split over {world} GPUs; pass --global-batch as a multiple of {world}")
+    data = data or data_stats(cfg)
+    per_gpu = target // world
     plan = None
-    for checkpointing in ([cfg.train.gradient_checkpointing] + ([True] if not cfg.train.gradient_checkpointing else [])):
+    for checkpointing in (False, True):  # auto-fit: checkpointing only when no micro-batch fits without it
         layout = choose_layout(c, cfg, gpus, nodes, card, seq, checkpointing)
-        for micro in (32, 16, 8, 4, 2, 1):
-            if (target // world) % micro:
-                continue
-            parts = memory(c, cfg, layout, micro, seq, world, checkpointing)
-            if total_with_overhead(parts) <= card.memory or micro == 1:
-                plan = Plan(c, card, nodes, gpus, layout, micro, target // world // micro, checkpointing, parts,
-                            total_with_overhead(parts) <= card.memory, DataStats(None, None, ""), 0.0)
+        for micro in sorted((m for m in range(1, per_gpu + 1) if per_gpu % m == 0), reverse=True):  # the largest that fits
+            parts = memory(c, cfg, layout, micro, seq, world, checkpointing, data.answer_tokens, data.tokens)
+            fits = total_with_overhead(parts) <= card.memory
+            if fits or (checkpointing and micro == 1):
+                plan = Plan(c, card, nodes, gpus, layout, micro, per_gpu // micro, checkpointing, parts, fits, data, 0.0)
                 break
-        if plan.fits:
+        if plan is not None:
             break
-    plan.data = data or data_stats(cfg)
     plan.mfu = mfu or DEFAULT_MFU["qlora" if cfg.peft.method == "qlora" else "other"]
     return plan
 
@@ -322,18 +343,25 @@ def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> st
     out.append(f"model: {cfg.model.name_or_path}, {c.params / 1e9:.2f}B parameters; {method}: {c.trainable / 1e6:.1f}M trainable "
                f"({100 * c.trainable / c.params:.2f}%)")
     ckpt = "on" if p.checkpointing else "off"
-    out.append(f"\nper-GPU memory, micro-batch {p.micro_batch} x {seq} tokens (model.max_length), gradient checkpointing {ckpt}:")
+    margin = f"{FRAGMENTATION:.0%} allocator slack and {CUDA_CONTEXT / GiB:.0f} GiB CUDA context"
+    out.append(f"auto-fit: micro-batch {p.micro_batch} x {seq} tokens, gradient checkpointing {ckpt} (the largest micro-batch "
+               f"dividing {p.micro_batch * p.grad_accum} examples per GPU that fits with {margin}; checkpointing only when "
+               "none fits without)")
+    rows = f"one padding-free row of {p.micro_batch} x {seq}" if cfg.train.packing else f"{p.micro_batch} row(s) of {seq}"
+    answers = (f"{p.data.answer_tokens:.0f} answer tokens an example (the longest seen)" if p.data.answer_tokens
+               and cfg.train.loss_positions == "supervised" else "every position")
+    out.append(f"\nper-GPU memory at its peak, {rows} tokens (model.max_length), loss on {answers}:")
     for name, value in p.parts.items():
         out.append(f"  {name:24s}{_gib(value)}")
-    other = activation_bytes(c, cfg, p.micro_batch * seq, not p.checkpointing)
-    out.append(f"  ({'without' if p.checkpointing else 'with'} checkpointing the activations would be {other / GiB:.2f} GiB)")
+    _, note = coefficients_for(cfg.peft.method, cfg.peft.dropout)
+    out += [f"  ({note})"] if note else []
     total = total_with_overhead(p.parts)
     out.append(f"  {'total':24s}{_gib(total)}  (+{FRAGMENTATION:.0%} allocator slack, +{CUDA_CONTEXT / GiB:.0f} GiB CUDA context) "
                f"of {p.gpu.memory / GiB:.1f} GiB: {'fits' if p.fits else 'DOES NOT FIT'}")
     if not p.fits:
         out.append("  to fit: peft.method=qlora, a shorter model.max_length, more GPUs (FSDP shards the weights), or a larger GPU")
-    if p.checkpointing and not cfg.train.gradient_checkpointing:
-        out.append("  needs train.gradient_checkpointing=true")
+    if p.checkpointing != cfg.train.gradient_checkpointing:
+        out.append(f"  set train.gradient_checkpointing={str(p.checkpointing).lower()}")
     if p.world == 1:
         why = "one process"
     elif p.layout.shards == 1:
