@@ -193,7 +193,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         return already_finished(run)
     args.gradient_accumulation_steps = launch.grad_accum
     setup = prepare_run(cfg, run, resuming=launch.mode == "resume", writer=args.should_save)
-    trainer = build_trainer(cfg, run, args, setup, launch.checkpoint)
+    trainer = build_trainer(cfg, run, args, setup, launch.checkpoint, started_over=not resume or overwrite)
     if not fit(trainer, launch.checkpoint):
         return {}
     save_outputs(trainer, run, setup.tokenizer)
@@ -323,7 +323,8 @@ def prepare_run(cfg: Config, run: RunDir, *, resuming: bool, writer: bool) -> Se
     return Setup(tokenizer, formatter, prepared)
 
 
-def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None) -> MultitaskTrainer:
+def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None,
+                  started_over: bool = False) -> MultitaskTrainer:
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
     model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
     wandb_log.start(cfg, run)
@@ -331,7 +332,7 @@ def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resum
         model=model, args=args, train_dataset=setup.prepared.train, eval_dataset=setup.prepared.eval,
         processing_class=setup.tokenizer, task_data=setup.data, formatter=setup.formatter, cfg=cfg,
         callbacks=[TrainingClock(resume_from), CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop(),
-                   *hub_callbacks(cfg, run)],
+                   *hub_callbacks(cfg, run, started_over=started_over)],
     )
 
 
