@@ -75,7 +75,8 @@ def missing_parts(names: set[str], world_size: int | None) -> str | None:
     needs = {
         "trainer_state.json": "trainer_state.json" in names,
         "weights": any(w in names for w in weights),
-        "optimizer": "optimizer.pt" in names or f"{DCP_DIRS[1]}/.metadata" in names,
+        # an adapter's optimizer is gathered whole (adapter_state.py): its DCP folders are never read
+        "optimizer": "optimizer.pt" in names or (f"{DCP_DIRS[1]}/.metadata" in names and "adapter_model.safetensors" not in names),
         "scheduler.pt": "scheduler.pt" in names,
         # one process writes rng_state.pth; several write rng_state_<rank>.pth (a node keeps its own ranks')
         "rng_state.pth": ("rng_state.pth" in names) if world_size == 1 else any(_RNG.fullmatch(n) for n in names),
