@@ -196,3 +196,29 @@ def test_a_planted_pickle_in_dcp_metadata_is_never_run_by_the_completeness_check
     assert not proof.exists()
     if saved:  # the planted file does not match what the save recorded
         assert not is_complete(sharded)
+
+
+def test_ranks_with_different_newest_checkpoints_agree_on_the_oldest_if_all_hold_it(tmp_path, monkeypatch):
+    """Node-local copies: one node's newest is damaged. Every rank gets the gathered steps and checks the oldest."""
+    from multitune import distributed
+    from multitune.training.checkpoints import common_step
+
+    monkeypatch.setattr(distributed, "all_gather", lambda obj: [obj, obj])  # two ranks that see the same disk here
+    make_ckpt(tmp_path, 3, saved=True)
+    make_ckpt(tmp_path, 6, saved=True)
+    assert common_step(tmp_path, [6, 3]) == 3
+    assert common_step(tmp_path, [6, 6]) == -1  # they agree already
+    assert common_step(tmp_path, [6, -1]) == -1  # a rank holds none: nothing in common
+    damage_middle(tmp_path / "checkpoint-3" / "optimizer.pt")
+    assert common_step(tmp_path, [6, 3]) == -1  # not complete everywhere: the ranks-disagree error stays
+
+
+def test_an_adapter_checkpoint_needs_its_gathered_optimizer_not_dcp_shards(tmp_path):
+    """Resuming it would otherwise go through Trainer's DCP loader, which unpickles the .metadata."""
+    folder = make_ckpt(tmp_path, 3)
+    (folder / "optimizer.pt").unlink()
+    (folder / "optimizer_0").mkdir()
+    (folder / "optimizer_0" / ".metadata").write_bytes(b"x")
+    (folder / "optimizer_0" / "__0_0.distcp").write_bytes(b"x")
+    mark_as_saved(folder, 3)
+    assert not is_complete(folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from multitune.distributed import any_rank, main_print, max_over_ranks, node_print
+from multitune.distributed import any_rank, gather_checked, main_print, max_over_ranks, node_print
 from multitune.errors import UserError
 from multitune.training.manifest import (
     DCP_DIRS, MARKER, legacy_problem, manifest_names, manifest_problem, missing_parts, read_marker, write_marker,
@@ -210,6 +210,18 @@ def latest_complete(checkpoints: Path) -> Path | None:
 
 def step_of(folder: Path | None) -> int:
     return int(folder.name.split("-")[-1]) if folder else -1
+
+
+def common_step(checkpoints: Path, steps: list[int]) -> int:
+    """When the ranks' newest complete checkpoints differ (node-local copies, one of them damaged), the oldest of
+    them if every rank holds it complete, else -1. Every rank calls it with the same gathered ``steps``."""
+    oldest = min(steps)
+    if len(set(steps)) < 2 or oldest < 0:
+        return -1
+    if not all(gather_checked(lambda: is_complete(checkpoints / f"checkpoint-{oldest}"))):
+        return -1
+    main_print(f"warning: not every node holds checkpoint-{max(steps)} complete; every rank resumes from checkpoint-{oldest}")
+    return oldest
 
 
 # ---------------------------------------------------------------- resuming on another number of processes
