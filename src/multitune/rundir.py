@@ -61,6 +61,12 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def training_differences(recorded: dict, cfg: Config) -> list[str]:
+    """The dotted keys in which ``cfg`` trains differently from a recorded config (the keys a relaunch may
+    change left out): two configs with none train the same run."""
+    return [k for k in _diff(recorded or {}, cfg.model_dump(mode="json")) if not _harmless(k, HARMLESS + BATCH_LAYOUT)]
+
+
 @dataclass(frozen=True)
 class Relaunch:
     """What a launch does with its run directory: "new" (start or start over), "resume", or "finished"

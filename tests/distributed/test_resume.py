@@ -9,6 +9,9 @@ ends. Every refusal is one clear line on every rank, nothing written.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,45 @@ def test_a_run_killed_after_its_last_checkpoint_ends_without_another_step(single
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert (run / "DONE").exists()
     assert_ends_like(run, single_run)
+
+
+def _damage_middle(path: Path) -> None:
+    """Flip bytes inside the pickle record of a torch file, keeping its size: loading it fails (a size check passes)."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = (int.from_bytes(data[info.header_offset + k:info.header_offset + k + 2], "little") for k in (26, 28))
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    data[start:start + 8] = bytes(b ^ 0xFF for b in data[start:start + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(single_run, tmp_path):
+    """Loading it would kill every relaunch with a traceback (a crash loop); the previous one resumes exactly."""
+    run = cut_to(single_run, tmp_path / "run", 6)
+    _damage_middle(run / "checkpoints" / "checkpoint-6" / "optimizer.pt")
+    proc = cli(str(copy_config(single_run.parent / "single.yaml", run, tmp_path / "run.yaml")))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "skipping incomplete or corrupt checkpoint" in proc.stdout and "checkpoint-6" in proc.stdout
+    assert f"resuming from {run / 'checkpoints' / 'checkpoint-3'}" in proc.stdout
+    assert_ends_like(run, single_run)
+
+
+def test_nodes_whose_newest_copies_differ_agree_on_the_previous_checkpoint(single_run, tmp_path):
+    """Node-local run dirs (save_on_each_node): node 1's copy of checkpoint-6 is damaged, node 0's is whole."""
+    cfgs = []
+    for r in (0, 1):
+        run = cut_to(single_run, tmp_path / f"node{r}", 6)
+        cfgs.append(copy_config(single_run.parent / "single.yaml", run, tmp_path / f"node{r}.yaml", batch_size=4,
+                                save_on_each_node=True))
+    _damage_middle(tmp_path / "node1" / "checkpoints" / "checkpoint-6" / "optimizer.pt")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={r}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "multitune.cli",
+                               "train", str(c)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for r, c in enumerate(cfgs)]
+    results = finish(procs)
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    assert "every rank resumes from checkpoint-3" in results[0][1]
+    for r in (0, 1):
+        assert_ends_like(tmp_path / f"node{r}", single_run)

@@ -10,17 +10,21 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from safetensors.torch import save_file
 
 from multitune.training import hub_checkpoints
-from multitune.config import config_from_dict
+from multitune.config import config_from_dict, dump_config
+from multitune.training.checkpoints import CompleteMarker, is_complete, latest_complete
 from multitune.errors import UserError
 from multitune.training.hub_checkpoints import HubCheckpoints, commit_operations, wait_for_uploads
 from multitune.rundir import RunDir
 from tests.fake_hub import FakeHub, install
 
 
-def fake_run(tmp_path: Path, steps=(4,)) -> RunDir:
+def fake_run(tmp_path: Path, steps=(4,), *, cfg=None, manifest=False) -> RunDir:
+    """A run directory with checkpoints at ``steps``, its config that of ``cfg`` (default: :func:`_cfg`).
+
+    manifest: marked by multitune's CompleteMarker (with the manifest); otherwise as before the manifest."""
     run = RunDir(tmp_path / "myrun")
     (run.splits).mkdir(parents=True)
-    run.config.write_text("model: {}\n")
+    run.config.write_text(dump_config(cfg or _cfg(tmp_path)))
     (run.splits / "claims.json").write_text("{}")
     (run.root / "wandb_id").write_text("abc123")
     for step in steps:
@@ -28,17 +32,24 @@ def fake_run(tmp_path: Path, steps=(4,)) -> RunDir:
         (ck / "sub").mkdir(parents=True)
         save_file({"w": torch.ones(2)}, str(ck / "adapter_model.safetensors"))
         for name in ("optimizer.pt", "rng_state.pth", "scheduler.pt"):  # whole torch files: what is_complete checks
-            torch.save({"step": step}, ck / name)
+            torch.save({"step": step, "moments": torch.randn(256)}, ck / name)
         (ck / "sub/x.bin").write_bytes(b"\0" * 8)
         (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        (ck / "COMPLETE").write_text("{}")
+        if manifest:
+            args = SimpleNamespace(output_dir=str(run.checkpoints), should_save=True, world_size=1,
+                                   per_device_train_batch_size=4, gradient_accumulation_steps=1)
+            CompleteMarker().on_save(args, SimpleNamespace(global_step=step), None)
+        else:
+            (ck / "COMPLETE").write_text("{}")
     return run
 
 
-def test_upload_is_exactly_these_operations(tmp_path):
+@pytest.mark.parametrize("started_over", [True, False])
+def test_upload_is_exactly_these_operations(tmp_path, started_over):
     run = fake_run(tmp_path, steps=(6,))
     ck = run.checkpoints / "checkpoint-6"
-    ops = commit_operations(run, ck, 6, remote_steps=[2, 4, 5, 9], keep=3)  # 9: a run of this name started over
+    # 9: the old run's when this one was started over (--no-resume); otherwise this run's own newer checkpoint
+    ops = commit_operations(run, ck, 6, remote_steps=[2, 4, 5, 9], keep=3, started_over=started_over)
     p = "myrun/checkpoints/checkpoint-6"
     expected = [
         ("add", "myrun/config.yaml", run.config), ("add", "myrun/splits/claims.json", run.splits / "claims.json"),
@@ -48,8 +59,7 @@ def test_upload_is_exactly_these_operations(tmp_path):
         ("add", f"{p}/sub/x.bin", ck / "sub/x.bin"), ("add", f"{p}/trainer_state.json", ck / "trainer_state.json"),
         ("add", f"{p}/COMPLETE", ck / "COMPLETE"),  # last, although a commit is atomic anyway
         ("delete", "myrun/checkpoints/checkpoint-2/", None),  # newest 3 kept: 6, 5, 4
-        ("delete", "myrun/checkpoints/checkpoint-9/", None),  # stale: a resume must never pick it
-    ]
+    ] + ([("delete", "myrun/checkpoints/checkpoint-9/", None)] if started_over else [])  # stale: a resume must never pick it
     got = [("add", o.path_in_repo, Path(o.path_or_fileobj)) if isinstance(o, CommitOperationAdd) else ("delete", o.path_in_repo, None)
            for o in ops]
     assert got == expected
@@ -145,3 +155,104 @@ def test_an_unreachable_hub_on_a_fresh_pod_is_an_error_not_a_fresh_start(tmp_pat
         hub_checkpoints.fetch_newest_checkpoint(_cfg(tmp_path), fresh, SimpleNamespace(is_local_main_process=True))
     assert not fresh.checkpoints.exists()
     assert list((tmp_path / "fresh-pod").iterdir()) == []  # no half download left behind
+
+
+def _upload_all(cfg, run: RunDir) -> None:
+    """The run's checkpoints, uploaded in step order by its training (the lost pod's)."""
+    cb = HubCheckpoints(cfg, run)
+    args = SimpleNamespace(output_dir=str(run.checkpoints))
+    for step in sorted(int(p.name.split("-")[1]) for p in run.checkpoints.glob("checkpoint-*")):
+        cb.on_save(args, SimpleNamespace(global_step=step, is_world_process_zero=True), None)
+    wait_for_uploads()
+
+
+def _hub_steps(hub) -> set[int]:
+    return {int(f.split("/")[2].split("-")[1]) for f in hub.files("me/tuned-checkpoints") if "/checkpoints/" in f}
+
+
+def _fetch(tmp_path, run, cfg=None):
+    return hub_checkpoints.fetch_newest_checkpoint(cfg or _cfg(tmp_path), run, SimpleNamespace(is_local_main_process=True))
+
+
+def test_a_volume_older_than_the_hub_resumes_from_the_hubs_newest(tmp_path, monkeypatch):
+    """The volume kept checkpoint-100, the lost pod got to 300 on the Hub: resuming from 100 would redo 200 steps."""
+    hub = install(monkeypatch, FakeHub(tmp_path / "hub"))
+    _upload_all(_cfg(tmp_path), fake_run(tmp_path / "lost-pod", steps=(100, 200, 300), manifest=True))
+    assert _hub_steps(hub) == {200, 300}
+    planted = hub.repo("me/tuned-checkpoints") / "myrun/checkpoints/checkpoint-300/extra.pkl"
+    planted.write_bytes(b"not recorded by the save")
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    pod = fake_run(tmp_path / "pod", steps=(100,), manifest=True)
+    got = _fetch(tmp_path / "pod", pod)
+    assert got == pod.checkpoints / "checkpoint-300" and latest_complete(pod.checkpoints) == got
+    assert not (got / "extra.pkl").exists()  # only the names the save recorded come down
+    assert (pod.checkpoints / "checkpoint-100").is_dir()
+
+
+def test_a_damaged_hub_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch, capsys):
+    hub = install(monkeypatch, FakeHub(tmp_path / "hub"))
+    _upload_all(_cfg(tmp_path), fake_run(tmp_path / "lost-pod", steps=(200, 300), manifest=True))
+    optimizer = hub.repo("me/tuned-checkpoints") / "myrun/checkpoints/checkpoint-300/optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    optimizer.write_bytes(bytes(data))
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    pod = RunDir(tmp_path / "pod" / "myrun")
+    assert _fetch(tmp_path / "pod", pod) == pod.checkpoints / "checkpoint-200"
+    assert is_complete(pod.checkpoints / "checkpoint-200") and not (pod.checkpoints / "checkpoint-300").exists()
+    assert "checkpoint-300" in capsys.readouterr().out
+
+
+def test_uploads_after_an_older_resume_never_delete_the_hubs_newer_checkpoints(tmp_path, monkeypatch):
+    """A Hub step above the one uploaded is this run's own newer checkpoint, not a run started over."""
+    hub = install(monkeypatch, FakeHub(tmp_path / "hub"))
+    _upload_all(_cfg(tmp_path), fake_run(tmp_path / "lost-pod", steps=(100, 200, 300), manifest=True))
+    _upload_all(_cfg(tmp_path), fake_run(tmp_path / "pod", steps=(150,), manifest=True))  # resumed from 100
+    assert _hub_steps(hub) == {150, 200, 300}
+
+
+def test_an_old_layout_hub_folder_is_still_found(tmp_path, monkeypatch):
+    """Checkpoints uploaded before the manifest (COMPLETE without a file list), in today's folder names."""
+    hub = install(monkeypatch, FakeHub(tmp_path / "hub"))
+    _upload_all(_cfg(tmp_path), fake_run(tmp_path / "lost-pod", steps=(2, 4)))
+    assert json.loads((hub.repo("me/tuned-checkpoints") / "myrun/checkpoints/checkpoint-4/COMPLETE").read_text()) == {}
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    pod = RunDir(tmp_path / "pod" / "myrun")
+    assert _fetch(tmp_path / "pod", pod) == pod.checkpoints / "checkpoint-4"
+    assert is_complete(pod.checkpoints / "checkpoint-4") and pod.config.read_text() == dump_config(_cfg(tmp_path / "lost-pod"))
+
+
+@pytest.mark.parametrize("volume", [False, True], ids=["fresh-pod", "own-checkpoint"])
+def test_two_runs_sharing_a_hub_folder_are_refused(tmp_path, monkeypatch, volume):
+    """Same run_dir name, same hub.repo_id, another training: it must neither resume nor evict the first's checkpoints."""
+    hub = install(monkeypatch, FakeHub(tmp_path / "hub"))
+    _upload_all(_cfg(tmp_path), fake_run(tmp_path / "first", steps=(2, 4), manifest=True))
+    before = {f: (hub.repo("me/tuned-checkpoints") / f).read_bytes() for f in hub.files("me/tuned-checkpoints")}
+    other = _cfg(tmp_path / "second", learning_rate=1e-5)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    second = fake_run(tmp_path / "second", steps=(2,), cfg=other, manifest=True) if volume else RunDir(tmp_path / "second" / "myrun")
+    with pytest.raises(UserError, match=r"another run .*train.learning_rate") as err:
+        _fetch(tmp_path / "second", second, other)
+    assert "\n" not in str(err.value)
+    assert not (second.checkpoints / "checkpoint-4").exists()
+    if volume:  # a run that did start (the check at launch was skipped) does not upload over the first run either
+        _upload_all(other, second)
+    assert {f: (hub.repo("me/tuned-checkpoints") / f).read_bytes() for f in hub.files("me/tuned-checkpoints")} == before
+
+
+def test_a_missing_token_on_one_node_is_an_error_on_every_rank(tmp_path, monkeypatch):
+    """Raised on that node alone, the others would wait forever in the launch's next collective."""
+    from multitune import distributed
+
+    gathered = []
+
+    def two_ranks(outcome):  # this rank, and another node's rank that has a token
+        gathered.append(outcome)
+        return [outcome, None]
+
+    monkeypatch.setattr(distributed, "all_gather", two_ranks)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    with pytest.raises(UserError, match="needs a Hugging Face token"):
+        _fetch(tmp_path, RunDir(tmp_path / "myrun"))
+    assert len(gathered) == 1  # it joined the agreement the other ranks wait in

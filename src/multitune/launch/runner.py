@@ -62,7 +62,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     results: dict[str, dict[str, Any]] = {}
     step = 0
     for part, launch in zip(parts(cfg, run), launches, strict=True):
-        model = train_part(kind, cfg, part, launch, setup)
+        model = train_part(kind, cfg, part, launch, setup, started_over=not resume or overwrite)
         if model is None:  # a signal stopped it with a checkpoint
             return {}
         results |= kind.evaluate(model, cfg, part, setup)
@@ -72,15 +72,16 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     return report(cfg, run, results, step, writer=args.should_save)
 
 
-def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Launch, setup: Setup):
+def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Launch, setup: Setup, *, started_over: bool):
     """The part's trained model: trained now (from its checkpoint, if any), or reloaded when an earlier launch
-    finished it; None when a signal stopped training with a checkpoint."""
+    finished it; None when a signal stopped training with a checkpoint. ``started_over``: --no-resume or
+    --overwrite (the Hub's checkpoints of the earlier run may be replaced)."""
     if launch.mode == "resume" and not any_rank(not kind.is_done(part)):  # agreed: every rank finds the marker
         main_print(f"{part.final}: trained by an earlier launch")
         return kind.load(cfg, part, setup)
     args = sft_config(cfg, part)
     args.gradient_accumulation_steps = launch.grad_accum
-    trainer = kind.trainer(cfg, part, args, setup, launch.checkpoint)
+    trainer = kind.trainer(cfg, part, args, setup, launch.checkpoint, started_over)
     if not fit(trainer, launch.checkpoint):
         return None
     save_outputs(trainer, part, setup.tokenizer)  # cost.json last

@@ -142,8 +142,8 @@ class PortableAdapterCheckpoints:
         set_model_state_dict(self.model, {keys[k]: saved[k] for k in keys}, options=_options(full_state_dict=True, strict=False))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if not (checkpoint and self._portable() and (Path(checkpoint) / OPTIMIZER).exists()):
-            return super()._load_optimizer_and_scheduler(checkpoint)
+        if not (checkpoint and self._portable() and (Path(checkpoint) / ADAPTER).exists()):
+            return super()._load_optimizer_and_scheduler(checkpoint)  # never Trainer's DCP loader for an adapter checkpoint
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         optimizer = self._inner_optimizer()

@@ -14,17 +14,16 @@ from __future__ import annotations
 import json
 import signal
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from multitune.distributed import any_rank, main_print, max_over_ranks, node_print
+from multitune.distributed import any_rank, gather_checked, main_print, max_over_ranks, node_print
 from multitune.errors import UserError
-
-MARKER = "COMPLETE"
-DCP_DIRS = ("pytorch_model_fsdp_0", "optimizer_0")  # FSDP sharded state dicts (torch.distributed.checkpoint)
+from multitune.training.manifest import (
+    DCP_DIRS, MARKER, legacy_problem, manifest_names, manifest_problem, missing_parts, read_marker, write_marker,
+)
 
 
 def _barrier() -> None:
@@ -51,7 +50,11 @@ class Layout:
 
 
 class CompleteMarker(TrainerCallback):
-    """After Trainer has saved a checkpoint on every rank, mark it complete (each writing process)."""
+    """After Trainer has saved a checkpoint on every rank, mark it complete (each writing process).
+
+    The marker records the batch layout and the manifest of the folder (every file's size and sha256), which
+    is what later judges the checkpoint whole. Put it after every callback that writes into the checkpoint.
+    """
 
     def on_save(self, args, state, control, **kwargs):
         _barrier()  # every rank has written its part and RNG state
@@ -59,7 +62,7 @@ class CompleteMarker(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             layout = {"world_size": args.world_size, "batch_size": args.per_device_train_batch_size,
                       "grad_accum": args.gradient_accumulation_steps}
-            (folder / MARKER).write_text(json.dumps({"global_step": state.global_step, "time": time.time(), **layout}))
+            write_marker(folder, {"global_step": state.global_step, "time": time.time(), **layout})
         _barrier()
         return control
 
@@ -154,76 +157,33 @@ class GracefulStop(TrainerCallback):
 # ---------------------------------------------------------------- completeness
 
 
-def _safetensors_intact(path: Path) -> bool:
-    """The header parses and the file holds every byte the header points to (catches truncation)."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                return False
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
-        return False
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    return 8 + n + end == size
+def problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a checkpoint a resume can use (None: it is one), never unpickling anything.
 
-
-def _torch_file_intact(path: Path) -> bool:
-    """torch.save writes a zip whose directory comes last: a truncated file has none."""
-    return path.is_file() and zipfile.is_zipfile(path)
-
-
-def _dcp_intact(folder: Path) -> bool:
-    """A DCP folder is whole when its .metadata reads and every shard file it names holds its bytes.
-
-    With save_on_each_node under FSDP, each node keeps only its own ranks' shard files and only node 0
-    writes .metadata: neither node's folder is complete on its own.
+    Marked complete by multitune, with every file its manifest records there and unchanged (see
+    :mod:`multitune.training.manifest`; checkpoints marked before the manifest are checked as far as
+    that goes without it), holding what a resume reads, and its trainer state parses.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
-    except Exception:  # missing or unreadable (pickle) metadata
-        return False
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    return bool(needed) and all((folder / name).is_file() and (folder / name).stat().st_size >= end for name, end in needed.items())
-
-
-def _weights_intact(folder: Path) -> bool:
-    if (folder / "adapter_model.safetensors").exists():
-        return _safetensors_intact(folder / "adapter_model.safetensors")
-    if (folder / "model.safetensors").exists():
-        return _safetensors_intact(folder / "model.safetensors")
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
+    marker = read_marker(folder)
+    if marker is None:
+        return "not marked complete"
+    names = manifest_names(marker)
+    listed = set(names) if names is not None else {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    world_size = marker.get("world_size")
+    why = missing_parts(listed, world_size if isinstance(world_size, int) else None)
+    if why is None:
+        why = manifest_problem(folder, marker) if "files" in marker else legacy_problem(folder)
+    if why is None:
         try:
-            files = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError):
-            return False
-        return bool(files) and all(_safetensors_intact(folder / f) for f in files)
-    return (folder / DCP_DIRS[0]).is_dir() and _dcp_intact(folder / DCP_DIRS[0])
-
-
-def _optimizer_intact(folder: Path) -> bool:
-    if (folder / DCP_DIRS[1]).is_dir():
-        state = _dcp_intact(folder / DCP_DIRS[1])
-    else:
-        state = _torch_file_intact(folder / "optimizer.pt")
-    return state and _torch_file_intact(folder / "scheduler.pt")
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            why = "trainer_state.json is unreadable"
+    return why
 
 
 def is_complete(folder: Path) -> bool:
-    """Marked complete, and every file a resume reads is there and whole (weights, optimizer, scheduler, state)."""
-    if not (folder / MARKER).exists():
-        return False
-    try:
-        json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return _weights_intact(folder) and _optimizer_intact(folder)
+    """Marked complete, and every file a resume reads is there and whole (weights, optimizer, scheduler, RNG, state)."""
+    return problem(folder) is None
 
 
 def is_sharded(folder: Path) -> bool:
@@ -241,14 +201,27 @@ def latest_complete(checkpoints: Path) -> Path | None:
         reverse=True,
     )
     for folder in found:
-        if is_complete(folder):
+        why = problem(folder)
+        if why is None:
             return folder
-        node_print(f"warning: skipping incomplete or corrupt checkpoint {folder}")
+        node_print(f"warning: skipping incomplete or corrupt checkpoint {folder} ({why}); trying the previous one")
     return None
 
 
 def step_of(folder: Path | None) -> int:
     return int(folder.name.split("-")[-1]) if folder else -1
+
+
+def common_step(checkpoints: Path, steps: list[int]) -> int:
+    """When the ranks' newest complete checkpoints differ (node-local copies, one of them damaged), the oldest of
+    them if every rank holds it complete, else -1. Every rank calls it with the same gathered ``steps``."""
+    oldest = min(steps)
+    if len(set(steps)) < 2 or oldest < 0:
+        return -1
+    if not all(gather_checked(lambda: is_complete(checkpoints / f"checkpoint-{oldest}"))):
+        return -1
+    main_print(f"warning: not every node holds checkpoint-{max(steps)} complete; every rank resumes from checkpoint-{oldest}")
+    return oldest
 
 
 # ---------------------------------------------------------------- resuming on another number of processes

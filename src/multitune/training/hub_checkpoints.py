@@ -6,15 +6,19 @@ holds one folder per run, named after the run directory::
     <run>/config.yaml  <run>/splits/*.json  <run>/wandb_id  <run>/checkpoints/checkpoint-N/...
 
 Each upload is one Hub commit (atomic: a checkpoint is there whole or not at all) that adds the newest
-checkpoint and deletes those beyond ``train.save_total_limit``. It runs in a background thread, so training
+checkpoint and deletes those beyond ``train.save_total_limit``; a Hub checkpoint newer than the one
+uploaded is kept (it is this run's own, e.g. one the launch could not load) unless the run was started
+over. The folder's ``config.yaml`` is the run's identity: a run whose training config differs from it
+neither resumes from nor uploads into that folder. It runs in a background thread, so training
 does not wait, from the main process only (never more than one process per node, never a collective); the
 checkpoint's files are hard-linked into a staging folder first, so Trainer's rotation cannot delete them
 mid-upload. A failed upload is a warning and the next checkpoint tries again. The process waits for the
 last upload before it exits.
 
-:func:`fetch_newest_checkpoint` is the way back: on a fresh pod whose run directory is empty or missing, it
-downloads the run's config, splits and newest checkpoint, so that ``multitune train`` resumes exactly as it
-would from the lost pod's disk.
+:func:`fetch_newest_checkpoint` is the way back: when the Hub holds a newer checkpoint than the run directory
+(a fresh pod, or a volume older than the lost pod), it downloads the run's config, splits and that
+checkpoint, only the files its manifest names, verified, and falls back to the previous one when it does
+not match; so ``multitune train`` resumes exactly as it would from the lost pod's disk.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ import socket
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
 from transformers import TrainerCallback
 
-from multitune.training.checkpoints import MARKER, is_complete, latest_complete
 from multitune.config import Config
 from multitune.distributed import checked
 from multitune.errors import UserError
-from multitune.rundir import RunDir
+from multitune.rundir import RunDir, training_differences
+from multitune.training.checkpoints import is_complete, latest_complete, problem, step_of
+from multitune.training.manifest import MARKER, manifest_names, read_marker
 
 SUFFIX = "-checkpoints"
 _PENDING: list[Future] = []
@@ -60,9 +66,10 @@ def run_files(run: RunDir) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def commit_operations(run: RunDir, staged: Path, step: int, remote_steps: list[int], keep: int) -> list:
+def commit_operations(run: RunDir, staged: Path, step: int, remote_steps: list[int], keep: int, *,
+                      started_over: bool = False) -> list:
     """The exact operations of one upload: add the run files and ``checkpoint-<step>`` (its COMPLETE marker
-    last), delete the remote checkpoints beyond the newest ``keep`` and any from a run started over."""
+    last), delete the remote checkpoints beyond the newest ``keep`` (see :func:`kept_steps`)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     prefix = run.root.name
@@ -72,14 +79,19 @@ def commit_operations(run: RunDir, staged: Path, step: int, remote_steps: list[i
     ops += [CommitOperationAdd(path_in_repo=f"{prefix}/checkpoints/checkpoint-{step}/{f.relative_to(staged).as_posix()}",
                                path_or_fileobj=str(f)) for f in files]
     ops += [CommitOperationDelete(path_in_repo=f"{prefix}/checkpoints/checkpoint-{s}/", is_folder=True)
-            for s in sorted(remote_steps) if s not in kept_steps(remote_steps, step, keep)]
+            for s in sorted(remote_steps) if s not in kept_steps(remote_steps, step, keep, started_over=started_over)]
     return ops
 
 
-def kept_steps(remote: list[int], step: int, keep: int) -> list[int]:
-    """The newest ``keep`` checkpoints once ``step`` is up. A remote step above ``step`` is from an earlier run of
-    the same name that was started over (a live run has no future checkpoint): it goes, or a resume would pick it."""
-    return sorted({s for s in remote if s < step} | {step}, reverse=True)[:keep]
+def kept_steps(remote: list[int], step: int, keep: int, *, started_over: bool = False) -> list[int]:
+    """The remote checkpoints left once ``step`` is up: the newest ``keep`` up to ``step``, and every newer one.
+
+    A newer one is this run's own (resumed from an older checkpoint, say when the newest could not be
+    loaded): it stays until the run gets there. Only when the user started the run over (--no-resume,
+    --overwrite) is it the old run's, and it goes, or a later resume would pick it.
+    """
+    kept = set(sorted({s for s in remote if s < step} | {step}, reverse=True)[:keep])
+    return sorted(kept | (set() if started_over else {s for s in remote if s > step}), reverse=True)
 
 
 def remote_steps(api, repo_id: str, prefix: str) -> list[int]:
@@ -111,41 +123,95 @@ def _stage(folder: Path, staging: Path) -> Path:
     return target
 
 
-class HubCheckpoints(TrainerCallback):
-    """After each complete checkpoint, upload it in the background (main process only). Put it after CompleteMarker."""
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
 
-    def __init__(self, cfg: Config, run: RunDir):
-        self.run, self.repo, self.keep = run, checkpoint_repo(cfg), cfg.train.save_total_limit
+
+def _temporary(run: RunDir, what: str) -> Path:
+    # unique per node and process: nodes may share the run's parent directory, and containers reuse pids
+    return run.root.parent / f".{run.root.name}.hub-{what}-{socket.gethostname()}-{os.getpid()}"
+
+
+def foreign_run(cfg: Config, repo: str, prefix: str, tmp: Path) -> list[str]:
+    """The training settings in which the run recorded in the Hub folder ``prefix`` (its ``config.yaml``)
+    differs from ``cfg``: [] when it is the same run, or the folder records none yet."""
+    snapshot_download(repo_id=repo, local_dir=str(tmp), allow_patterns=[f"{prefix}/config.yaml"])
+    path = tmp / prefix / "config.yaml"
+    if not path.is_file():
+        return []
+    try:
+        recorded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return ["config.yaml (unreadable)"]
+    return training_differences(recorded if isinstance(recorded, dict) else {}, cfg)
+
+
+def foreign_message(repo: str, prefix: str, differ: list[str]) -> str:
+    return (f"{repo} holds, in {prefix}/, the checkpoints of another run (its config differs in {', '.join(differ[:5])}); "
+            "the Hub folder is named after run_dir: give this run another run_dir name, or pass --no-resume to start "
+            "over and replace them")
+
+
+class HubCheckpoints(TrainerCallback):
+    """After each complete checkpoint, upload it in the background (main process only). Put it after CompleteMarker.
+
+    ``started_over``: this launch started the run over (--no-resume, --overwrite), so the Hub's checkpoints
+    of that name are the old run's; the first upload replaces them, whatever its config.
+    """
+
+    def __init__(self, cfg: Config, run: RunDir, *, started_over: bool = False):
+        self.cfg, self.run, self.repo, self.keep = cfg, run, checkpoint_repo(cfg), cfg.train.save_total_limit
+        self.started_over = started_over
         self.staging = run.root / ".hub-upload"
         self._executor: ThreadPoolExecutor | None = None
         self._remote: list[int] | None = None
+        self._refused: str | None = None
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return control
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not is_complete(folder):
+        if read_marker(folder) is None:
             print(f"warning: {folder} is not complete; not uploading it")
             return control
-        staged = _stage(folder, self.staging)
+        staged = _stage(folder, self.staging)  # checked against its manifest in the background
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-checkpoints")  # uploads in order
         _PENDING.append(self._executor.submit(self._upload, staged, state.global_step))
         return control
 
+    def _first_contact(self, api) -> None:
+        """Create the repo, list this run's checkpoints there, and make sure the folder is this run's."""
+        api.create_repo(self.repo, private=True, exist_ok=True)
+        remote = remote_steps(api, self.repo, self.run.root.name)
+        if remote and not self.started_over:
+            tmp = _temporary(self.run, "identity")
+            try:
+                differ = foreign_run(self.cfg, self.repo, self.run.root.name, tmp)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if differ:
+                self._refused = foreign_message(self.repo, self.run.root.name, differ)
+        self._remote = remote
+
     def _upload(self, staged: Path, step: int) -> None:
         try:
+            why = problem(staged)
+            if why:
+                print(f"warning: checkpoint-{step} is damaged ({why}); not uploading it", flush=True)
+                return
             api = make_api()
             if self._remote is None:
-                api.create_repo(self.repo, private=True, exist_ok=True)
-                self._remote = remote_steps(api, self.repo, self.run.root.name)
-            ops = commit_operations(self.run, staged, step, self._remote, self.keep)
+                self._first_contact(api)
+            if self._refused:
+                print(f"warning: not uploading checkpoint-{step}: {self._refused}", flush=True)
+                return
+            ops = commit_operations(self.run, staged, step, self._remote, self.keep, started_over=self.started_over)
             api.create_commit(self.repo, operations=ops, commit_message=f"{self.run.root.name}: checkpoint-{step}")
-            self._remote = kept_steps(self._remote, step, self.keep)
+            self._remote = kept_steps(self._remote, step, self.keep, started_over=self.started_over)
             print(f"uploaded checkpoint-{step} to https://huggingface.co/{self.repo} ({self.run.root.name}/)", flush=True)
         except Exception as e:  # never stop training for an upload; the next checkpoint tries again
-            print(f"warning: uploading checkpoint-{step} to {self.repo} failed ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}); training goes on", flush=True)
+            print(f"warning: uploading checkpoint-{step} to {self.repo} failed ({_one_line(e)}); training goes on", flush=True)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
@@ -163,72 +229,108 @@ def wait_for_uploads() -> None:
 
 
 def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = True) -> Path | None:
-    """On a fresh pod, bring this run's newest Hub checkpoint (and its config and split) into ``run_dir``.
+    """Bring this run's newest Hub checkpoint into ``run_dir`` when it is newer than the newest complete one there.
 
-    Call it on every rank before resume detection. Each node's first process downloads when its run
-    directory holds no complete checkpoint (nodes without shared storage each need a copy); then every rank
-    joins one all_gather of the outcome (:func:`multitune.distributed.checked`), so a failure on one node is
-    one clear error on every rank, never a rank left waiting.
+    Call it on every rank before resume detection. Each node's first process looks (nodes without shared
+    storage each need a copy); then every rank joins one all_gather of the outcome
+    (:func:`multitune.distributed.checked`), so a failure on one node, a missing token included, is one
+    clear error on every rank, never a rank left waiting. Returns the checkpoint to resume from on this
+    process (None elsewhere, or when there is none).
     """
     if not cfg.train.hub_checkpoints:
         return None
-    from huggingface_hub import get_token
-
-    if not get_token():
-        raise UserError("train.hub_checkpoints needs a Hugging Face token with write access: export HF_TOKEN=... "
-                        "or run `hf auth login` (nothing was written)")
 
     def fetch() -> Path | None:
-        if resume and state.is_local_main_process and not run.is_finished() and latest_complete(run.checkpoints) is None:
-            return _download(cfg, run)
-        return None
+        from huggingface_hub import get_token
 
-    # one agreed outcome: a node whose download failed must not leave the others waiting at a barrier
+        if not get_token():
+            raise UserError("train.hub_checkpoints needs a Hugging Face token with write access: export HF_TOKEN=... "
+                            "or run `hf auth login` (nothing was written)")
+        if not (resume and state.is_local_main_process and not run.is_finished()):
+            return None
+        try:
+            return _sync(cfg, run)
+        except UserError:
+            raise
+        except Exception as e:  # raised here alone, it would leave the other ranks waiting
+            raise UserError(f"bringing the checkpoints of {run.root.name} from {checkpoint_repo(cfg)} failed "
+                            f"({_one_line(e)}); relaunch") from e
+
     return checked(fetch)
 
 
-def _download(cfg: Config, run: RunDir) -> Path | None:
+def _sync(cfg: Config, run: RunDir) -> Path | None:
+    """The newest complete checkpoint among the run directory's and the Hub's, downloaded when it is the Hub's."""
     repo, prefix = checkpoint_repo(cfg), run.root.name
+    local = latest_complete(run.checkpoints)
     try:
         steps = remote_steps(make_api(), repo, prefix)
     except Exception as e:
-        # never start over silently: the run's first upload would then delete the Hub's newer checkpoints
-        raise UserError(f"cannot list the checkpoints of {prefix} in {repo} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); check the network and HF_TOKEN and "
-                        "relaunch, or pass --no-resume to start over (the Hub's checkpoints of this run are then replaced)") from None
+        # never resume an older checkpoint silently: the Hub may hold a newer one
+        raise UserError(f"cannot list the checkpoints of {prefix} in {repo} ({_one_line(e)}); check the network and "
+                        "HF_TOKEN and relaunch, set train.hub_checkpoints=false to resume from this disk alone, or pass "
+                        "--no-resume to start over (the Hub's checkpoints of this run are then replaced)") from None
     if not steps:
-        print(f"no checkpoint of {prefix} on the Hub yet ({repo}): starting fresh")
-        return None
-    step = max(steps)
-    # unique per node and process: nodes may share this directory, and containers reuse pids
-    tmp = run.root.parent / f".{run.root.name}.hub-download-{socket.gethostname()}-{os.getpid()}"
-    print(f"downloading checkpoint-{step} of {prefix} from {repo}")
+        print(f"no checkpoint of {prefix} on the Hub yet ({repo})")
+        return local
+    newer = [s for s in sorted(steps, reverse=True) if s > step_of(local)]
+    tmp = _temporary(run, "download")
     try:
-        snapshot_download(repo_id=repo, local_dir=str(tmp), allow_patterns=[
-            f"{prefix}/config.yaml", f"{prefix}/splits/*", f"{prefix}/wandb_id", f"{prefix}/checkpoints/checkpoint-{step}/*"])
-    except Exception as e:
+        _download(repo, tmp, [f"{prefix}/config.yaml", *(f"{prefix}/checkpoints/checkpoint-{s}/{MARKER}" for s in newer)])
+        differ = foreign_run(cfg, repo, prefix, tmp)
+        if differ:
+            raise UserError(foreign_message(repo, prefix, differ))
+        for step in newer:
+            got = _fetch_step(repo, prefix, step, tmp, run)
+            if got is not None:
+                return got
+        return local
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"downloading checkpoint-{step} of {prefix} from {repo} failed ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); check the network and relaunch") from None
-    src = tmp / prefix
+
+
+def _download(repo: str, tmp: Path, patterns: list[str]) -> None:
+    try:
+        snapshot_download(repo_id=repo, local_dir=str(tmp), allow_patterns=patterns)
+    except Exception as e:
+        raise UserError(f"downloading from {repo} failed ({_one_line(e)}); check the network and relaunch") from None
+
+
+def _fetch_step(repo: str, prefix: str, step: int, tmp: Path, run: RunDir) -> Path | None:
+    """Download the Hub's ``checkpoint-<step>`` (only the files its manifest names) and verify it: its place in
+    the run directory, or None (with a warning) when it does not match what its save recorded."""
+    base = f"{prefix}/checkpoints/checkpoint-{step}"
+    src = tmp / base
+    marker = read_marker(src)
+    names = manifest_names(marker) if marker is not None else None
+    if marker is None or ("files" in marker and names is None):
+        print(f"warning: checkpoint-{step} of {prefix} in {repo} has no readable COMPLETE marker; trying the previous one")
+        return None
+    print(f"downloading checkpoint-{step} of {prefix} from {repo}", flush=True)
+    files = [f"{base}/{n}" for n in names] if names else [f"{base}/*"]  # marked before the manifest: the whole folder
+    _download(repo, tmp, [f"{prefix}/config.yaml", f"{prefix}/splits/*", f"{prefix}/wandb_id", *files])
+    why = problem(src)
+    if why:
+        print(f"warning: checkpoint-{step} of {prefix} in {repo} is incomplete or damaged ({why}); trying the previous one")
+        shutil.rmtree(src, ignore_errors=True)
+        return None
     run.root.mkdir(parents=True, exist_ok=True)
-    for f in sorted(p for p in src.rglob("*") if p.is_file() and "checkpoints" not in p.relative_to(src).parts):
-        dest = run.root / f.relative_to(src)
+    for f in sorted(p for p in (tmp / prefix).rglob("*") if p.is_file() and "checkpoints" not in p.relative_to(tmp / prefix).parts):
+        dest = run.root / f.relative_to(tmp / prefix)
         if not dest.exists():  # what the run dir already holds (a config on a volume) is kept
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(f, dest)
     target = run.checkpoints / f"checkpoint-{step}"
     run.checkpoints.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not is_complete(target):  # a save of that step killed half way: the Hub's copy replaces it
+        shutil.rmtree(target, ignore_errors=True)
     try:
-        os.rename(src / "checkpoints" / f"checkpoint-{step}", target)
+        os.rename(src, target)
     except OSError:  # another node sharing this directory put it there first
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
-    if not is_complete(target):
-        raise UserError(f"the checkpoint downloaded from {repo} into {target} is incomplete; delete it and relaunch")
+        return target if is_complete(target) else None
     return target
 
 
-def hub_callbacks(cfg: Config, run: RunDir) -> list[TrainerCallback]:
+def hub_callbacks(cfg: Config, run: RunDir, *, started_over: bool = False) -> list[TrainerCallback]:
     """The callbacks train.py adds after CompleteMarker: [] unless train.hub_checkpoints is on."""
-    return [HubCheckpoints(cfg, run)] if cfg.train.hub_checkpoints else []
+    return [HubCheckpoints(cfg, run, started_over=started_over)] if cfg.train.hub_checkpoints else []

@@ -54,7 +54,8 @@ class MultitaskTrainer(TaskEvaluation, PortableAdapterCheckpoints, SFTTrainer):
         return trainer_loss(self, model, inputs, num_items_in_batch)
 
 
-def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None) -> MultitaskTrainer:
+def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None,
+                  started_over: bool = False) -> MultitaskTrainer:
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
     model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
     wandb_log.start(cfg, run)
@@ -62,5 +63,5 @@ def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resum
         model=model, args=args, train_dataset=setup.prepared.train, eval_dataset=setup.prepared.eval,
         processing_class=setup.tokenizer, task_data=setup.data, formatter=setup.formatter, cfg=cfg,
         callbacks=[TrainingClock(resume_from), CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop(),
-                   *hub_callbacks(cfg, run)],
+                   *hub_callbacks(cfg, run, started_over=started_over)],
     )

@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 from multitune.training.adapter_state import PortableAdapterCheckpoints
 from multitune.training.checkpoints import (
-    GracefulStop, Layout, TrainingClock, grad_accum_for_resume, is_sharded, latest_complete,
+    GracefulStop, Layout, TrainingClock, common_step, grad_accum_for_resume, is_sharded, latest_complete,
     saved_layout, step_of,
 )
 from multitune.config import PROMPT_LEARNING, Config
@@ -98,6 +98,8 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
         return Launch("finished", None, args.gradient_accumulation_steps)
     # a finished node beside unfinished ones (node-local run dirs: a node died before finishing) resumes too
     seen = [("new" if mode == "new" else "resume", step, changed) for mode, step, changed in seen]
+    if {mode for mode, _, _ in seen} == {"resume"} and (common := common_step(run.checkpoints, [s for _, s, _ in seen])) >= 0:
+        seen = [(mode, common, changed) for mode, _, changed in seen]  # a node's newest copy is damaged: all take the previous
     if len({(mode, step) for mode, step, _ in seen}) > 1:
         detail = ", ".join(f"rank {r}: {'step ' + str(s) if s >= 0 else 'none'}" for r, (_, s, _) in enumerate(seen))
         raise UserError(
