@@ -59,7 +59,7 @@ def eval_(
         run = RunDir(target)
         cfg = run.load_config()
         if not base:
-            run.require_finished()
+            run.require_done()
     if cfg.head == "classifier" and not variant.base:  # scored with its classification heads
         if shots or template:
             raise UserError("--shots and --template apply to head: lm runs; this run predicts with its classifier head")
@@ -225,7 +225,7 @@ def push(
     from multitune.rundir import RunDir
 
     run = RunDir(run_dir)
-    run.require_finished()
+    run.require_done()
     cfg = run.load_config()
     _one_model(cfg, "push")
     hub = cfg.hub.model_copy(update={"repo_id": repo_id or cfg.hub.repo_id})
@@ -243,7 +243,7 @@ def export(
     from multitune.rundir import RunDir
 
     run = RunDir(run_dir)
-    run.require_finished()
+    run.require_done()
     cfg = run.load_config()
     _one_model(cfg, "export")
     run_export(run, cfg, out_dir, merged=merged)

@@ -103,6 +103,13 @@ class RunDir:
             raise UserError(f"{self.root} has no trained weights yet ({missing[0]} is missing); finish training by "
                             "relaunching `multitune train`")
 
+    def require_done(self) -> None:
+        """Trained weights *and* DONE: a run killed while saving final/ has the folder but maybe not all of it."""
+        self.require_finished()
+        if not self.is_finished():
+            raise UserError(f"{self.root} has not finished (no DONE: training stopped before its end, perhaps while saving "
+                            f"final/); finish it by relaunching `multitune train` with its config ({self.config})")
+
     def changes(self, cfg: Config) -> list[str]:
         """The dotted keys in which ``cfg`` differs from the recorded config."""
         return _diff(yaml.safe_load(self.config.read_text()) or {}, cfg.model_dump(mode="json"))
