@@ -15,6 +15,7 @@ With ``strategy: per_task`` each task's model has its own checkpoints/<task>/ an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,9 +29,44 @@ from multitune.errors import UserError
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """The whole text or the old file, never half of it (a full disk leaves no partial file behind)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# how a full disk shows: OSError ENOSPC, safetensors' Rust IoError, torch's zip writer (which loses the errno)
+DISK_FULL = ("No space left on device", "StorageFull", "PytorchStreamWriter failed writing file")
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` (or what caused it) is the disk running out of space."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC or any(m in str(err) for m in DISK_FULL):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def size_text(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def no_space(folder: Path, needed: int | None = None, what: str = "") -> UserError:
+    """The one line for a full disk: where, how much is free there and (when known) how much is needed."""
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    need = f", about {size_text(needed)} needed{what}" if needed else ""
+    return UserError(f"No space left on device while writing {folder}: {size_text(free)} free there{need}; free some space "
+                     "or point run_dir at a larger disk, then relaunch (nothing half-written was marked complete)")
 
 
 # Changes a relaunch may make to a run's config without changing what it trains: where and how often it
