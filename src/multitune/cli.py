@@ -202,7 +202,7 @@ def make_tiny_model(
         cfg = load_config(config)
         texts = []
         for td in load_tasks(cfg, None, create=True):
-            rows = td.task.load(mirror_root(cfg.hub_mirror)).select(td.split["train"])
+            rows = td.task.load(mirror_root(cfg.hub_mirror), cfg.data.drop_unlabelled).select(td.split["train"])
             texts += tiny.dataset_texts(rows, td.task.label_names)
     else:
         texts = tiny.corpus(tiny.synthetic_datasets(out_dir / "generated-data"))

@@ -115,6 +115,10 @@ class DataConfig(_Strict):
     split_seed: int = 6
     # reuse tokenised data prepared by an earlier run with the same inputs ($MULTITUNE_CACHE, ~/.cache/multitune)
     cache: bool = True
+    drop_unlabelled: bool = Field(
+        True, description="leave out rows without a label (classification) or answer (multiple choice), counted per "
+        "task; false: refuse such data instead"
+    )
 
 
 class WandbConfig(_Strict):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from multitune.distributed import any_rank, max_over_ranks
+from multitune.errors import UserError
 from multitune.data.formatting import IGNORE, Formatter
 from multitune.scoring.prefix_cache import SharedPrefix, shared_length
 from multitune.tasks import Example
@@ -203,6 +204,16 @@ class LabelTrie:
         return (picked * valid).sum(-1)
 
 
+def own_choices_only(scores: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
+    """[N, K] scores with -inf for the labels a row does not offer (Example.choices; empty: it offers all)."""
+    offered = torch.ones(scores.shape, dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        if ex.choices:
+            offered[i] = False
+            offered[i, list(ex.choices)] = True
+    return scores.masked_fill(~offered.to(scores.device), float("-inf"))
+
+
 def _supports_tree_mask(model) -> bool:
     return getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
@@ -351,7 +362,8 @@ class Scorer:
     def best_labels(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> tuple[list[int], list[float]]:
         """The likelihood argmax and its log-prob: a search for large label sets, one trie pass for small ones."""
         trie = self.trie(labels)
-        if len(trie) <= self.ONE_PASS_NODES or _uses_prompt_learning(self.model) or not _supports_tree_mask(self.model):
+        if (len(trie) <= self.ONE_PASS_NODES or _uses_prompt_learning(self.model) or not _supports_tree_mask(self.model)
+                or self._own_choices(examples)):  # the search knows no per-row choices: score them all, masked
             best = self.likelihood(examples, labels, desc).max(-1)
             return best.indices.tolist(), best.values.tolist()
         prompts = self._prompts(examples, max(len(c) for c in trie.cands))
@@ -386,7 +398,12 @@ class Scorer:
         prompts = self._prompts(examples, max(len(c) for c in cands))
         prefix = self._shared_prefix(prompts)
         rows = self._in_length_order(prompts, lambda b: candidate_logprobs(self.model, b, cands, self.pad_id, len(b), trie, prefix), desc)
-        return torch.stack(rows) if rows else torch.empty(0, len(labels))
+        return own_choices_only(torch.stack(rows), examples) if rows else torch.empty(0, len(labels))
+
+    def _own_choices(self, examples: list[Example]) -> bool:
+        """Whether some row offers only some of the labels (multiple choice); agreed by all ranks under lockstep."""
+        mine = any(ex.choices for ex in examples)
+        return any_rank(mine) if self.lockstep else mine
 
     def _in_length_order(self, prompts: list[list[int]], fn, desc: str) -> list:
         """fn over batches of prompts of similar length (less padding); results in the input order."""
@@ -432,6 +449,9 @@ class Scorer:
         """Greedy decoding restricted to the label trie: the label reached and its summed log-prob."""
         from multitune.scoring.constrained import constrained_greedy, constrained_greedy_uncached
 
+        if self._own_choices(examples):
+            raise UserError("constrained decoding walks one label set for every row, but these rows each offer their own "
+                            "choices (multiple choice with varying choices): use eval.mode likelihood or generate")
         trie = self.trie(labels)
         prompts = self._prompts(examples, max(len(c) for c in trie.cands))
         dev = _model_device(self.model)
@@ -458,6 +478,8 @@ class Scorer:
         lookup = {normalize_label(x): i for i, x in enumerate(labels)}
         width = max(len(c) for c in self.candidates(labels)) + 2
         preds = [lookup.get(normalize_label(t), -1) for t in self.generate(examples, width)]
+        # a key the row does not offer is no answer to it (multiple choice with varying choices)
+        preds = [p if not ex.choices or p in ex.choices else -1 for p, ex in zip(preds, examples, strict=True)]
         return preds, [float(p >= 0) for p in preds]
 
     @_with_sdpa
