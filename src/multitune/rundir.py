@@ -147,8 +147,13 @@ class RunDir:
                             f"final/); finish it by relaunching `multitune train` with its config ({self.config})")
 
     def changes(self, cfg: Config) -> list[str]:
-        """The dotted keys in which ``cfg`` differs from the recorded config."""
-        return _diff(yaml.safe_load(self.config.read_text()) or {}, cfg.model_dump(mode="json"))
+        """The dotted keys in which ``cfg`` differs from the recorded config (a key added since it was recorded
+        counts at its default, so that the same command still resumes a run an earlier version started)."""
+        try:
+            recorded = config_from_dict(yaml.safe_load(self.config.read_text()) or {}).model_dump(mode="json")
+        except UserError as e:
+            raise UserError(f"{self.config} (the run's recorded config): {e}; train into another run_dir or pass --overwrite") from None
+        return _diff(recorded, cfg.model_dump(mode="json"))
 
     def check(self, cfg: Config, *, resume: bool, overwrite: bool) -> Relaunch:
         """What a launch with ``cfg`` does here: start, resume, or nothing (the same run finished).
