@@ -265,9 +265,9 @@ MANIFEST = "multitune-files.json"  # every file a push uploaded: the only files 
 
 
 def commit_operations(api, repo_id: str, folder: Path, scratch: Path) -> list:
-    """Add every file of ``folder`` (and a manifest of them); delete what an earlier push uploaded (its manifest
-    says so) that this folder no longer has, e.g. a merged push's shards beside a later adapter. Files
-    multitune did not upload are never in a manifest, so they stay."""
+    """Add every file ``folder``'s manifest lists (itself included); delete what an earlier push uploaded (its
+    manifest says so) that this folder no longer has, e.g. a merged push's shards beside a later adapter.
+    Files multitune did not upload are never in a manifest, so they stay."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     files = json.loads((folder / MANIFEST).read_text())["files"]
