@@ -36,6 +36,23 @@ class FakeHub:
             raise EntryNotFoundError(f"{path_in_repo} not in {repo_id}")
         return [SimpleNamespace(path=f"{path_in_repo}/{p.name}" if path_in_repo else p.name) for p in sorted(folder.iterdir())]
 
+    def repo_info(self, repo_id, **kwargs):
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if repo_id not in self.repos:
+            raise RepositoryNotFoundError(f"repository {repo_id} not found")
+        return SimpleNamespace(id=repo_id, private=self.repos[repo_id])
+
+    def list_repo_files(self, repo_id, **kwargs):
+        assert repo_id in self.repos, f"list files of {repo_id} before create_repo"
+        return self.files(repo_id)
+
+    def hf_hub_download(self, repo_id, filename, local_dir=None, **kwargs):
+        dest = Path(local_dir) / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.repo(repo_id) / filename, dest)
+        return str(dest)
+
     def create_commit(self, repo_id, operations, commit_message="", **kwargs):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -27,8 +28,20 @@ def train(
     """Train on the config's tasks; relaunching the same command resumes from the newest checkpoint."""
     from multitune.config import load_config
     from multitune.launch.runner import train as run_training
+    from multitune.rundir import RunDir, disk_full
+    from multitune.training.checkpoints import out_of_space
 
-    run_training(load_config(config, overrides or []), resume=not no_resume, overwrite=overwrite)
+    cfg = load_config(config, overrides or [])
+    full = None
+    try:
+        run_training(cfg, resume=not no_resume, overwrite=overwrite)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        full = out_of_space(RunDir(cfg.run_dir))
+    if full is not None:  # raised once the training's frames are gone, so its progress bars close before the error line
+        gc.collect()
+        raise full
 
 
 @app.command("eval")
@@ -181,7 +194,7 @@ def make_tiny_model(
         cfg = load_config(config)
         texts = []
         for td in load_tasks(cfg, None, create=True):
-            rows = td.task.load(mirror_root(cfg.hub_mirror)).select(td.split["train"])
+            rows = td.task.load(mirror_root(cfg.hub_mirror), cfg.data.drop_unlabelled).select(td.split["train"])
             texts += tiny.dataset_texts(rows, td.task.label_names)
     else:
         texts = tiny.corpus(tiny.synthetic_datasets(out_dir / "generated-data"))
@@ -301,12 +314,18 @@ def main() -> None:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click's usage errors
+    except Exception as e:  # click's usage errors, a full disk
         import click
+
+        from multitune.rundir import disk_full, no_space
 
         if isinstance(e, click.ClickException):
             print(f"error: {e.format_message()}", file=sys.stderr)
             sys.exit(e.exit_code)
+        if disk_full(e):
+            where = getattr(e, "filename", None)
+            print(f"error: {no_space(Path(where).parent if where else Path.cwd())}", file=sys.stderr)
+            sys.exit(2)
         raise
 
 

@@ -6,16 +6,18 @@ looks at raw dicts.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from multitune.errors import UserError
 
 PeftMethod = Literal["lora", "qlora", "dora", "rslora", "prompt_tuning", "prefix_tuning", "ia3", "full"]
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
+TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # a file name in run_dir/splits, never a path
 
 
 class _Strict(BaseModel):
@@ -63,7 +65,7 @@ class TaskConfig(_Strict):
     A task declared from YAML alone sets ``type`` and ``dataset`` plus the columns it needs.
     """
 
-    name: str
+    name: str = Field(description="letters, digits, _ and - (it names the task's files in run_dir and its metrics)")
     type: Literal["classification", "multiple_choice", "chat"] | None = None
     dataset: str | None = Field(None, description="Hub id or local path (dir, .csv, .json(l), .parquet)")
     subset: str | None = None
@@ -99,12 +101,24 @@ class TaskConfig(_Strict):
     max_rows: int | None = Field(None, gt=0, description="stratified cap on rows used before the split")
     max_eval_rows: int | None = Field(None, gt=0, description="cap on validation rows scored by `eval`")
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not TASK_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a task name multitune can use: 1 to 64 letters, digits, _ or -, starting "
+                             "with a letter, digit or _ (it names files in run_dir)")
+        return name
+
 
 class DataConfig(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 6
     # reuse tokenised data prepared by an earlier run with the same inputs ($MULTITUNE_CACHE, ~/.cache/multitune)
     cache: bool = True
+    drop_unlabelled: bool = Field(
+        True, description="leave out rows without a label (classification) or answer (multiple choice), counted per "
+        "task; false: refuse such data instead"
+    )
 
 
 class WandbConfig(_Strict):

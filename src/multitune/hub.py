@@ -64,11 +64,37 @@ def load_rows(ref: str, *, subset: str | None, split: str, mirror: Path | None, 
         if "split" in str(e).lower():
             raise UserError(f"dataset {ref} has no split {split!r}: {str(e).splitlines()[0]}") from None
         raise
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise UserError(unreadable_data(ref, e)) from None
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise UserError(
             f"cannot load dataset {ref}: {str(e).splitlines()[0]}; pass a local path, set hub_mirror "
             f"(or {MIRROR_ENV}), or check the id and your network"
         ) from None
+
+
+def unreadable_data(ref: str, err: BaseException) -> str:
+    """One line for a data file the builder could not parse: the cause (not UTF-8, a malformed row), not its traceback."""
+    cause = err
+    while cause.__cause__ or cause.__context__:
+        cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, UnicodeDecodeError):
+            return f"dataset {ref} is not UTF-8 text{_where_not_utf8(ref)}; re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"cannot read dataset {ref}: {type(cause).__name__}: {detail[:200]}; check that the file is well-formed"
+
+
+def _where_not_utf8(ref: str) -> str:
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        return ""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        return f" (line {line}: byte {data[e.start:e.start + 1]!r}, {e.reason})"
+    return ""
 
 
 def _load_from_hub(repo_id: str, subset: str | None, split: str, revision: str | None = None) -> datasets.Dataset:

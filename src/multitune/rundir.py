@@ -15,6 +15,7 @@ With ``strategy: per_task`` each task's model has its own checkpoints/<task>/ an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,9 +29,44 @@ from multitune.errors import UserError
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """The whole text or the old file, never half of it (a full disk leaves no partial file behind)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# how a full disk shows: OSError ENOSPC, safetensors' Rust IoError, torch's zip writer (which loses the errno)
+DISK_FULL = ("No space left on device", "StorageFull", "PytorchStreamWriter failed writing file")
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` (or what caused it) is the disk running out of space."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC or any(m in str(err) for m in DISK_FULL):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def size_text(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def no_space(folder: Path, needed: int | None = None, what: str = "") -> UserError:
+    """The one line for a full disk: where, how much is free there and (when known) how much is needed."""
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    need = f", about {size_text(needed)} needed{what}" if needed else ""
+    return UserError(f"No space left on device while writing {folder}: {size_text(free)} free there{need}; free some space "
+                     "or point run_dir at a larger disk, then relaunch (nothing half-written was marked complete)")
 
 
 # Changes a relaunch may make to a run's config without changing what it trains: where and how often it
@@ -109,9 +145,21 @@ class RunDir:
             raise UserError(f"{self.root} has no trained weights yet ({missing[0]} is missing); finish training by "
                             "relaunching `multitune train`")
 
+    def require_done(self) -> None:
+        """Trained weights *and* DONE: a run killed while saving final/ has the folder but maybe not all of it."""
+        self.require_finished()
+        if not self.is_finished():
+            raise UserError(f"{self.root} has not finished (no DONE: training stopped before its end, perhaps while saving "
+                            f"final/); finish it by relaunching `multitune train` with its config ({self.config})")
+
     def changes(self, cfg: Config) -> list[str]:
-        """The dotted keys in which ``cfg`` differs from the recorded config."""
-        return _diff(yaml.safe_load(self.config.read_text()) or {}, cfg.model_dump(mode="json"))
+        """The dotted keys in which ``cfg`` differs from the recorded config (a key added since it was recorded
+        counts at its default, so that the same command still resumes a run an earlier version started)."""
+        try:
+            recorded = config_from_dict(yaml.safe_load(self.config.read_text()) or {}).model_dump(mode="json")
+        except UserError as e:
+            raise UserError(f"{self.config} (the run's recorded config): {e}; train into another run_dir or pass --overwrite") from None
+        return _diff(recorded, cfg.model_dump(mode="json"))
 
     def check(self, cfg: Config, *, resume: bool, overwrite: bool) -> Relaunch:
         """What a launch with ``cfg`` does here: start, resume, or nothing (the same run finished).

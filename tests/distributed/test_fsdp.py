@@ -46,6 +46,7 @@ def test_adapter_checkpoints_are_whole_and_equal_the_final_adapter(fsdp_run, sin
     assert max((final[k] - single[k]).abs().max().item() for k in final) < 1e-5
     assert all(final[k].abs().sum() > 0 for k in final if "lora_B" in k)  # every B moved off its zero init
     gathered = load_file(str(ckpt / "adapter_model.safetensors"))
+    # exact: the last checkpoint and final/ are two saves of the same parameters at the same step (copies, no arithmetic)
     assert gathered.keys() == final.keys() and all(torch.equal(gathered[k], final[k]) for k in final)
     # the optimizer's moments, gathered whole, in the layout Trainer loads without FSDP: one entry per tensor
     optim = torch.load(ckpt / "optimizer.pt", weights_only=True)

@@ -61,4 +61,4 @@ def test_prompt_tuning_model_decodes_inside_the_labels(untrained, tokenizer):
     prompts, cands = oracle.chat_inputs(tokenizer, EXAMPLES[:3], LABELS)
     for p, i, v in zip(prompts, idx, scores, strict=True):
         want, logp = greedy_among(model, p, cands)  # the virtual tokens come first: the last logits are the prompt's
-        assert (i, round(v, 3)) == (want, round(logp, 3))
+        assert i == want and v == pytest.approx(logp, abs=1e-4)  # two paths: rounding to 3 places could split a tie

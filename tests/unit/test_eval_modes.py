@@ -86,7 +86,14 @@ def test_min_confidence_answers_unsure_below_it(run):
     task = restore_task(RunDir(run), None)
     probs = _oracle_probs(run, [task.example_from_text(t) for t in TEXTS], task.label_names)
     conf = probs.max(-1).values.numpy()
-    threshold = float(np.median(conf))
+    # The threshold sits midway across the widest gap between two rows' confidences, measured in log-odds, the
+    # scale of the summed log-probs that predict and the oracle compute along two paths (the tiny model puts
+    # every row at 1 - 5e-8: a threshold on one row's value, such as the median of an odd count, could fall on
+    # either side of predict's value for it). Each row stays at least 1e-4 nats from it: beyond their rounding.
+    odds = np.sort(np.log(conf) - np.log1p(-conf))
+    k = int(np.argmax(np.diff(odds))) + 1
+    assert odds[k] - odds[k - 1] > 2e-4
+    threshold = float(1 / (1 + np.exp(-(odds[k - 1] + odds[k]) / 2)))
     got = predict(run, None, TEXTS, min_confidence=threshold)
     for p, c, row in zip(got, conf, probs, strict=True):
         best = task.label_names[int(row.argmax())]

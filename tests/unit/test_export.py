@@ -2,6 +2,7 @@
 merged model computes what base + adapter computed. Push refuses clearly without a token or a repo."""
 
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -89,6 +90,7 @@ def finished_run(tmp_path, assets):
     task.load(None)
     run.splits.mkdir()
     (run.splits / "claims.json").write_text(json.dumps({"train": [], "val": [], "task_state": task.state()}))
+    run.mark_done()
     return run
 
 
@@ -136,3 +138,68 @@ def test_dry_run_refuses_a_non_empty_folder(finished_run, monkeypatch, capsys, t
     res = _cli(monkeypatch, capsys, "push", finished_run.root, "--dry-run", tmp_path / "out")
     assert res.code == 2 and "exists and is not empty" in res.err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("command", [["push", "--dry-run", "OUT"], ["export", "OUT"], ["eval"]])
+def test_an_unfinished_run_is_refused_by_push_export_and_eval(finished_run, monkeypatch, capsys, tmp_path, command):
+    """final/ exists but DONE does not (killed while saving it): the adapter may be truncated (issue 16, item 7)."""
+    finished_run.done.unlink()
+    out = tmp_path / "out"
+    args = [command[0], finished_run.root, *[out if a == "OUT" else a for a in command[1:]]]
+    res = _cli(monkeypatch, capsys, *args)
+    assert res.code == 2 and "Traceback" not in res.err, res.err
+    assert res.err.count("\n") == 1 and res.err.startswith("error: ") and "DONE" in res.err and "multitune train" in res.err
+    assert not out.exists() and not finished_run.metrics.exists()
+
+
+def _pushed(hub, monkeypatch, capsys, run, *flags):
+    res = _cli(monkeypatch, capsys, "push", run.root, *flags)
+    assert res.code == 0, res.err
+    return res
+
+
+def test_push_removes_files_an_earlier_push_published_and_nothing_else(finished_run, monkeypatch, capsys, tmp_path):
+    """A merged push, a file the owner added by hand, then an adapter push: the merged weights go, the
+    owner's file stays, and the repo holds exactly the adapter folder plus the owner's file."""
+    from huggingface_hub import CommitOperationAdd
+
+    from tests.fake_hub import FakeHub, install
+
+    hub = install(monkeypatch, FakeHub(tmp_path / "hub"))
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    _pushed(hub, monkeypatch, capsys, finished_run, "--merged")
+    assert "model.safetensors" in hub.files("me/from-config")
+    (tmp_path / "mine.md").write_text("the owner's notes")
+    hub.create_commit("me/from-config", [CommitOperationAdd(path_in_repo="notes/mine.md", path_or_fileobj=str(tmp_path / "mine.md"))])
+    _pushed(hub, monkeypatch, capsys, finished_run)
+    dry = tmp_path / "dry"
+    _cli(monkeypatch, capsys, "push", finished_run.root, "--dry-run", dry)
+    wanted = {p.relative_to(dry).as_posix() for p in dry.rglob("*") if p.is_file()}
+    assert "model.safetensors" not in wanted and "adapter_model.safetensors" in wanted
+    assert set(hub.files("me/from-config")) == wanted | {"notes/mine.md"}
+    assert len(hub.commits[-1][1]) == len(wanted) + sum(1 for op in hub.commits[-1][1] if not isinstance(op, CommitOperationAdd))
+
+
+@pytest.mark.parametrize("existing, flag", [(False, "--private"), (True, "--public")])
+def test_push_prints_the_visibility_the_repo_really_has(finished_run, monkeypatch, capsys, tmp_path, existing, flag):
+    """An existing repo keeps its visibility (create_repo with exist_ok changes nothing): say what it is."""
+    from tests.fake_hub import FakeHub, install
+
+    hub = install(monkeypatch, FakeHub(tmp_path / "hub"))
+    hub.create_repo("me/from-config", private=existing)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    res = _pushed(hub, monkeypatch, capsys, finished_run, flag)
+    shown = "private" if existing else "public"
+    assert hub.repos["me/from-config"] is existing
+    assert f"({shown})" in res.out and f"({'public' if existing else 'private'})" not in res.out
+
+
+def test_published_config_names_no_local_path(finished_run, monkeypatch, capsys, tmp_path, assets):
+    """multitune.yaml in the upload hides the build machine's paths as the card does, and still validates."""
+    res = _cli(monkeypatch, capsys, "push", finished_run.root, "--dry-run", tmp_path / "dry")
+    assert res.code == 0, res.err
+    text = (tmp_path / "dry" / "multitune.yaml").read_text()
+    for local in (str(tmp_path), str(assets["model"]), str(assets["claims"]), str(Path(assets["model"]).parent)):
+        assert local not in text
+    cfg = config_from_dict(yaml.safe_load(text))
+    assert cfg.model.name_or_path == Path(assets["model"]).name and cfg.tasks[0].dataset == Path(assets["claims"]).name

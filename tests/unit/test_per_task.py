@@ -52,6 +52,7 @@ def test_push_and_export_refuse_a_run_of_several_adapters(assets, tmp_path, comm
     for task in cfg.tasks:  # a finished run: every task's adapter is there
         (run / "final" / task.name).mkdir(parents=True)
     (run / "config.yaml").write_text(dump_config(cfg))
+    (run / "DONE").write_text("finished\n")
     with pytest.raises(UserError, match=f"`multitune {command}` handles a run with one language-model adapter"):
         if command == "push":
             push(run, repo_id="me/x", private=None, merged=False, dry_run=tmp_path / "out")

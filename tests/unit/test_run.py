@@ -90,3 +90,19 @@ def test_fsdp_combinations_that_cannot_resume_are_refused(tmp_path, monkeypatch,
     with pytest.raises(UserError, match=fragment):
         refuse_unresumable(cfg)
     refuse_unresumable(_cfg(tmp_path, train__save_on_each_node=True))  # an adapter: each node keeps a whole copy
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_run_recorded_before_a_config_key_existed_relaunches(tmp_path, finished):
+    """A key added since the run was recorded (data.drop_unlabelled) at its default is no change: the same
+    command still resumes, or says the run is finished."""
+    import yaml
+
+    run = _recorded(tmp_path, finished=finished)
+    raw = yaml.safe_load(run.config.read_text())
+    del raw["data"]["drop_unlabelled"]
+    run.config.write_text(yaml.safe_dump(raw))
+    relaunch = run.check(_cfg(tmp_path), resume=True, overwrite=False)
+    assert relaunch.mode == ("finished" if finished else "resume") and relaunch.changed == ()
+    with pytest.raises(UserError, match=r"different config \(data.drop_unlabelled\)"):
+        run.check(_cfg(tmp_path, data__drop_unlabelled=False), resume=True, overwrite=False)

@@ -28,6 +28,7 @@ def _run(assets, tmp_path, n_tasks: int):
     (run / "config.yaml").write_text(dump_config(cfg))
     save_splits(load_tasks(cfg, None, create=True), run / "splits")
     shutil.copytree(assets["model"], run / "final")
+    (run / "DONE").write_text("finished\n")  # a finished run, laid out by hand
     return run
 
 

@@ -137,7 +137,7 @@ def load_tasks(cfg: Config, split_dir: Path | None, *, create: bool) -> list[Tas
     out = []
     for tcfg in cfg.tasks:
         task = build_task(tcfg)
-        ds = task.load(mirror)
+        ds = task.load(mirror, cfg.data.drop_unlabelled)
         examples = _examples(task, ds)
         path = split_dir / f"{task.name}.json" if split_dir else None
         if path is not None and path.exists():

@@ -89,7 +89,7 @@ def prepare(cfg: Config, formatter: Formatter, split_dir: Path | None) -> Prepar
         return _build(cfg, formatter, split_dir, cached=False)
     mirror = mirror_root(cfg.hub_mirror)
     tasks = [build_task(t) for t in cfg.tasks]
-    fingerprints = [t.load(mirror)._fingerprint for t in tasks]  # binds each task (labels, columns) too
+    fingerprints = [t.load(mirror, cfg.data.drop_unlabelled)._fingerprint for t in tasks]  # binds each task (labels, columns) too
     entry = cache_root() / cache_key(cfg, formatter, fingerprints, split_dir)
     if (entry / "DONE").exists():
         try:

@@ -260,7 +260,7 @@ def data_stats(cfg: Config, sample: int = 200) -> DataStats:
     try:
         for tcfg in cfg.tasks:
             task = build_task(tcfg)
-            ds = task.load(mirror)
+            ds = task.load(mirror, cfg.data.drop_unlabelled)
             n = min(len(ds), task.cfg.max_rows or len(ds))
             n_train = max(1, round(round(n * (1 - cfg.data.val_fraction)) * task.cfg.weight))
             rows = ds.shuffle(seed=cfg.seed).select(range(min(sample, len(ds))))

@@ -104,7 +104,7 @@ def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: i
         if several:  # each part wrote its own cost.json; the run's is their sum
             costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
             (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
-        plots = write_results(run.root, results, open_run(run, finished=False).header, log_history=training_log(cfg, run))
+        plots = write_results(run.root, results, open_run(run, require=None).header, log_history=training_log(cfg, run))
         print(format_table(results))
         run.mark_done()
     wandb_log.finish(cfg, run, results, plots, 0 if several else step)  # per_task: each part trained in its own wandb run

@@ -5,7 +5,9 @@ config, metrics, plots, model card) and the upload. The token comes from the env
 `push --dry-run OUT` and `export OUT` write the very folder the upload sends (one Hub commit: nothing half
 uploaded). The card's YAML header is written by huggingface_hub's own ModelCardData (model-index with one
 result per task and metric); its body shows each task's exact chat messages, because a model fine-tuned on
-one wording answers another wording with the wrong task's kind of answer.
+one wording answers another wording with the wrong task's kind of answer. The folder lists its files in
+multitune-files.json; a later push removes from the repo what an earlier one uploaded and the new folder
+lacks (and nothing else). The uploaded multitune.yaml names local paths as the card does: by name only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from multitune.config import Config
+from multitune.config import Config, dump_config
 from multitune.errors import UserError
 from multitune.results.report import summary_rows
 from multitune.rundir import RunDir
@@ -184,6 +186,14 @@ def _usage(repo_id: str, base: str, plain: bool, r: int, pr: dict | None, eot: s
     ]
 
 
+def published_config(cfg: Config, run: RunDir) -> Config:
+    """The run's config as uploaded: local paths shown as the card shows them (a Hub id, or a folder's or
+    file's name), so the build machine's directories go nowhere."""
+    tasks = [t.model_copy(update={"dataset": _shown(t.dataset) if t.dataset else None}) for t in cfg.tasks]
+    return cfg.model_copy(update={"run_dir": Path(run.root.name), "hub_mirror": None, "tasks": tasks,
+                                  "model": cfg.model.model_copy(update={"name_or_path": _shown(cfg.model.name_or_path)})})
+
+
 def build_folder(run: RunDir, cfg: Config, out: Path, *, repo_id: str, merged: bool = False) -> Path:
     """Write exactly what `push` uploads into ``out`` (which must not exist, or be empty)."""
     from multitune.publishing.weights import write_weights
@@ -195,7 +205,7 @@ def build_folder(run: RunDir, cfg: Config, out: Path, *, repo_id: str, merged: b
     out.mkdir(parents=True, exist_ok=True)
     try:
         write_weights(run, cfg, out, merged=merged)
-        shutil.copyfile(run.config, out / "multitune.yaml")
+        (out / "multitune.yaml").write_text(dump_config(published_config(cfg, run)))
         results = {}
         if run.metrics.exists():
             shutil.copyfile(run.metrics, out / "metrics.json")
@@ -206,6 +216,8 @@ def build_folder(run: RunDir, cfg: Config, out: Path, *, repo_id: str, merged: b
                 shutil.copyfile(plot, out / plot.relative_to(run.root))
         tokenizer = load_tokenizer(cfg.model, None, source=str(run.final))
         (out / "README.md").write_text(model_card(run, cfg, results, tokenizer, repo_id=repo_id, merged=merged))
+        files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        (out / MANIFEST).write_text(json.dumps({"files": sorted([*files, MANIFEST])}, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -222,7 +234,7 @@ def push(run: RunDir, cfg: Config, results: dict[str, Any] | None = None, *, mer
         build_folder(run, cfg, dry_run, repo_id=repo_id, merged=merged)
         print(f"wrote {dry_run}: exactly what would be uploaded to {repo_id}")
         return str(dry_run)
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationDelete, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
     if not get_token():
@@ -233,10 +245,40 @@ def push(run: RunDir, cfg: Config, results: dict[str, Any] | None = None, *, mer
         api = HfApi()
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="multitune: upload fine-tuned model")
+            operations = commit_operations(api, repo_id, folder, Path(tmp) / "earlier")
+            api.create_commit(repo_id, operations, commit_message="multitune: upload fine-tuned model")
+            really_private = bool(api.repo_info(repo_id).private)
         except HfHubHTTPError as e:
             raise UserError(f"upload to {repo_id} failed: {str(e).splitlines()[0]}; check HF_TOKEN has write access") from None
         except OSError as e:
             raise UserError(f"upload to {repo_id} failed ({e}); are you online?") from None
-    print(f"uploaded {'merged model' if merged else 'adapter'} to https://huggingface.co/{repo_id} ({'private' if private else 'public'})")
+    removed = sum(isinstance(op, CommitOperationDelete) for op in operations)
+    print(f"uploaded {'merged model' if merged else 'adapter'} to https://huggingface.co/{repo_id} "
+          f"({'private' if really_private else 'public'})" + (f"; removed {removed} file(s) an earlier push left" if removed else ""))
+    if really_private != private:
+        print(f"notice: {repo_id} already existed and stays {'private' if really_private else 'public'}: push does not change "
+              "a repo's visibility; change it in the repo's settings on the Hub")
     return f"https://huggingface.co/{repo_id}"
+
+
+MANIFEST = "multitune-files.json"  # every file a push uploaded: the only files a later push may remove
+
+
+def commit_operations(api, repo_id: str, folder: Path, scratch: Path) -> list:
+    """Add every file ``folder``'s manifest lists (itself included); delete what an earlier push uploaded (its
+    manifest says so) that this folder no longer has, e.g. a merged push's shards beside a later adapter.
+    Files multitune did not upload are never in a manifest, so they stay."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    files = json.loads((folder / MANIFEST).read_text())["files"]
+    remote = set(api.list_repo_files(repo_id))
+    earlier: list[str] = []
+    if MANIFEST in remote:
+        local = api.hf_hub_download(repo_id, MANIFEST, local_dir=str(scratch))
+        try:
+            earlier = [f for f in json.loads(Path(local).read_text()).get("files", []) if isinstance(f, str)]
+        except (ValueError, AttributeError):
+            print(f"notice: {repo_id}'s {MANIFEST} is not readable; no file of an earlier push is removed")
+    stale = sorted(set(earlier) & remote - set(files))
+    adds = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+    return adds + [CommitOperationDelete(path_in_repo=f) for f in stale]

@@ -77,7 +77,7 @@ class Chat:
 def open_chat(run_dir: Path, task_name: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0) -> Chat:
     if max_new_tokens < 1 or temperature < 0:
         raise UserError("--max-new-tokens must be at least 1 and --temperature at least 0 (0: greedy)")
-    trained = open_run(Path(run_dir))
+    trained = open_run(Path(run_dir), require="weights")
     task = chat_task(trained.run, task_name)
     model = trained.model([task.name])  # per_task: the chat task's own adapter
     return Chat(model, trained.formatter(task.name), task, max_new_tokens, temperature)

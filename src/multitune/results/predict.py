@@ -59,7 +59,7 @@ def predict(run_dir: Path, task_name: str | None, inputs: list[dict[str, Any] | 
             mode: str = "likelihood", min_confidence: float | None = None) -> list[dict[str, Any]]:
     """Each input's prediction: {"label", "score"} (with ``min_confidence``, label "unsure" and the "guess"
     below it), or {"response"} for a chat task."""
-    trained = open_run(Path(run_dir))
+    trained = open_run(Path(run_dir), require="weights")
     task = restore_task(trained.run, task_name)
     check_options(task.kind, mode, min_confidence)
     examples = []

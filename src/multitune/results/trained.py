@@ -33,11 +33,14 @@ from multitune.scoring.scorer import Scorer
 from multitune.tasks import Example, Task
 
 
-def open_run(root: Path | RunDir, *, finished: bool = True) -> TrainedRun:
-    """The run in ``root`` (its config read, its weights required unless ``finished`` is false)."""
+def open_run(root: Path | RunDir, *, require: str | None = "done") -> TrainedRun:
+    """The run in ``root``, its config read. ``require``: "done" (trained and DONE: eval, push, export),
+    "weights" (every part's weights: predict, chat), or None (the launch scoring what it just trained)."""
     run = root if isinstance(root, RunDir) else RunDir(Path(root))
     cfg = run.load_config()
-    if finished:
+    if require == "done":
+        run.require_done()
+    elif require == "weights":
         run.require_finished()
     return (HeadRun if cfg.head == "classifier" else LmRun)(run, cfg)
 

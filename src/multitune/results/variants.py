@@ -74,7 +74,7 @@ def with_template(cfg: Config, data: list[TaskData], name: str) -> list[TaskData
             out.append(td)
             continue
         task = build_task(td.task.cfg.model_copy(update={"template": name}))
-        ds = task.load(mirror)
+        ds = task.load(mirror, cfg.data.drop_unlabelled)
         rows = lambda idx: [task.example(r) for r in ds.select(idx)]  # noqa: E731
         out.append(replace(td, task=task, train=rows(td.split["train"]), val=rows(td.split["val"])))
     return out

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from multitune.data.formatting import IGNORE, Formatter
+from multitune.distributed import any_rank
+from multitune.errors import UserError
 from multitune.scoring.constrained import constrained_greedy, constrained_greedy_uncached
 from multitune.scoring.inputs import input_logits, left_pad, model_device, right_pad, supports_tree_mask, uses_prompt_learning, with_sdpa
 from multitune.scoring.likelihood import best_candidates, candidate_logprobs
@@ -30,6 +32,16 @@ from multitune.tasks.base import normalize_label
 # how a label is chosen: likelihood ranks every label; constrained decodes greedily inside the label trie;
 # generate decodes freely and parses the text (README: "Choosing an evaluation mode")
 MODES = ("likelihood", "constrained", "generate")
+
+
+def own_choices_only(scores: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
+    """[N, K] scores with -inf for the labels a row does not offer (Example.choices; empty: it offers all)."""
+    offered = torch.ones(scores.shape, dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        if ex.choices:
+            offered[i] = False
+            offered[i, list(ex.choices)] = True
+    return scores.masked_fill(~offered.to(scores.device), float("-inf"))
 
 
 class Scorer:
@@ -78,7 +90,8 @@ class Scorer:
     def best_labels(self, examples: list[Example], labels: Sequence[str], desc: str = "scoring") -> tuple[list[int], list[float]]:
         """The likelihood argmax and its log-prob: a search for large label sets, one trie pass for small ones."""
         trie = self.trie(labels)
-        if len(trie) <= self.ONE_PASS_NODES or uses_prompt_learning(self.model) or not supports_tree_mask(self.model):
+        if (len(trie) <= self.ONE_PASS_NODES or uses_prompt_learning(self.model) or not supports_tree_mask(self.model)
+                or self._own_choices(examples)):  # the search knows no per-row choices: score them all, masked
             best = self.likelihood(examples, labels, desc).max(-1)
             return best.indices.tolist(), best.values.tolist()
         prompts = self._prompts(examples, max(len(c) for c in trie.cands))
@@ -103,7 +116,12 @@ class Scorer:
         prompts = self._prompts(examples, max(len(c) for c in cands))
         prefix = self.schedule.shared_prefix(prompts)
         rows = self.schedule.run(prompts, lambda b: candidate_logprobs(self.model, b, cands, self.pad_id, len(b), trie, prefix), desc)
-        return torch.stack(rows) if rows else torch.empty(0, len(labels))
+        return own_choices_only(torch.stack(rows), examples) if rows else torch.empty(0, len(labels))
+
+    def _own_choices(self, examples: list[Example]) -> bool:
+        """Whether some row offers only some of the labels (multiple choice); agreed by all ranks under lockstep."""
+        mine = any(ex.choices for ex in examples)
+        return any_rank(mine) if self.lockstep else mine
 
     @with_sdpa
     @torch.no_grad()
@@ -132,6 +150,9 @@ class Scorer:
     @with_sdpa
     def constrained(self, examples: list[Example], labels: Sequence[str], desc: str = "constrained") -> tuple[list[int], list[float]]:
         """Greedy decoding restricted to the label trie: the label reached and its summed log-prob."""
+        if self._own_choices(examples):
+            raise UserError("constrained decoding walks one label set for every row, but these rows each offer their own "
+                            "choices (multiple choice with varying choices): use eval.mode likelihood or generate")
         trie = self.trie(labels)
         prompts = self._prompts(examples, max(len(c) for c in trie.cands))
         dev = model_device(self.model)
@@ -158,6 +179,10 @@ class Scorer:
         lookup = {normalize_label(x): i for i, x in enumerate(labels)}
         width = max(len(c) for c in self.candidates(labels)) + 2
         preds = [lookup.get(normalize_label(t), -1) for t in self.generate(examples, width)]
+        # a key the row does not offer is no answer to it (multiple choice with varying choices)
+        preds = [p if not ex.choices or p in ex.choices else -1 for p, ex in zip(preds, examples, strict=True)]
+        # a key the row does not offer is no answer to it (multiple choice with varying choices)
+        preds = [p if not ex.choices or p in ex.choices else -1 for p, ex in zip(preds, examples, strict=True)]
         return preds, [float(p >= 0) for p in preds]
 
     @with_sdpa

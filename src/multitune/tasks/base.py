@@ -7,6 +7,7 @@ classes, configured by a :class:`~multitune.config.TaskConfig`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from multitune import hub
 from multitune.config import TaskConfig
+from multitune.distributed import main_print
 from multitune.errors import UserError
 from multitune.tasks import templates
 
@@ -31,6 +33,11 @@ class Example:
     cuttable: tuple[tuple[int, str], ...] = ()
     # indices of earlier assistant messages that carry loss as well as the target (multi-turn chat)
     supervised: tuple[int, ...] = ()
+    # multiple choice: the label indices this row offers, in its order, when not the whole label space
+    choices: tuple[int, ...] = ()
+
+
+_REPORTED: set[tuple[str, int, int]] = set()  # (task, rows left out, rows) already printed
 
 
 class Task:
@@ -44,12 +51,32 @@ class Task:
         self.label_names: list[str] = []
 
     # -- loading
-    def load(self, mirror: Path | None) -> datasets.Dataset:
+    def load(self, mirror: Path | None, drop_unlabelled: bool = True) -> datasets.Dataset:
         if not self.cfg.dataset:
             raise UserError(f"task {self.name}: no dataset set (tasks.{self.name}.dataset=org/name or a path)")
         ds = hub.load_rows(self.cfg.dataset, subset=self.cfg.subset, split=self.cfg.split, mirror=mirror, revision=self.cfg.revision)
         self.bind(ds)
-        return ds
+        return self._labelled(ds, drop_unlabelled)
+
+    def has_answer(self, row: dict[str, Any]) -> bool:
+        """Whether a row has its label (answer); chat rows always count as having one."""
+        return True
+
+    def _labelled(self, ds: datasets.Dataset, drop: bool) -> datasets.Dataset:
+        """The rows that have a label: an unlabelled row is no class and no training target. The same rows at every
+        load, so a recorded split keeps pointing at the same ones."""
+        missing = [i for i, row in enumerate(ds.select_columns(self.columns())) if not self.has_answer(row)]
+        if not missing:
+            return ds
+        if not drop:
+            raise UserError(f"task {self.name}: {len(missing)} of {len(ds)} rows have no label (the first is row {missing[0]}); "
+                            "fill them in, or leave them out with data.drop_unlabelled: true (the default)")
+        if (self.name, len(missing), len(ds)) not in _REPORTED:  # a launch loads a task more than once: said once
+            _REPORTED.add((self.name, len(missing), len(ds)))
+            main_print(f"task {self.name}: left out {len(missing)} of {len(ds)} rows without a label (the first is "
+                       f"row {missing[0]}); data.drop_unlabelled: false refuses them instead")
+        gone = set(missing)
+        return ds.select([i for i in range(len(ds)) if i not in gone])
 
     def bind(self, ds: datasets.Dataset) -> None:
         """Resolve columns and the label space from the loaded data (raises UserError when impossible)."""
@@ -106,6 +133,8 @@ class Task:
     # -- scoring
     def score(self, gold: list[int], pred: list[int]) -> dict[str, Any]:
         """Accuracy, macro-F1, per-class report and confusion matrix over the label space (scikit-learn)."""
+        if any(g < 0 for g in gold):  # index -1 would name the last class (load() leaves unlabelled rows out)
+            raise ValueError(f"task {self.name}: unlabelled rows cannot be scored")
         ids = list(range(len(self.label_names)))
         present = sorted(set(gold) | set(p for p in pred if p >= 0))
         names = [self.label_names[i] for i in present]
@@ -119,6 +148,11 @@ class Task:
             ),
             "confusion_matrix": {"labels": names, "matrix": confusion_matrix(gold, pred, labels=present).tolist()},
         }
+
+
+def unlabelled(value: Any) -> bool:
+    """No label: a missing or empty cell, or NaN."""
+    return value is None or isinstance(value, float) and math.isnan(value) or isinstance(value, str) and not value.strip()
 
 
 def normalize_label(value: Any) -> str:
@@ -143,7 +177,7 @@ class ClassificationTask(Task):
             self.label_names = list(self.cfg.labels or feature.names)
         else:
             self._ids_to_names = None
-            values = sorted({str(v) for v in ds.unique(self.label_col)})
+            values = sorted({str(v) for v in ds.unique(self.label_col) if not unlabelled(v)})
             self.label_names = list(self.cfg.labels or values)
         if len(self.label_names) < 2:
             raise UserError(f"task {self.name}: needs at least 2 labels, found {self.label_names} in {cols}")
@@ -203,8 +237,13 @@ class ClassificationTask(Task):
             )
         return idx
 
+    def has_answer(self, row: dict[str, Any]) -> bool:
+        value = row.get(self.label_col)
+        # a ClassLabel's -1 is the datasets convention for "no label" (not the last class, as index -1 would be)
+        return not (unlabelled(value) or self._ids_to_names is not None and isinstance(value, int) and value < 0)
+
     def example(self, row: dict[str, Any]) -> Example:
-        label = self.label_index(row[self.label_col]) if row.get(self.label_col) is not None else -1
+        label = self.label_index(row[self.label_col]) if self.has_answer(row) else -1
         instruction = self.cfg.instruction or "Classify the text."
         text = str(row[self.text_col])
         messages = self.system() + [{"role": "user", "content": self.template(instruction, text, self.label_names)}]
@@ -222,8 +261,10 @@ class MultipleChoiceTask(Task):
         self.c_col = self.cfg.choices_column or "choices"
         self.a_col = self.cfg.answer_column or "answerKey"
         self._require(ds, self.q_col, self.c_col, self.a_col)
-        first = self._choices(ds[0])
-        self.label_names = list(self.cfg.labels or [letter for letter, _ in first])
+        # every key any row offers (ARC: 3 to 5 choices, letters in most rows, digits in some); each row is
+        # prompted and scored over its own choices only (Example.choices)
+        keys = {key for raw in ds[self.c_col] for key, _ in self._choices({self.c_col: raw})}
+        self.label_names = list(self.cfg.labels or sorted(keys))
 
     def columns(self) -> list[str]:
         return [self.q_col, self.c_col, self.a_col]
@@ -234,25 +275,36 @@ class MultipleChoiceTask(Task):
     def _choices(self, row: dict[str, Any]) -> list[tuple[str, str]]:
         raw = row[self.c_col]
         if isinstance(raw, dict):  # {"label": [...], "text": [...]}, as in tau/commonsense_qa
-            return list(zip(raw["label"], raw["text"], strict=True))
+            return [(str(k), str(t)) for k, t in zip(raw["label"], raw["text"], strict=True)]
         return [(self.LETTERS[i], str(t)) for i, t in enumerate(raw)]
+
+    def has_answer(self, row: dict[str, Any]) -> bool:
+        answer = row.get(self.a_col)
+        return not (unlabelled(answer) or isinstance(answer, int) and answer < 0)
+
+    def stratify_key(self, ex: Example) -> Any:
+        return ex.choices.index(ex.label) if ex.choices else ex.label  # the answer's position among the row's choices
 
     def example(self, row: dict[str, Any]) -> Example:
         choices = self._choices(row)
-        answer = row.get(self.a_col)
+        keys = [key for key, _ in choices]
+        unknown = [k for k in keys if k not in self.label_names]
+        if unknown:
+            raise UserError(f"task {self.name}: choice key(s) {unknown} are not in the label space {self.label_names}; "
+                            f"fix the data or tasks.{self.name}.labels")
         label = -1
-        if answer not in (None, ""):
-            letter = self.LETTERS[answer] if isinstance(answer, int) else str(answer).strip()
-            if letter not in self.label_names:
-                raise UserError(
-                    f"task {self.name}: answer {answer!r} is not one of the choices {self.label_names}"
-                )
-            label = self.label_names.index(letter)
+        if self.has_answer(row):
+            answer = row[self.a_col]
+            key = (keys[answer] if answer < len(keys) else None) if isinstance(answer, int) else str(answer).strip()
+            if key not in keys:  # an int answer is the choice's position
+                raise UserError(f"task {self.name}: answer {answer!r} is not one of the choices {keys} of its row")
+            label = self.label_names.index(key)
         instruction = self.cfg.instruction or "Choose the best answer."
         question = str(row[self.q_col])
         messages = self.system() + [{"role": "user", "content": self.template(instruction, question, choices)}]
         target = self.label_names[label] if label >= 0 else ""
-        return Example(messages, target, label, cuttable=((len(messages) - 1, question),))
+        own = () if keys == self.label_names else tuple(self.label_names.index(k) for k in keys)
+        return Example(messages, target, label, cuttable=((len(messages) - 1, question),), choices=own)
 
 
 CONTEXT_HEADER = "Context:"  # precedes a chat row's reference text in its prompt
@@ -262,8 +314,8 @@ class ChatTask(Task):
     kind = "chat"
     STATE = ("label_names", "messages_col", "prompt_col", "response_col", "context_col")
 
-    def load(self, mirror: Path | None) -> datasets.Dataset:
-        ds = super().load(mirror)
+    def load(self, mirror: Path | None, drop_unlabelled: bool = True) -> datasets.Dataset:
+        ds = super().load(mirror, drop_unlabelled)
         limit = self.cfg.max_answer_chars
         if limit:  # the same rows at every load, so a recorded split keeps pointing at the same ones
             ds = ds.filter(lambda row: len(self._answer(row)) <= limit, desc=f"{self.name}: answers of at most {limit} chars")
