@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from multitune.results.plots import write_plots
+from multitune.rundir import atomic_write
 
 
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -36,7 +37,7 @@ def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: st
     which must not replace the run's own results). Returns the plots written, per task."""
     suffix = f"-{variant}" if variant else ""
     metrics = {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}
-    (run_root / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(run_root / f"metrics{suffix}.json", json.dumps(metrics, indent=2))  # a crash keeps the earlier one whole
     plots = write_plots(run_root, results, log_history, suffix)
     rows = summary_rows(results)
     md = [f"# {header}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
