@@ -180,11 +180,10 @@ def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = T
         return None
     from huggingface_hub import get_token
 
-    if not get_token():
-        raise UserError("train.hub_checkpoints needs a Hugging Face token with write access: export HF_TOKEN=... "
-                        "or run `hf auth login` (nothing was written)")
-
     def fetch() -> Path | None:
+        if not get_token():  # a node without one refuses inside the agreement, as every other failure here
+            raise UserError("train.hub_checkpoints needs a Hugging Face token with write access: export HF_TOKEN=... "
+                            "or run `hf auth login` (nothing was written)")
         if resume and state.is_local_main_process and not run.is_finished() and latest_complete(run.checkpoints) is None:
             return _download(cfg, run)
         return None
