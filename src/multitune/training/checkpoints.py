@@ -162,7 +162,7 @@ class StopRequest:
     def held(self):
         """Installed from here to the end of the block (the whole launch), whatever training does."""
         self.install()
-        self._held = True
+        self.signum, self._held = None, True  # a signal from before the launch (a trainer that crashed) is not this one's
         try:
             yield self
         finally:
