@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from multitune.training.checkpoints import is_complete
-from tests.distributed.conftest import config, finish, free_port, losses
+from tests.distributed.conftest import HERE, config, finish, free_port, launch, losses, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -80,3 +80,21 @@ def test_node_without_a_copy_refuses_to_resume(assets, tmp_path):
     assert all(code != 0 for code, _ in results)
     out = results[0][1] + results[1][1]
     assert "ranks disagree on the checkpoint to resume from" in out and "save_on_each_node" in out
+
+
+def test_a_signal_on_one_rank_after_the_last_step_stops_both_after_the_final_save(assets, tmp_path):
+    """Rank 1 alone gets SIGTERM once training is over: both ranks must still save the final adapter (its
+    collectives), then stop together at the next stage boundary; the relaunch reloads it and finishes."""
+    cfg = config(assets, tmp_path, "late")
+    shim = HERE / "late_signal.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(shim), "train", str(cfg)]
+    first = launch(cmd, {"MULTITUNE_TEST_LATE_SIGNAL": "1"})
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-3000:]
+    assert "stopped on a signal before evaluating" in out
+    run = tmp_path / "late"
+    assert (run / "final" / "adapter_model.safetensors").exists() and (run / "cost.json").exists()
+    assert not (run / "DONE").exists() and not (run / "metrics.json").exists()
+    again = torchrun(str(cfg))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "trained by an earlier launch" in again.stdout and (run / "DONE").exists()

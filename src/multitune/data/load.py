@@ -18,6 +18,7 @@ from multitune.config import Config
 from multitune.errors import UserError
 from multitune.data.formatting import Formatter, TooLong, check_supervision
 from multitune.hub import mirror_root
+from multitune.rundir import atomic_write
 from multitune.tasks import Example, Task, build_task
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,8 @@ def save_splits(data: list[TaskData], split_dir: Path) -> None:
     split_dir.mkdir(parents=True, exist_ok=True)
     for td in data:
         path = split_dir / f"{td.task.name}.json"
-        if not path.exists():
-            path.write_text(json.dumps(td.split))
+        if not path.exists():  # kept by every relaunch: never left half written
+            atomic_write(path, json.dumps(td.split))
 
 
 def _weighted(rows: list, weight: float, seed: int) -> list:

@@ -4,6 +4,7 @@ Under torchrun/accelerate every rank runs :func:`train`, stage by stage; each st
 collective is entered by every rank, and everything that can refuse the input runs before anything is
 written to the run directory:
 
+    check      what one node can lack (a package, a GPU, a token): agreed, once the process group is up
     agree      fetch the Hub's newest checkpoint on a fresh pod; agree on what this launch does with
                each part's directory (start, resume, or nothing: the same run already finished)
     prepare    the split, the tokenised data (cached) and the run directory
@@ -11,6 +12,10 @@ written to the run directory:
                and its marker; a part finished earlier is reloaded from its weights
     evaluate   each part's tasks on the validation rows, shared out over the ranks
     report     metrics.json, report.md and plots, the run's cost, DONE; wandb; push to the Hub
+
+From the end of the checks to the end of the launch a SIGTERM/SIGINT handler is installed: during training
+every rank stops at the same step with a checkpoint; later, the stage under way finishes and every rank
+stops at the next stage boundary (one agreed all-reduce each), and a relaunch continues from what was saved.
 
 strategy: per_task trains one model per task, one after the other in one launch: one base in memory at
 a time, every rank walks the same parts in the same order (the same collectives), and a relaunch skips
@@ -31,7 +36,7 @@ import torch
 from accelerate import PartialState
 
 from multitune.config import Config
-from multitune.distributed import any_rank, main_print, rank
+from multitune.distributed import any_rank, checked, main_print, rank
 from multitune.errors import UserError
 from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
@@ -42,17 +47,27 @@ from multitune.training import wandb_log
 from multitune.training.args import checkpointing_for_peft, sft_config
 from multitune.training.hub_checkpoints import fetch_newest_checkpoint
 from multitune.training.parts import LmParts, HeadParts, part_kind, trained_step
-from multitune.training.stages import COST_FILE, Launch, Setup, already_finished, fit, plan_launch, prepare_run, save_outputs, total_cost
+from multitune.training.checkpoints import STOP
+from multitune.training.stages import (
+    COST_FILE, Launch, Setup, already_finished, check_node, fit, plan_launch, prepare_run, save_outputs, total_cost,
+)
 
 
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
     kind = part_kind(cfg)
     cfg = checkpointing_for_peft(resolve_tasks(cfg))
-    kind.check(cfg)
+    kind.check(cfg)  # the config alone: every rank refuses alike
     run = RunDir(Path(cfg.run_dir))
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
+    checked(lambda: check_node(cfg, args))  # what one node can lack: one refusal on every rank, none left waiting
+    with STOP.held():  # a signal from here on stops the launch at its next stage boundary, on every rank
+        return run_stages(kind, cfg, run, args, resume=resume, overwrite=overwrite)
+
+
+def run_stages(kind: LmParts | HeadParts, cfg: Config, run: RunDir, args, *, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """Agree, prepare, train each unfinished part, evaluate, report; {} when a signal stopped it (relaunch to continue)."""
     fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume and not overwrite)  # a fresh pod: its newest Hub checkpoint
     launches = [plan_launch(cfg, part, args, resume=resume, overwrite=overwrite) for part in parts(cfg, run)]
     if launches[0].mode == "finished":  # every part reads the same config and DONE: they agree
@@ -62,14 +77,32 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     results: dict[str, dict[str, Any]] = {}
     step = 0
     for part, launch in zip(parts(cfg, run), launches, strict=True):
+        if stopped_by_signal(f"training {part.final}"):
+            return {}
         model = train_part(kind, cfg, part, launch, setup, started_over=not resume or overwrite)
         if model is None:  # a signal stopped it with a checkpoint
+            return {}
+        if stopped_by_signal(f"evaluating {part.final} (saved)"):
             return {}
         results |= kind.evaluate(model, cfg, part, setup)
         step = trained_step(part)
         del model
         release()
+    if stopped_by_signal("the report"):
+        return {}
     return report(cfg, run, results, step, writer=args.should_save)
+
+
+def stopped_by_signal(before: str) -> bool:
+    """At a stage boundary that every rank reaches: True on every rank when any rank received SIGTERM/SIGINT.
+
+    The stage that was running when the signal came (the final save, an evaluation) has finished; what it
+    saved is kept, so the relaunch continues from there (a saved part is reloaded, not trained again).
+    """
+    if not STOP.agreed():
+        return False
+    main_print(f"stopped on a signal before {before}; run the same command again to continue")
+    return True
 
 
 def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Launch, setup: Setup, *, started_over: bool):

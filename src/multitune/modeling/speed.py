@@ -58,9 +58,9 @@ def apply_liger(model, setting: str | bool):
 def sft_args(train) -> dict:
     """SFTConfig arguments for `train.compile` (padding to a multiple, dynamic shapes, the backend).
 
-    Also rejects `train.liger: true` where Liger cannot run, before the run directory is touched.
+    `train.liger: true` where Liger cannot run is refused by the launch's node checks
+    (multitune.training.stages.check_node), agreed by every rank once the process group is up.
     """
-    use_liger(train.liger)
     if not train.compile:
         return {"torch_compile": False}
     os.environ.setdefault("ACCELERATE_DYNAMO_USE_DYNAMIC", "true")  # read when the Trainer builds its dynamo plugin

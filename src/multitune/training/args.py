@@ -77,7 +77,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         ddp_find_unused_parameters=False,
         bf16=_bf16(cfg),
         use_cpu=not torch.cuda.is_available(),
-        **sft_args(t),  # train.compile: padded to a multiple of 64, dynamic shapes; train.liger checked (multitune.modeling.speed)
+        **sft_args(t),  # train.compile: padded to a multiple of 64, dynamic shapes (multitune.modeling.speed)
         activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         dataloader_num_workers=t.dataloader_workers,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,39 +120,90 @@ class TimedCheckpoints(TrainerCallback):
         return control
 
 
-class GracefulStop(TrainerCallback):
-    """On SIGTERM or SIGINT, finish the current step, save a checkpoint and stop training cleanly."""
+class StopRequest:
+    """SIGTERM or SIGINT (a reclaimed pod, Ctrl-C): recorded by the handler, acted on where every rank agrees.
+
+    During training GracefulStop agrees at each step's end; after it, the launch (multitune.launch.runner)
+    holds the handlers until it ends and asks :meth:`agreed` between its stages, so a signal during the
+    final save, the evaluation or the report lets that stage finish and then stops the launch cleanly
+    (one rank's signal stops every rank at the same point). A second Ctrl-C stops at once.
+    """
 
     def __init__(self) -> None:
-        self.requested: int | None = None
+        self.signum: int | None = None
+        self.training = False
+        self._held = False
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
+        if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means now
-        self.requested = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping", flush=True)
+        self.signum = signum
+        then = ("saving a checkpoint at the end of this step, then stopping" if self.training
+                else "stopping once the current stage (final save, evaluation, report) is finished")
+        print(f"\nreceived {signal.Signals(signum).name}: {then}", flush=True)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT from now on (a no-op when already installed)."""
+        if self._previous:
+            return
+        self.signum = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave the default behaviour
                 pass
+
+    def remove(self) -> None:
+        """Give the handlers back, unless a launch holds them."""
+        if self._held:
+            return
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @contextmanager
+    def held(self):
+        """Installed from here to the end of the block (the whole launch), whatever training does."""
+        self.install()
+        self.signum, self._held = None, True  # a signal from before the launch (a trainer that crashed) is not this one's
+        try:
+            yield self
+        finally:
+            self._held = False
+            self.remove()
+
+    def agreed(self) -> bool:
+        """Whether any rank received a signal: one all_reduce, so call it where every rank passes."""
+        return any_rank(self.signum is not None)
+
+
+STOP = StopRequest()  # one per process: signal handlers are
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGTERM or SIGINT, finish the current step, save a checkpoint and stop training cleanly."""
+
+    def __init__(self, request: StopRequest = STOP) -> None:
+        self.request = request
+        self.stopped = False  # training stopped on an agreed signal, with a checkpoint: the same on every rank
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.request.install()
+        self.request.training = True
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         # ranks may get the signal at different steps; all must stop at the same one, or a collective hangs
-        agreed = max_over_ranks(self.requested or 0)
-        if agreed:
-            self.requested = self.requested or agreed
+        if max_over_ranks(self.request.signum or 0):
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self.request.training = False
+        self.request.remove()  # kept while a launch holds it: a signal after training must not kill silently
         return control
 
 

@@ -174,7 +174,13 @@ class HubCheckpoints(TrainerCallback):
         if read_marker(folder) is None:
             print(f"warning: {folder} is not complete; not uploading it")
             return control
-        staged = _stage(folder, self.staging)  # checked against its manifest in the background
+        try:
+            staged = _stage(folder, self.staging)  # checked against its manifest in the background
+        except Exception as e:  # noqa: BLE001 - a full disk, a vanished file: never stop training for an upload
+            shutil.rmtree(self.staging / folder.name, ignore_errors=True)
+            print(f"warning: staging {folder.name} for upload failed ({type(e).__name__}: {e}); not uploading it, "
+                  "training goes on", flush=True)
+            return control
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-checkpoints")  # uploads in order
         _PENDING.append(self._executor.submit(self._upload, staged, state.global_step))

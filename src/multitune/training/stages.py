@@ -29,6 +29,7 @@ from multitune.errors import UserError
 from multitune.data.formatting import Formatter
 from multitune.hub import mirror_root
 from multitune.modeling.load import check_requirements, load_tokenizer
+from multitune.modeling.speed import use_liger
 from multitune.data.prepared import Prepared, prepare
 from multitune.rundir import RunDir
 from multitune.training.args import fsdp_launch
@@ -75,20 +76,26 @@ def refuse_unresumable(cfg: Config) -> None:
         )
 
 
+def check_node(cfg: Config, args: SFTConfig) -> None:
+    """What one node can lack while the others have it (a package, a GPU, a token, Liger): call it on every rank
+    through ``checked``, once the process group is up (multitune.launch.runner), so that one node's refusal is
+    one clear error on every rank, never ranks left waiting for it in their next collective."""
+    check_requirements(cfg)
+    use_liger(cfg.train.liger)
+    refuse_unresumable(cfg)
+    if args.n_gpu > 1:  # Trainer would wrap the model in DataParallel: slow, and its replicas share one loss hook
+        raise UserError(f"{args.n_gpu} GPUs are visible to one process; launch one process per GPU with `accelerate launch "
+                        f"--num_processes {args.n_gpu} -m multitune.cli train ...` (see Multi-GPU), or set CUDA_VISIBLE_DEVICES=0")
+    require_push_token(cfg)
+
+
 def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, overwrite: bool) -> Launch:
     """Decide, on every rank alike and before anything is written, what this launch does.
 
     Each rank reads its own view of the run directory (with save_on_each_node, its node's copy); the
     views are gathered, and any refusal on one rank is raised on all (none is left waiting).
     """
-    check_requirements(cfg)
-    refuse_unresumable(cfg)
-    if args.n_gpu > 1:  # Trainer would wrap the model in DataParallel: slow, and its replicas share one loss hook
-        raise UserError(f"{args.n_gpu} GPUs are visible to one process; launch one process per GPU with `accelerate launch "
-                        f"--num_processes {args.n_gpu} -m multitune.cli train ...` (see Multi-GPU), or set CUDA_VISIBLE_DEVICES=0")
-
     def inspect() -> tuple[str, int, tuple[str, ...]]:
-        require_push_token(cfg)
         relaunch = run.check(cfg, resume=resume, overwrite=overwrite)
         last = latest_complete(run.checkpoints) if relaunch.mode != "new" else None
         return relaunch.mode, step_of(last), relaunch.changed
@@ -170,7 +177,9 @@ def fit(trainer: SFTTrainer, checkpoint: Path | None) -> bool:
         main_print(f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
-    if stop.requested is not None:
+    # agreed at a step's end, so the same on every rank; a signal after the last step is acted on by the launch
+    # at its next stage boundary, after the final save every rank enters (multitune.launch.runner)
+    if stop.stopped:
         main_print(f"stopped at step {trainer.state.global_step} with a checkpoint; run the same command again to resume")
         return False
     return True
