@@ -40,7 +40,8 @@ from multitune.data.formatting import Formatter, TooLong
 from multitune.modeling.heads import HEADS_FILE, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.hub import mirror_root
 from multitune.modeling.load import adapters_in_fp32, load_tokenizer
-from multitune.rundir import RunDir, TaskRun, part_of, parts, training_log
+from multitune.rundir import RunDir, TaskRun, part_of, parts, strict_json, training_log
+from multitune.training.guards import DivergenceGuard, lock_run
 from multitune.tasks import Example, Task, resolve_tasks
 from multitune.training.train import (
     COST_FILE, Setup, already_finished, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
@@ -143,7 +144,7 @@ def evaluate(model, formatter: Formatter, data: list[TaskData], heads: Heads, *,
 # ---------------------------------------------------------------- training
 
 
-class HeadTrainer(PortableAdapterCheckpoints, Trainer):
+class HeadTrainer(DivergenceGuard, PortableAdapterCheckpoints, Trainer):
     """Trainer with the LM path's FSDP adapter checkpoints and fp32 adapters (see train.MultitaskTrainer);
     with report_to: wandb, each evaluation also logs a table of validation predictions per task."""
 
@@ -198,6 +199,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     run = RunDir(Path(cfg.run_dir))
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
+    lock_run(run, args.should_save)  # one launch per run directory, before anything is written there
     # Everything that can reject the input runs before anything is written to the run directory.
     launches = [plan_launch(cfg, part, args, resume=resume, overwrite=overwrite) for part in parts(cfg, run)]
     if launches[0].mode == "finished":  # every part reads the same config and DONE: they agree
@@ -235,7 +237,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     plots = {}
     if args.should_save:
         if cfg.strategy == "per_task":  # each task's model wrote its own; the run's is their sum
-            (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
+            (run.root / COST_FILE).write_text(strict_json(total_cost(costs)))
         plots = write_results(run.root, results, _header(cfg), log_history=training_log(cfg, run))  # curves of every model
         print(format_table(results))
         run.mark_done()

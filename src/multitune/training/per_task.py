@@ -36,7 +36,8 @@ from multitune.scoring.evaluate import evaluate_tasks, format_table, write_resul
 from multitune.data.formatting import Formatter
 from multitune.modeling.load import load_for_tasks, use_adapter
 from multitune.data.prepared import Prepared
-from multitune.rundir import RunDir, part_of, parts, training_log
+from multitune.rundir import RunDir, part_of, parts, strict_json, training_log
+from multitune.training.guards import lock_run
 from multitune.tasks import resolve_tasks
 from multitune.training.train import (
     COST_FILE, Setup, already_finished, build_trainer, checkpointing_for_peft, fit, plan_launch, prepare_run, save_outputs,
@@ -59,6 +60,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     run = RunDir(Path(cfg.run_dir))
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
+    lock_run(run, args.should_save)  # one launch per run directory, before anything is written there
     # Everything that can reject the input runs before anything is written to the run directory.
     launches = [plan_launch(cfg, part, args, resume=resume, overwrite=overwrite) for part in parts(cfg, run)]
     if launches[0].mode == "finished":  # every part reads the same config and DONE: they agree
@@ -84,7 +86,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     plots = {}
     if args.should_save:
         costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
-        (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
+        (run.root / COST_FILE).write_text(strict_json(total_cost(costs)))
         plots = write_results(run.root, results, f"multitune validation (one adapter per task): {cfg.model.name_or_path} "
                               f"({cfg.peft.method})", log_history=training_log(cfg, run))
         print(format_table(results))

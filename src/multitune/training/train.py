@@ -21,6 +21,7 @@ from trl import SFTConfig, SFTTrainer
 
 from multitune.training import wandb_log
 from multitune.training.adapter_state import PortableAdapterCheckpoints
+from multitune.training.guards import DivergenceGuard, lock_run, refuse_nonfinite_checkpoint, releases_run_locks
 from multitune.training.checkpoints import (
     CompleteMarker, GracefulStop, Layout, TimedCheckpoints, TrainingClock, grad_accum_for_resume, is_sharded, latest_complete,
     saved_layout, step_of,
@@ -36,14 +37,14 @@ from multitune.training.hub_checkpoints import fetch_newest_checkpoint, hub_call
 from multitune.modeling.loss import trainer_loss
 from multitune.modeling.load import adapters_in_fp32, apply_peft, bf16_supported, check_requirements, load_model, load_tokenizer
 from multitune.data.prepared import Prepared, prepare
-from multitune.rundir import RunDir
+from multitune.rundir import RunDir, strict_json
 from multitune.modeling.speed import sft_args
 from multitune.tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
 
 
-class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
+class MultitaskTrainer(DivergenceGuard, PortableAdapterCheckpoints, SFTTrainer):
     """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss).
 
     The override exists because Trainer's ``compute_metrics`` sees per-token logits of the eval set,
@@ -141,6 +142,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         max_grad_norm=t.max_grad_norm,
         include_num_input_tokens_seen="non_padding",  # cost.json: tokens trained on (kept in the checkpoints)
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as nan, not hidden (DivergenceGuard stops there)
         eval_strategy="steps" if t.eval_steps else "epoch",
         eval_steps=t.eval_steps,
         save_strategy="steps",
@@ -173,6 +175,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
 # ---------------------------------------------------------------- the stages of a launch
 
 
+@releases_run_locks
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
     if cfg.head == "classifier":  # a classification head per task instead of writing the label
@@ -187,6 +190,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     run = RunDir(Path(cfg.run_dir))
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
+    lock_run(run, args.should_save)  # one launch per run directory, before anything is written there
     fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume and not overwrite)  # a fresh pod: its newest Hub checkpoint
     launch = plan_launch(cfg, run, args, resume=resume, overwrite=overwrite)
     if launch.mode == "finished":
@@ -252,6 +256,7 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
         require_push_token(cfg)
         relaunch = run.check(cfg, resume=resume, overwrite=overwrite)
         last = latest_complete(run.checkpoints) if relaunch.mode != "new" else None
+        refuse_nonfinite_checkpoint(last)
         return relaunch.mode, step_of(last), relaunch.changed
 
     seen = gather_checked(inspect)
@@ -354,8 +359,8 @@ def save_outputs(trainer: SFTTrainer, run: RunDir, tokenizer: PreTrainedTokenize
     if trainer.args.should_save:
         tokenizer.save_pretrained(str(run.final))
         trainer.state.save_to_json(str(run.logs / "trainer_state.json"))  # the whole loss/LR/eval history
-        (run.logs / "launch.json").write_text(json.dumps(launch_facts(trainer), indent=2))
-        (run.logs / COST_FILE).write_text(json.dumps(cost_facts(trainer), indent=2))
+        (run.logs / "launch.json").write_text(strict_json(launch_facts(trainer)))
+        (run.logs / COST_FILE).write_text(strict_json(cost_facts(trainer)))
 
 
 def evaluate_and_report(trainer: SFTTrainer, cfg: Config, run: RunDir, setup: Setup) -> dict[str, Any]:
