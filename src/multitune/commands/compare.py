@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from multitune.config import Config, load_config
 from multitune.data.load import TaskData, load_tasks, save_splits
 from multitune.errors import UserError
-from multitune.rundir import RunDir, parts
+from multitune.rundir import RunDir, parts, strict_json
 from multitune.results.variants import Variant, check_variant, eval_data, evaluate
 
 COST_KEYS = ("train_seconds", "trainable_params", "tokens_seen")
@@ -217,7 +217,7 @@ def compare(spec_path: Path) -> dict[str, Any]:
                      "results": results, "cost": cost_of(run)})
     table = build_table(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(table, indent=2))
+    (out / "compare.json").write_text(strict_json(table))  # NaN/inf as null
     md = format_markdown(table, spec_path)
     (out / "compare.md").write_text(md)
     print(md, end="")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from multitune.scoring.calibration import calibration_metrics
 from multitune.data.load import TaskData, subsample
 from multitune.distributed import all_gather, is_distributed, max_over_ranks, rank, world_size
+from multitune.rundir import strict_json
 from multitune.data.formatting import IGNORE, Formatter
 from multitune.scoring.scorer import Scorer
 
@@ -140,7 +140,7 @@ def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: st
 
     suffix = f"-{variant}" if variant else ""
     metrics = {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}
-    (run_root / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2))
+    (run_root / f"metrics{suffix}.json").write_text(strict_json(metrics))  # NaN/inf as null
     plots = write_plots(run_root, results, log_history, suffix)
     rows = summary_rows(results)
     md = [f"# {header}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]

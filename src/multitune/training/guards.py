@@ -144,5 +144,10 @@ class DivergenceGuard:
 
     def _diverged(self, what: str) -> None:
         step, lr = self.state.global_step, self.args.learning_rate
+        for callback in self.callback_handler.callbacks:  # end the progress bar's line: the error gets its own
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.close()
+                callback.training_bar = None
         raise UserError(f"training diverged at step {step}: {what}; nothing from it was saved. Lower train.learning_rate "
                         f"(now {lr:g}, e.g. train.learning_rate={lr / 10:g}) and start over with --no-resume")
