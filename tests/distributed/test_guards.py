@@ -19,7 +19,8 @@ HOLD = "import sys; from pathlib import Path; from multitune.rundir import RunLo
 
 
 def _errors(proc: subprocess.CompletedProcess, fragment: str) -> list[str]:
-    text = (proc.stdout + proc.stderr).replace("\r", "\n")
+    # the ranks share one stderr: rank 1's line may land after rank 0's unfinished progress bar
+    text = (proc.stdout + proc.stderr).replace("\r", "\n").replace("]error:", "]\nerror:")
     return [line for line in text.splitlines() if line.startswith("error:") and fragment in line]
 
 

@@ -61,3 +61,17 @@ def test_a_checkpoint_with_finite_weights_resumes(tmp_path):
     cfg, run, folder = _run_with_checkpoint(tmp_path, torch.zeros(4, 4))
     launch = plan_launch(cfg, run, sft_config(cfg, run), resume=True, overwrite=False)
     assert launch.mode == "resume" and launch.checkpoint == folder
+
+
+def test_a_run_whose_final_weights_hold_nan_is_never_pushed(tmp_path):
+    from multitune.publishing.publish import push
+
+    w = torch.zeros(4, 4)
+    w[0, 0] = math.inf
+    cfg, run, folder = _run_with_checkpoint(tmp_path, w)
+    folder.rename(run.final)  # a run finished by a version that kept NaN weights
+    run.mark_done()
+    cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": "me/tuned"})})
+    with pytest.raises(UserError, match="non-finite"):
+        push(run, cfg, dry_run=tmp_path / "upload")
+    assert not (tmp_path / "upload").exists()

@@ -128,7 +128,7 @@ class DivergenceGuard:
         norm_ok = grad_norm is None or math.isfinite(float(grad_norm))
         if any_rank(not (loss_ok and norm_ok)):
             what = " and ".join(w for w, ok in (("loss", loss_ok), ("gradient norm", norm_ok)) if not ok) or "loss on another rank"
-            self._diverged(f"the {what} is not finite (NaN or inf)")
+            self._diverged(f"the {what} {'are' if ' and ' in what else 'is'} not finite (NaN or inf)")
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
