@@ -126,7 +126,7 @@ class RunDir:
             return True
         try:
             config_from_dict(yaml.safe_load(text))
-        except Exception:  # not YAML, or not a multitune config
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError, UserError):  # not YAML, or not a multitune config
             return False
         return self.splits.is_dir()
 
@@ -303,7 +303,7 @@ class RunLock:
         except ValueError:  # it has locked the file but not yet written to it
             info = {}
         if same_job_ok and job and info.get("job") == job:
-            return None
+            return
         who = f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, since {info.get('since', '?')}" if info else "its host and pid not yet recorded"
         raise UserError(f"{root} is in use by another launch ({who}); wait for it to finish or stop it, "
                         "or train into another run_dir")

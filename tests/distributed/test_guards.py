@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 import yaml
 
 from multitune.config import config_from_dict
