@@ -271,10 +271,13 @@ class RunLock:
         """Lock ``root`` (made if missing), or raise a UserError naming the holder; None: held by ``job`` itself."""
         RunDir(root).refuse_foreign()  # before anything is written
         created = not root.exists()
-        root.mkdir(parents=True, exist_ok=True)
         path = root / cls.FILE
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot create {path} ({e.strerror}); run_dir must be a writable directory") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
