@@ -8,6 +8,11 @@
     RUN_DIR/trainer_state.json  the Trainer's log history (losses, learning rate, per-task validation)
     RUN_DIR/cost.json        training seconds (all launches), trainable parameters, tokens seen
     RUN_DIR/DONE             written last: the run finished
+    RUN_DIR/.multitune.lock  held (flock) by the launch training in it; refuses a second one
+
+A folder is a run directory when its config.yaml was written by multitune (its first line says so; a
+config.yaml beside splits/ from before that line existed counts too). Only such a folder is ever
+resumed or started over; a non-empty folder that is not one is refused, and nothing in it is touched.
 
 With ``strategy: per_task`` each task's model has its own checkpoints/<task>/ and final/<task>/
 (its adapter, tokenizer, trainer_state.json, launch.json and cost.json), beside the others.
@@ -16,9 +21,13 @@ With ``strategy: per_task`` each task's model has its own checkpoints/<task>/ an
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import math
 import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +76,25 @@ def no_space(folder: Path, needed: int | None = None, what: str = "") -> UserErr
     need = f", about {size_text(needed)} needed{what}" if needed else ""
     return UserError(f"No space left on device while writing {folder}: {size_text(free)} free there{need}; free some space "
                      "or point run_dir at a larger disk, then relaunch (nothing half-written was marked complete)")
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(obj, indent: int | None = 2) -> str:
+    """JSON that every reader accepts: a non-finite number (NaN, inf) is written as null, never as `NaN`."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+# The first line of every config.yaml multitune writes: what makes a folder a run directory.
+RECORD_HEADER = "# multitune run: the resolved config of this run, written by `multitune train`\n"
 
 
 # Changes a relaunch may make to a run's config without changing what it trains: where and how often it
@@ -129,6 +157,29 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.done.exists()
 
+    def holds_run(self) -> bool:
+        """Its config.yaml was written by multitune (or, from before the header, beside the run's splits/)."""
+        try:
+            text = self.config.read_text()
+        except OSError:
+            return False
+        if text.startswith(RECORD_HEADER):
+            return True
+        try:
+            config_from_dict(yaml.safe_load(text))
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError, UserError):  # not YAML, or not a multitune config
+            return False
+        return self.splits.is_dir()
+
+    def refuse_foreign(self) -> None:
+        """A non-empty folder that holds no multitune run is never written to, resumed or started over."""
+        if self.root.is_dir() and not self.holds_run() and any(p.name != RunLock.FILE for p in self.root.iterdir()):
+            raise UserError(f"{self.root} is not empty and holds no multitune run (no config.yaml written by multitune); "
+                            "nothing was changed in it: train into a new or empty directory (run_dir=...)")
+
+    def write_config(self, cfg: Config) -> None:
+        atomic_write(self.config, RECORD_HEADER + dump_config(cfg))
+
     def load_config(self) -> Config:
         if not self.config.exists():
             raise UserError(f"{self.root} is not a multitune run directory (no config.yaml); train one first")
@@ -166,6 +217,7 @@ class RunDir:
 
         Refuses, writing nothing, what would lose work or silently change a run.
         """
+        self.refuse_foreign()
         if overwrite or not (self.config.exists() or self.is_finished()):
             return Relaunch("new")
         changed = tuple(self.changes(cfg)) if self.config.exists() else ("config.yaml (missing)",)
@@ -191,7 +243,8 @@ class RunDir:
 
     def prepare(self, cfg: Config, *, resuming: bool) -> None:
         """Make the directory ready: start over unless resuming, then record the config."""
-        if not resuming and self.root.exists():
+        self.refuse_foreign()
+        if not resuming and self.holds_run():
             # the wandb ids too: new training must not be appended to the old run's wandb runs
             # cost.json last marks a trained model (multitune.training.parts): a stale one must not pass for this run's
             for path in (self.checkpoints, self.splits, self.final, self.done, self.metrics, self.report, self.plots,
@@ -204,7 +257,7 @@ class RunDir:
             print(f"notice: starting {self.root} over (earlier checkpoints removed)")
         self.done.unlink(missing_ok=True)  # resuming a node that finished while another did not
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.config, dump_config(cfg))
+        self.write_config(cfg)
 
     def mark_done(self) -> None:
         atomic_write(self.done, "finished\n")
@@ -252,3 +305,73 @@ def training_log(cfg: Config, run: RunDir) -> list[dict]:
         for entry in json.loads(state.read_text()).get("log_history", []) if state.exists() else []:
             rows.append({(f"loss/{part.task}" if k == "loss" else k): v for k, v in entry.items()})
     return rows
+
+
+class RunLock:
+    """One launch per run directory: an exclusive flock on RUN_DIR/.multitune.lock, held while the process lives.
+
+    The OS drops the lock when the process ends, however it ends (kill -9 included), so a lock is never
+    stale. The file records the holder's host and pid for the refusal. ``job`` lets the other writers of
+    one multi-node job share the directory (save_on_each_node on shared storage): the lock file names
+    the job of the process that holds it, and a process of the same job is let in.
+    """
+
+    FILE = ".multitune.lock"
+
+    def __init__(self, root: Path, fd: int, created: bool):
+        self.root, self.fd, self.created = root, fd, created
+
+    @classmethod
+    def acquire(cls, root: Path, job: str = "", same_job_ok: bool = False) -> RunLock | None:
+        """Lock ``root`` (made if missing), or raise a UserError naming the holder; None: held by ``job`` itself."""
+        RunDir(root).refuse_foreign()  # before anything is written
+        created = not root.exists()
+        path = root / cls.FILE
+        while True:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot create {path} ({e.strerror}); run_dir must be a writable directory") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a filesystem without locks
+                    print(f"warning: cannot lock {path} ({e.strerror}); make sure no other launch uses {root}", flush=True)
+                    return None
+                return cls._refuse(root, holder, job, same_job_ok)
+            try:  # the previous holder may have removed the file between our open and lock: lock the new one
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "job": job}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+        return cls(root, fd, created)
+
+    @staticmethod
+    def _refuse(root: Path, holder: str, job: str, same_job_ok: bool) -> None:
+        try:
+            info = json.loads(holder)
+        except ValueError:  # it has locked the file but not yet written to it
+            info = {}
+        if same_job_ok and job and info.get("job") == job:
+            return
+        who = f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, since {info.get('since', '?')}" if info else "its host and pid not yet recorded"
+        raise UserError(f"{root} is in use by another launch ({who}); wait for it to finish or stop it, "
+                        "or train into another run_dir")
+
+    def release(self) -> None:
+        """Unlock; the lock file goes (and the directory, when this launch made it and left it empty)."""
+        path = self.root / self.FILE
+        try:
+            path.unlink(missing_ok=True)  # while still locked: a waiting launch then locks a new file
+            if self.created and not any(self.root.iterdir()):
+                self.root.rmdir()
+        finally:
+            os.close(self.fd)

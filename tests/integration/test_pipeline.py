@@ -16,6 +16,7 @@ import yaml
 from multitune.config import config_from_dict
 from multitune.errors import UserError
 from multitune.launch.runner import train
+from multitune.rundir import RunDir
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -207,7 +208,7 @@ def test_sigkill_then_relaunch_resumes(assets, tmp_path):
 def test_changed_config_does_not_silently_resume(assets, tmp_path):
     cfg = config_from_dict(tiny_config(assets, tmp_path / "run", max_steps=2))
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg.model_copy(update={"seed": 1}).model_dump(mode="json")))
+    RunDir(tmp_path / "run").write_config(cfg.model_copy(update={"seed": 1}))  # recorded by an earlier launch
     with pytest.raises(UserError, match="different config"):
         train(cfg)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from multitune.config import config_from_dict, dump_config
+from multitune.config import config_from_dict
 from multitune.errors import UserError
 from multitune.rundir import RunDir
 from multitune.training.stages import refuse_unresumable
@@ -22,7 +22,7 @@ def _cfg(tmp_path, **changes):
 def _recorded(tmp_path, finished: bool) -> RunDir:
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
-    run.config.write_text(dump_config(_cfg(tmp_path)))
+    run.write_config(_cfg(tmp_path))  # as `train` records it
     if finished:
         run.mark_done()
     return run

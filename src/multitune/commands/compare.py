@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from multitune.config import Config, load_config
 from multitune.data.load import TaskData, load_tasks, save_splits
 from multitune.errors import UserError
-from multitune.rundir import RunDir
+from multitune.rundir import RunDir, strict_json
 from multitune.launch.runner import train
 from multitune.results.trained import TrainedRun, open_run
 from multitune.tasks import resolve_tasks
@@ -194,7 +194,7 @@ def compare(spec_path: Path) -> dict[str, Any]:
                      "run_dir": str(run.root) if run else None, "results": results, "cost": cost_of(run)})
     table = build_table(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(table, indent=2))
+    (out / "compare.json").write_text(strict_json(table))  # NaN/inf as null
     md = format_markdown(table, spec_path)
     (out / "compare.md").write_text(md)
     print(md, end="")

@@ -41,10 +41,11 @@ from multitune.errors import UserError
 from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
 from multitune.results.trained import open_run
-from multitune.rundir import RunDir, parts, training_log
+from multitune.rundir import RunDir, parts, strict_json, training_log
 from multitune.tasks import resolve_tasks
 from multitune.training import wandb_log
 from multitune.training.args import checkpointing_for_peft, sft_config
+from multitune.training.guards import lock_run, releases_run_locks
 from multitune.training.hub_checkpoints import fetch_newest_checkpoint
 from multitune.training.parts import LmParts, HeadParts, part_kind, trained_step
 from multitune.training.checkpoints import STOP
@@ -53,6 +54,7 @@ from multitune.training.stages import (
 )
 
 
+@releases_run_locks
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
     kind = part_kind(cfg)
@@ -62,6 +64,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
     checked(lambda: check_node(cfg, args))  # what one node can lack: one refusal on every rank, none left waiting
+    lock_run(run, args.should_save)  # one launch per run directory, before anything is written there
     with STOP.held():  # a signal from here on stops the launch at its next stage boundary, on every rank
         return run_stages(kind, cfg, run, args, resume=resume, overwrite=overwrite)
 
@@ -136,7 +139,7 @@ def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: i
     if writer:
         if several:  # each part wrote its own cost.json; the run's is their sum
             costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
-            (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
+            (run.root / COST_FILE).write_text(strict_json(total_cost(costs)))
         plots = write_results(run.root, results, open_run(run, require=None).header, log_history=training_log(cfg, run))
         print(format_table(results))
         run.mark_done()

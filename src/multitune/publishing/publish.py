@@ -22,6 +22,7 @@ from multitune.config import Config, dump_config
 from multitune.errors import UserError
 from multitune.results.report import summary_rows
 from multitune.rundir import RunDir
+from multitune.training.guards import nonfinite_tensor
 
 TASK_TYPES = {"classification": "text-classification", "multiple_choice": "multiple-choice", "chat": "text-generation"}
 METRICS = {"classification": [("accuracy", "accuracy", "accuracy", None), ("f1", "macro_f1", "macro-F1", "macro")],
@@ -230,6 +231,10 @@ def push(run: RunDir, cfg: Config, results: dict[str, Any] | None = None, *, mer
     repo_id = cfg.hub.repo_id
     if not repo_id:
         raise UserError("no repo to push to: pass --repo-id me/name or set hub.repo_id in the config")
+    bad = nonfinite_tensor(run.final)
+    if bad:
+        raise UserError(f"{run.final} holds non-finite weights ({bad} has NaN or inf): nothing was uploaded; train the run "
+                        "again with a lower train.learning_rate")
     if dry_run is not None:
         build_folder(run, cfg, dry_run, repo_id=repo_id, merged=merged)
         print(f"wrote {dry_run}: exactly what would be uploaded to {repo_id}")

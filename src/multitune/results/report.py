@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from multitune.results.plots import write_plots
-from multitune.rundir import atomic_write
+from multitune.rundir import atomic_write, strict_json
 
 
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -37,7 +36,7 @@ def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: st
     which must not replace the run's own results). Returns the plots written, per task."""
     suffix = f"-{variant}" if variant else ""
     metrics = {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}
-    atomic_write(run_root / f"metrics{suffix}.json", json.dumps(metrics, indent=2))  # a full disk leaves the old file
+    atomic_write(run_root / f"metrics{suffix}.json", strict_json(metrics))  # NaN/inf as null; a full disk leaves the old file
     plots = write_plots(run_root, results, log_history, suffix)
     rows = summary_rows(results)
     md = [f"# {header}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]

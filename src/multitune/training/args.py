@@ -65,6 +65,7 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         max_grad_norm=t.max_grad_norm,
         include_num_input_tokens_seen="non_padding",  # cost.json: tokens trained on (kept in the checkpoints)
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as nan, not hidden (DivergenceGuard stops there)
         eval_strategy="steps" if t.eval_steps else "epoch",
         eval_steps=t.eval_steps,
         save_strategy="steps",

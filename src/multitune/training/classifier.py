@@ -36,6 +36,7 @@ from multitune.modeling.load import adapters_in_fp32, load_tokenizer
 from multitune.tasks import Example
 from multitune.training.hooks import TaskEvaluation
 from multitune.training.stages import Setup
+from multitune.training.guards import DivergenceGuard
 
 def check(cfg: Config) -> None:
     """Refuse what a classification head cannot do, before anything is written."""
@@ -99,7 +100,7 @@ def metrics_during_training(data: list[TaskData], heads: Heads):
 # ---------------------------------------------------------------- training
 
 
-class HeadTrainer(TaskEvaluation, PortableAdapterCheckpoints, Trainer):
+class HeadTrainer(TaskEvaluation, DivergenceGuard, PortableAdapterCheckpoints, Trainer):
     """Trainer with the LM path's FSDP adapter checkpoints and fp32 adapters (see lm.MultitaskTrainer);
     with report_to: wandb, each evaluation also logs a table of validation predictions per task (hooks)."""
 

@@ -18,12 +18,13 @@ from multitune.scoring.evaluate import evaluate_tasks
 from multitune.training import wandb_log
 from multitune.training.adapter_state import PortableAdapterCheckpoints
 from multitune.training.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
+from multitune.training.guards import DivergenceGuard
 from multitune.training.hooks import TaskEvaluation
 from multitune.training.hub_checkpoints import hub_callbacks
 from multitune.training.stages import Setup
 
 
-class MultitaskTrainer(TaskEvaluation, PortableAdapterCheckpoints, SFTTrainer):
+class MultitaskTrainer(TaskEvaluation, DivergenceGuard, PortableAdapterCheckpoints, SFTTrainer):
     """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss).
 
     The override exists because Trainer's ``compute_metrics`` sees per-token logits of the eval set,

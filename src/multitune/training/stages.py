@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
 from multitune.training.adapter_state import PortableAdapterCheckpoints
+from multitune.training.guards import refuse_nonfinite_checkpoint
 from multitune.training.checkpoints import (
     GracefulStop, Layout, TrainingClock, common_step, grad_accum_for_resume, is_sharded, latest_complete,
     saved_layout, step_of,
@@ -31,7 +32,7 @@ from multitune.hub import mirror_root
 from multitune.modeling.load import check_requirements, load_tokenizer
 from multitune.modeling.speed import use_liger
 from multitune.data.prepared import Prepared, prepare
-from multitune.rundir import RunDir
+from multitune.rundir import RunDir, strict_json
 from multitune.training.args import fsdp_launch
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
     def inspect() -> tuple[str, int, tuple[str, ...]]:
         relaunch = run.check(cfg, resume=resume, overwrite=overwrite)
         last = latest_complete(run.checkpoints) if relaunch.mode != "new" else None
+        refuse_nonfinite_checkpoint(last)
         return relaunch.mode, step_of(last), relaunch.changed
 
     seen = gather_checked(inspect)
@@ -192,8 +194,8 @@ def save_outputs(trainer: SFTTrainer, run: RunDir, tokenizer: PreTrainedTokenize
     if trainer.args.should_save:
         tokenizer.save_pretrained(str(run.final))
         trainer.state.save_to_json(str(run.logs / "trainer_state.json"))  # the whole loss/LR/eval history
-        (run.logs / "launch.json").write_text(json.dumps(launch_facts(trainer), indent=2))
-        (run.logs / COST_FILE).write_text(json.dumps(cost_facts(trainer), indent=2))
+        (run.logs / "launch.json").write_text(strict_json(launch_facts(trainer)))
+        (run.logs / COST_FILE).write_text(strict_json(cost_facts(trainer)))
 
 
 def save_final(trainer: SFTTrainer, path: Path) -> None:

@@ -1,0 +1,78 @@
+"""Non-finite numbers never reach a metrics file, and a checkpoint of non-finite weights is never resumed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from multitune.config import config_from_dict
+from multitune.errors import UserError
+from multitune.rundir import RunDir
+from multitune.results.report import write_results
+from multitune.training.args import sft_config
+from multitune.training.stages import plan_launch
+
+
+def strict_load(text: str):
+    """What a strict JSON reader (JavaScript's JSON.parse, jq, Go) accepts: no NaN or Infinity literals."""
+    def refuse(literal):
+        raise ValueError(f"not JSON: {literal}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_json_holds_no_nan_literal(tmp_path):
+    results = {"chat": {"kind": "chat", "n": 3, "loss": math.nan, "perplexity": math.inf}}
+    write_results(tmp_path, results, "header")
+    metrics = strict_load((tmp_path / "metrics.json").read_text())
+    assert metrics == {"chat": {"kind": "chat", "n": 3, "loss": None, "perplexity": None}}
+
+
+def _run_with_checkpoint(tmp_path, weights: torch.Tensor):
+    cfg = config_from_dict({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": "m"},
+                            "tasks": [{"name": "claims", "dataset": "d"}], "train": {"batch_size": 4, "grad_accum": 1}})
+    run = RunDir(tmp_path / "run")
+    run.prepare(cfg, resuming=False)  # an unfinished run as `train` records it
+    folder = run.checkpoints / "checkpoint-4"
+    folder.mkdir(parents=True)
+    save_file({"base_model.model.layer.lora_A.weight": torch.ones(4, 4), "base_model.model.layer.lora_B.weight": weights},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    torch.save({"last_epoch": 4}, folder / "scheduler.pt")
+    (folder / "COMPLETE").write_text(json.dumps({"global_step": 4, "world_size": 1, "batch_size": 4, "grad_accum": 1}))
+    return cfg, run, folder
+
+
+def test_a_checkpoint_whose_weights_hold_nan_is_not_resumed(tmp_path):
+    w = torch.zeros(4, 4)
+    w[1, 2] = math.nan
+    cfg, run, folder = _run_with_checkpoint(tmp_path, w)
+    with pytest.raises(UserError) as e:
+        plan_launch(cfg, run, sft_config(cfg, run), resume=True, overwrite=False)
+    assert str(folder) in str(e.value) and "lora_B" in str(e.value) and "--no-resume" in str(e.value)
+    assert (folder / "adapter_model.safetensors").exists()  # refused, not deleted
+
+
+def test_a_checkpoint_with_finite_weights_resumes(tmp_path):
+    cfg, run, folder = _run_with_checkpoint(tmp_path, torch.zeros(4, 4))
+    launch = plan_launch(cfg, run, sft_config(cfg, run), resume=True, overwrite=False)
+    assert launch.mode == "resume" and launch.checkpoint == folder
+
+
+def test_a_run_whose_final_weights_hold_nan_is_never_pushed(tmp_path):
+    from multitune.publishing.publish import push
+
+    w = torch.zeros(4, 4)
+    w[0, 0] = math.inf
+    cfg, run, folder = _run_with_checkpoint(tmp_path, w)
+    folder.rename(run.final)  # a run finished by a version that kept NaN weights
+    run.mark_done()
+    cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": "me/tuned"})})
+    with pytest.raises(UserError, match="non-finite"):
+        push(run, cfg, dry_run=tmp_path / "upload")
+    assert not (tmp_path / "upload").exists()
