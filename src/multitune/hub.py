@@ -27,6 +27,20 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in _FILE_BUILDERS or ref.count("/") > 1
 
 
+def is_hub_id(ref: str | None) -> bool:
+    """Whether ``ref`` names a Hub repo (``org/name``, by huggingface_hub's own rules) and not a local path
+    or file (an existing path, or one shaped like a path). Dots and digits are fine: ``org/Llama-3.1-8B``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not ref or ref.count("/") != 1 or _looks_like_path(ref) or Path(ref).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve(ref: str, kind: str, mirror: Path | None) -> str:
     """Map a Hub id to a local directory when one exists (the path itself, or ``MIRROR/<kind>s/<id>``)."""
     local = Path(ref).expanduser()
