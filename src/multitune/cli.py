@@ -296,6 +296,9 @@ def plan(
     result = planner.make_plan(cfg, gpus=gpus, nodes=nodes, gpu=gpu, global_batch=global_batch, mfu=mfu, data=data)
     if examples and not tokens_per_example or tokens_per_example and not examples:
         measured = result.data
+        if examples and measured.tokens is None:
+            raise UserError(f"--examples {examples} needs --tokens-per-example here: the mean length is measured from the data, "
+                            f"and {measured.source.rsplit('; pass', 1)[0]}")
         result.data = planner.DataStats(examples or measured.examples, tokens_per_example or measured.tokens, measured.source)
     print(planner.report(cfg, result, price, str(config)), end="")
 
