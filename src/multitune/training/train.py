@@ -37,7 +37,7 @@ from multitune.modeling.loss import trainer_loss
 from multitune.modeling.load import adapters_in_fp32, apply_peft, bf16_supported, check_requirements, load_model, load_tokenizer
 from multitune.data.prepared import Prepared, prepare
 from multitune.rundir import RunDir
-from multitune.modeling.speed import sft_args
+from multitune.modeling.speed import sft_args, uncompiled
 from multitune.tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class MultitaskTrainer(PortableAdapterCheckpoints, SFTTrainer):
         if eval_dataset is None and metric_key_prefix == "eval" and n and labelled:
             tables = self.mt_cfg.train.report_to == "wandb"  # every rank alike: with detail, scoring differs
             results = evaluate_tasks(
-                self.model, self.formatter, labelled, mode="likelihood", batch_size=self.args.per_device_eval_batch_size,
+                uncompiled(self.model), self.formatter, labelled, mode="likelihood", batch_size=self.args.per_device_eval_batch_size,
                 max_rows=n, seed=self.mt_cfg.seed, detail=tables,
             )
             extra = {f"eval_{name}_{key}": r[key] for name, r in results.items() for key in ("accuracy", "macro_f1", "ece") if key in r}
@@ -360,7 +360,7 @@ def save_outputs(trainer: SFTTrainer, run: RunDir, tokenizer: PreTrainedTokenize
 
 def evaluate_and_report(trainer: SFTTrainer, cfg: Config, run: RunDir, setup: Setup) -> dict[str, Any]:
     """Score the validation rows (shared out over the ranks), write the reports, mark the run done, push."""
-    results = evaluate_tasks(trainer.model, setup.formatter, setup.data, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
+    results = evaluate_tasks(uncompiled(trainer.model), setup.formatter, setup.data, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
                              seed=cfg.seed, detail=True)
     plots = {}
     if trainer.args.should_save:
