@@ -183,14 +183,8 @@ def make_tiny_model(
 
     if config is not None:
         from multitune.config import load_config
-        from multitune.data.load import load_tasks
-        from multitune.hub import mirror_root
 
-        cfg = load_config(config)
-        texts = []
-        for td in load_tasks(cfg, None, create=True):
-            rows = td.task.load(mirror_root(cfg.hub_mirror)).select(td.split["train"])
-            texts += tiny.dataset_texts(rows, td.task.label_names)
+        texts = tiny.training_texts(load_config(config))
     else:
         texts = tiny.corpus(tiny.synthetic_datasets(out_dir / "generated-data"))
     tiny.make_tiny_model(out_dir, texts, vocab_size=vocab_size, hidden=hidden, layers=layers)
