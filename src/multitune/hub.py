@@ -60,7 +60,7 @@ def resolve(ref: str, kind: str, mirror: Path | None) -> str:
 
 # A shipped config's header line that builds its local model: `#   multitune make-tiny-model DIR --config ...`
 # or `#   multitune demo ...` (a trailing `# comment` is not part of the command).
-_BUILD_LINE = re.compile(r"^#\s+(multitune (?:make-tiny-model|demo)\b[^#\n]*?)\s*(?:#[^\n]*)?$", re.M)
+_BUILD_LINE = re.compile(r"^#\s+(multitune (?:make-tiny-model|demo)\b[^#\n]*?)\s*(?:#[^\n]*)?$", re.MULTILINE)
 
 
 def build_command(ref: str, configs: Path = Path("configs")) -> str | None:
