@@ -188,14 +188,8 @@ def make_tiny_model(
 
     if config is not None:
         from multitune.config import load_config
-        from multitune.data.load import load_tasks
-        from multitune.hub import mirror_root
 
-        cfg = load_config(config)
-        texts = []
-        for td in load_tasks(cfg, None, create=True):
-            rows = td.task.load(mirror_root(cfg.hub_mirror), cfg.data.drop_unlabelled).select(td.split["train"])
-            texts += tiny.dataset_texts(rows, td.task.label_names)
+        texts = tiny.training_texts(load_config(config))
     else:
         texts = tiny.corpus(tiny.synthetic_datasets(out_dir / "generated-data"))
     tiny.make_tiny_model(out_dir, texts, vocab_size=vocab_size, hidden=hidden, layers=layers)
@@ -297,6 +291,9 @@ def plan(
     result = planner.make_plan(cfg, gpus=gpus, nodes=nodes, gpu=gpu, global_batch=global_batch, mfu=mfu, data=data)
     if examples and not tokens_per_example or tokens_per_example and not examples:
         measured = result.data
+        if examples and measured.tokens is None:
+            raise UserError(f"--examples {examples} needs --tokens-per-example here: the mean length is measured from the data, "
+                            f"and {measured.source.rsplit('; pass', 1)[0]}")
         result.data = planner.DataStats(examples or measured.examples, tokens_per_example or measured.tokens, measured.source,
                                        measured.answer_tokens)
     print(planner.report(cfg, result, price, str(config)), end="")

@@ -7,6 +7,7 @@ module only decides *what* to pass them and turns their failures into one-line u
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import datasets
@@ -27,6 +28,20 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in _FILE_BUILDERS or ref.count("/") > 1
 
 
+def is_hub_id(ref: str | None) -> bool:
+    """Whether ``ref`` names a Hub repo (``org/name``, by huggingface_hub's own rules) and not a local path
+    or file (an existing path, or one shaped like a path). Dots and digits are fine: ``org/Llama-3.1-8B``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not ref or ref.count("/") != 1 or _looks_like_path(ref) or Path(ref).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve(ref: str, kind: str, mirror: Path | None) -> str:
     """Map a Hub id to a local directory when one exists (the path itself, or ``MIRROR/<kind>s/<id>``)."""
     local = Path(ref).expanduser()
@@ -38,8 +53,25 @@ def resolve(ref: str, kind: str, mirror: Path | None) -> str:
             return str(mirrored)
     if _looks_like_path(ref):
         where = f" (nor under the mirror {mirror}/{kind}s/)" if mirror else ""
-        raise UserError(f"{kind} path not found: {ref}{where}; check the path or use a Hub id like org/name")
+        raise UserError(f"{kind} path not found: {ref}{where}; " + (
+            f"build it with `{build}`" if (build := build_command(ref)) else "check the path or use a Hub id like org/name"))
     return ref
+
+
+# A shipped config's header line that builds its local model: `#   multitune make-tiny-model DIR --config ...`
+# or `#   multitune demo ...` (a trailing `# comment` is not part of the command).
+_BUILD_LINE = re.compile(r"^#\s+(multitune (?:make-tiny-model|demo)\b[^#\n]*?)\s*(?:#[^\n]*)?$", re.MULTILINE)
+
+
+def build_command(ref: str, configs: Path = Path("configs")) -> str | None:
+    """The command that builds the local model ``ref``, as a config in ./configs documents it (the shipped
+    tiny configs do); None when none names ``ref``."""
+    named = re.compile(rf"(?<![\w/.-]){re.escape(ref.rstrip('/'))}(?![\w/.-])")
+    for path in sorted(configs.glob("*.yaml")) if configs.is_dir() else []:
+        for line in _BUILD_LINE.finditer(path.read_text(errors="replace")):
+            if named.search(line.group(0)):
+                return line.group(1)
+    return None
 
 
 def load_rows(ref: str, *, subset: str | None, split: str, mirror: Path | None, revision: str | None = None) -> datasets.Dataset:
@@ -121,10 +153,12 @@ def explain_model_load_error(ref: str, err: Exception) -> UserError | None:
         return UserError(
             f"model {ref} is gated: {step}, and accept its licence at https://huggingface.co/{ref}"
         )
+    build = build_command(ref)
+    fix = f"build it with `{build}`" if build else "pass a local directory or set hub_mirror"
     if "RepositoryNotFoundError" in text or "is not a local folder and is not a valid model identifier" in text:
-        return UserError(f"model {ref} not found: not a local directory and not a Hub model id you can access")
+        return UserError(f"model {ref} not found: no local directory {ref} and no Hub model id {ref} you can access; {fix}")
     if "offline" in text.lower() or "couldn't connect" in text.lower() or "LocalEntryNotFoundError" in text:
-        return UserError(
-            f"cannot download model {ref} (offline or no network); pass a local directory or set hub_mirror"
-        )
+        # `runs/x` is shaped like a Hub `org/name` id: which one was meant cannot be known, so say both
+        return UserError(f"model {ref}: no local directory {ref} (from {Path.cwd()}), and the Hub id {ref} could not be "
+                         f"reached (offline or no network); {fix}")
     return None

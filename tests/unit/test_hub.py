@@ -77,3 +77,42 @@ def test_a_pinned_dataset_revision_is_loaded_and_recorded_in_the_split(monkeypat
     (td,) = load_tasks(cfg, None, create=True)
     assert calls == [("org/claims", "3f2c1ab")]
     assert td.split["revision"] == "3f2c1ab" and len(td.split["fingerprint"]) == 32
+
+
+REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize(("ref", "command"), [
+    ("runs/mirror-tiny-model", "multitune make-tiny-model runs/mirror-tiny-model --config configs/mirror-tiny.yaml"),
+    ("runs/b77-tiny-model", "multitune make-tiny-model runs/b77-tiny-model --config configs/head-vs-lm-banking77.yaml"),
+    ("runs/demo/tiny-model", "multitune demo --offline"),
+])
+def test_a_missing_local_model_says_both_readings_and_how_to_build_it(ref, command, tmp_path, monkeypatch):
+    """`runs/x` is shaped like a Hub `org/name` id: before `make-tiny-model` (HF_HUB_OFFLINE: the Hub is
+    unreachable), the error names both readings and, for a shipped tiny config's model, the command that builds it."""
+    from multitune.config import ModelConfig
+    from multitune.modeling.load import load_tokenizer
+
+    (tmp_path / "configs").symlink_to(REPO_CONFIGS)
+    monkeypatch.chdir(tmp_path)  # as the configs are used: from the repository root, before the model is built
+    with pytest.raises(UserError) as e:
+        load_tokenizer(ModelConfig(name_or_path=ref), None)
+    msg = str(e.value)
+    assert "\n" not in msg
+    if ref.count("/") == 1:  # also a well-formed Hub id: both readings
+        assert f"no local directory {ref}" in msg and f"Hub id {ref} could not be reached" in msg
+    else:  # a path only
+        assert f"model path not found: {ref}" in msg
+    assert f"`{command}`" in msg
+
+
+def test_a_missing_model_with_no_recipe_gets_no_build_command(tmp_path, monkeypatch):
+    from multitune.config import ModelConfig
+    from multitune.modeling.load import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        load_tokenizer(ModelConfig(name_or_path="meta-llama/Llama-3.1-8B-Instruct"), None)
+    msg = str(e.value)
+    assert "no local directory meta-llama/Llama-3.1-8B-Instruct" in msg and "could not be reached" in msg
+    assert "make-tiny-model" not in msg

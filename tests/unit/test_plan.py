@@ -203,3 +203,20 @@ def test_plan_prints_the_auto_fit_micro_batch_and_checkpointing(gpu, capsys, mon
     if ckpt:
         assert not fits(1, False)
     assert f"train.batch_size={micro} " in out
+
+
+def test_examples_without_tokens_where_the_data_is_unreadable_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """--examples alone: the mean length is measured from the data, which cannot be read here (a missing file;
+    the Hub is offline): one error line, not a TypeError."""
+    import sys
+
+    from multitune.cli import main
+
+    missing = tmp_path / "not-here" / "claims.csv"
+    monkeypatch.setattr(sys, "argv", ["multitune", "plan", str(REPO / "configs" / "llama3-8b-lora.yaml"),
+                                      f"tasks=[{{name: claims, dataset: {missing}}}]", "--examples", "1000"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--tokens-per-example" in err

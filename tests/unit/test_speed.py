@@ -61,3 +61,49 @@ def test_compiled_model_with_the_gather_hook_compiles_once_for_many_lengths(asse
         compiled_after.append(counters["frames"]["ok"])
     assert compiled_after[0] > 0
     assert compiled_after[2:] == [compiled_after[1]] * 2, compiled_after
+
+
+def _compiled_module():
+    module = torch.nn.Linear(2, 2)
+    return module, torch.compile(module, backend="eager")  # lazy: nothing compiles until it is called
+
+
+def test_evaluation_during_training_scores_with_the_uncompiled_module(monkeypatch):
+    """Under compile + FSDP, Trainer's `model` is the compiled wrapper: scoring through it would compile again
+    for every batch shape. The label scoring of MultitaskTrainer.evaluate gets the module under the wrapper."""
+    from types import SimpleNamespace
+
+    from trl import SFTTrainer
+
+    from multitune.config import config_from_dict
+    from multitune.training import lm
+
+    seen = []
+    monkeypatch.setattr(SFTTrainer, "evaluate", lambda self, *a, **k: {"eval_loss": 1.0})
+    monkeypatch.setattr(lm, "evaluate_tasks", lambda model, *a, **k: seen.append(model) or {})
+    module, compiled = _compiled_module()
+    trainer = lm.MultitaskTrainer.__new__(lm.MultitaskTrainer)  # the state evaluate() reads, no model load
+    trainer.model, trainer.formatter, trainer.log = compiled, None, lambda logs: None
+    trainer.task_data = [SimpleNamespace(task=SimpleNamespace(kind="classification"))]
+    trainer.mt_cfg = config_from_dict({"model": {"name_or_path": "m"}, "tasks": [{"name": "claims"}],
+                                       "train": {"eval_rows_during_training": 4, "report_to": "none"}})
+    trainer.args = SimpleNamespace(per_device_eval_batch_size=2, report_to=[])
+    trainer.evaluate()
+    assert len(seen) == 1 and seen[0] is module
+
+
+def test_the_final_evaluation_scores_with_the_uncompiled_module(monkeypatch):
+    from types import SimpleNamespace
+
+    from pathlib import Path
+
+    from multitune.config import config_from_dict
+    from multitune.rundir import RunDir
+    from multitune.training import parts
+
+    seen = []
+    monkeypatch.setattr(parts, "evaluate_tasks", lambda model, *a, **k: seen.append(model) or {})
+    module, compiled = _compiled_module()
+    cfg = config_from_dict({"model": {"name_or_path": "m"}, "tasks": [{"name": "claims"}], "train": {"report_to": "none"}})
+    parts.LmParts().evaluate(compiled, cfg, RunDir(Path("run")), SimpleNamespace(formatter=None, data=[]))
+    assert len(seen) == 1 and seen[0] is module

@@ -46,3 +46,34 @@ def test_the_demo_uses_that_data_and_rebuilds_its_model_when_the_data_changed(tm
     monkeypatch.setattr(tiny, "synthetic_datasets", lambda *a, **kw: generate(*a, **{**kw, "seed": 1}))
     demo.prepare_offline(tmp_path, mc_context=False)
     assert built == [True, False, False]
+
+
+def _all_strings(value) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return set().union(*(_all_strings(v) for v in items)) if items else set()
+
+
+def test_the_demo_model_never_sees_its_validation_rows(tmp_path, monkeypatch):
+    """As `make-tiny-model --config`: the demo's tiny model is trained on the training rows of the split the demo's
+    run makes, never its validation rows (else its zero-shot and fine-tuned scores on them are inflated)."""
+    from multitune.commands import demo
+    from multitune.config import config_from_dict
+    from multitune.data.load import load_tasks
+
+    seen: set[str] = set()
+
+    def fake_model(out, texts, **kw):
+        (out.mkdir(parents=True, exist_ok=True), (out / "config.json").write_text("{}"))
+        seen.update(texts)
+
+    monkeypatch.setattr(tiny, "make_tiny_model", fake_model)
+    cfg = demo.prepare_offline(tmp_path)
+    assert cfg.model_dump() == config_from_dict(demo.offline_config(tmp_path)).model_dump()
+    for td in load_tasks(cfg, None, create=True):  # the split `train` makes for this config (deterministic)
+        rows = td.task.load(None)
+        train = set().union(*(_all_strings(rows[i]) for i in td.split["train"]))
+        val_only = set().union(*(_all_strings(rows[i]) for i in td.split["val"])) - train
+        assert val_only, td.task.name  # each task has validation text a leak would show
+        assert train <= seen and not val_only & seen, td.task.name

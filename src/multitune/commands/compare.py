@@ -11,10 +11,16 @@ scored on the same validation rows of the same recorded split, in one table with
       - {name: terse, template: terse}
       - {name: lora, overrides: [peft.method=lora]}   # trained into out_dir/runs/lora unless it finished
       - {name: mine, run: runs/my-run} # an existing run directory, trained on the same split
+
+Every row is checked before any row trains (its template and shots, a classifier head's, its split where it is
+recorded or its config makes it). compare.{json,md} are rewritten after each row, so a later failure keeps the
+rows scored before it; a relaunch keeps every recorded row whose row, config, split and weights are unchanged
+(`row_key`) and trains and scores the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,12 +28,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from multitune.config import Config, load_config
+from multitune.config import Config, dump_config, load_config
 from multitune.data.load import TaskData, load_tasks, save_splits
 from multitune.errors import UserError
-from multitune.rundir import RunDir, strict_json
+from multitune.rundir import RunDir, atomic_write, strict_json
 from multitune.launch.runner import train
-from multitune.results.trained import TrainedRun, open_run
+from multitune.results.trained import TrainedRun, open_run, trained_run
 from multitune.tasks import resolve_tasks
 from multitune.training.parts import part_kind
 from multitune.results.variants import Variant, as_base, check_variant, eval_data, evaluate
@@ -144,11 +150,97 @@ def method_of(row: RowSpec, trained: TrainedRun | None) -> str:
     return ", ".join(parts)
 
 
+# ---------------------------------------------------------------- refused before any row trains
+
+
+def check_rows(spec: CompareSpec, base_cfg: Config) -> None:
+    """Refuse every row that cannot be scored (a bad template, shots on a classifier head, a missing run, a
+    config train refuses) before any row trains: a refusal after an hour of training loses that hour."""
+    for row in spec.rows:
+        try:
+            if row.base:
+                check_variant(base_cfg, Variant(shots=row.shots, template=row.template, mode=spec.mode))
+                continue
+            if row.run and not RunDir(Path(row.run)).is_finished():
+                raise UserError(f"{row.run} holds no finished run; train it first or give `overrides` to train one")
+            run = RunDir(Path(row.run)) if row.run else None
+            cfg = run.load_config() if run else row_config(spec, row)
+            trained_run(run or RunDir(Path(cfg.run_dir)), cfg).check_variant(Variant(shots=row.shots, template=row.template, mode=spec.mode))
+            if row.trains:  # what train refuses (a head needs label tasks), before any row trains
+                part_kind(cfg).check(resolve_tasks(cfg))
+        except UserError as e:
+            raise UserError(str(e) if str(e).startswith(f"row {row.name}:") else f"row {row.name}: {e}") from None
+
+
+def check_splits(spec: CompareSpec, reference: dict[str, dict]) -> None:
+    """Refuse, before any row trains, a row trained (its recorded split) or to be trained (the split its config
+    makes: the split is deterministic) on another split than the compare's."""
+    for row in spec.rows:
+        if row.base:
+            continue
+        run = RunDir(Path(row.run)) if row.run else None
+        cfg = run.load_config() if run else row_config(spec, row)
+        split_dir = (run or RunDir(Path(cfg.run_dir))).splits
+        _same_split(row.name, load_tasks(cfg, split_dir if split_dir.is_dir() else None, create=True), reference)
+
+
 # ---------------------------------------------------------------- the whole comparison
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def row_key(spec: CompareSpec, row: RowSpec, base_cfg: Config, split: str) -> str:
+    """What a row's scores depend on: the row, the spec's mode and rows, the config that scores it, the split and,
+    for a trained run, its weights (the DONE its last training wrote). Equal keys: the recorded scores stand."""
+    cfg = base_cfg if row.base else RunDir(Path(row.run)).load_config() if row.run else row_config(spec, row)
+    run = None if row.base else RunDir(Path(row.run)) if row.run else RunDir(Path(cfg.run_dir))
+    done = run.done.stat().st_mtime_ns if run is not None and run.is_finished() else None
+    return _digest([row.model_dump(), spec.mode, spec.max_rows, dump_config(cfg), split, done])
+
+
+def recorded_rows(out: Path) -> dict[str, dict[str, Any]]:
+    """The rows an earlier launch scored, by name (none when compare.json is absent or unreadable)."""
+    try:
+        return {r["name"]: r for r in json.loads((out / "compare.json").read_text())["scored"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def score_row(spec: CompareSpec, row: RowSpec, base_cfg: Config, split_dir: Path, reference: dict[str, dict]) -> dict[str, Any]:
+    """Train the row if it trains (a finished run with the same config is reused) and score it."""
+    seed = base_cfg.seed
+    if row.base:
+        variant = Variant(base=True, shots=row.shots, template=row.template, mode=spec.mode, max_rows=spec.max_rows)
+        results = evaluate(base_cfg, eval_data(base_cfg, split_dir, variant, seed), variant, seed)
+        run = None
+    else:
+        if row.trains:
+            cfg = row_config(spec, row)
+            train(cfg)  # a finished run with this config is reused: the relaunch does nothing
+            run = RunDir(Path(cfg.run_dir))
+        else:
+            run = RunDir(Path(row.run))
+        results = run_row(run, row, spec, reference, seed)
+    summary = {t: {k: m[k] for k in ("kind", "n", "accuracy", "macro_f1", "chance")} for t, m in results.items() if m["kind"] != "chat"}
+    return {"name": row.name, "method": method_of(row, open_run(run) if run else None), "run_dir": str(run.root) if run else None,
+            "results": summary, "cost": cost_of(run)}
+
+
+def write_table(out: Path, spec_path: Path, rows: list[dict[str, Any]], pending: list[str]) -> tuple[dict[str, Any], str]:
+    """compare.json (the table, and each scored row with its key for a relaunch) and compare.md, rewritten whole."""
+    table = build_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "compare.json", strict_json({**table, "scored": rows}))  # NaN/inf as null
+    md = format_markdown(table, spec_path) + (f"\nRows still to score: {', '.join(pending)}.\n" if pending else "")
+    atomic_write(out / "compare.md", md)
+    return table, md
+
+
 def compare(spec_path: Path) -> dict[str, Any]:
-    """Train what the spec names and has not finished, score every row, write compare.{json,md}, print it."""
+    """Train what the spec names and has not finished, score every row, write compare.{json,md} after each row,
+    print it. A relaunch keeps the rows already scored whose key (row_key) is unchanged."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process scores every row and writes the table
@@ -158,45 +250,24 @@ def compare(spec_path: Path) -> dict[str, Any]:
     out = Path(spec.out_dir)
     base_cfg = load_config(spec.config, [*spec.overrides, f"run_dir={out}"])
     base_cfg = as_base(base_cfg)
-    for row in spec.rows:  # every bad row refused before an hour of training
-        if row.base:
-            check_variant(base_cfg, Variant(shots=row.shots, template=row.template, mode=spec.mode))
-        elif row.run and not RunDir(Path(row.run)).is_finished():
-            raise UserError(f"row {row.name}: {row.run} holds no finished run; train it first or give `overrides` to train one")
-        elif row.trains:  # its config is valid and trainable (a head needs label tasks) before any row trains
-            cfg = row_config(spec, row)
-            try:
-                part_kind(cfg).check(resolve_tasks(cfg))
-            except UserError as e:
-                raise UserError(f"row {row.name}: {e}") from None
+    check_rows(spec, base_cfg)  # every bad row refused before an hour of training
     split_dir = out / "splits"
     reference_data = load_tasks(base_cfg, split_dir if split_dir.is_dir() else None, create=not split_dir.is_dir())
     save_splits(reference_data, split_dir)
     reference = {td.task.name: td.split for td in reference_data}
-    seed = base_cfg.seed
-
-    rows = []
-    for row in spec.rows:
+    check_splits(spec, reference)
+    split, recorded, rows = _digest(reference), recorded_rows(out), []
+    for i, row in enumerate(spec.rows):
+        key = row_key(spec, row, base_cfg, split)
+        if recorded.get(row.name, {}).get("key") == key:
+            print(f"compare: row {row.name}: scored by an earlier launch, unchanged")
+            rows.append(recorded[row.name])
+            continue
         print(f"compare: row {row.name}")
-        if row.base:
-            variant = Variant(base=True, shots=row.shots, template=row.template, mode=spec.mode, max_rows=spec.max_rows)
-            results = evaluate(base_cfg, eval_data(base_cfg, split_dir, variant, seed), variant, seed)
-            run = None
-        else:
-            if row.trains:
-                cfg = row_config(spec, row)
-                train(cfg)  # a finished run with this config is reused: the relaunch does nothing
-                run = RunDir(Path(cfg.run_dir))
-            else:
-                run = RunDir(Path(row.run))
-            results = run_row(run, row, spec, reference, seed)
-        rows.append({"name": row.name, "method": method_of(row, open_run(run) if run else None),
-                     "run_dir": str(run.root) if run else None, "results": results, "cost": cost_of(run)})
-    table = build_table(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(strict_json(table))  # NaN/inf as null
-    md = format_markdown(table, spec_path)
-    (out / "compare.md").write_text(md)
+        entry = score_row(spec, row, base_cfg, split_dir, reference)
+        rows.append({**entry, "key": row_key(spec, row, base_cfg, split)})  # after training: its DONE
+        write_table(out, spec_path, rows, [r.name for r in spec.rows[i + 1 :]])  # a later failure keeps this row
+    table, md = write_table(out, spec_path, rows, [])
     print(md, end="")
     print(f"wrote {out / 'compare.md'} and {out / 'compare.json'}")
     return table

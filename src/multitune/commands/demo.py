@@ -69,19 +69,21 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def prepare_offline(workdir: Path, *, mc_context: bool = True) -> Config:
-    """Generate the data and the tiny model, and return the offline demo config. The model is built again when
-    the data it was trained on changed (its corpus's digest is kept beside it). ``mc_context=False``: the data
-    the CPU benchmark's published figures were measured on (benchmarks/RESULTS.md, before the context sentences)."""
-    paths = tiny.synthetic_datasets(workdir / "data", per_class=150, mc_context=mc_context)
+    """Generate the data and the tiny model (from the training rows of the run's split only), and return the
+    offline demo config. The model is built again when the data it was trained on changed (its corpus's digest
+    is kept beside it). ``mc_context=False``: the data the CPU benchmark's published figures were measured on
+    (benchmarks/RESULTS.md, before the context sentences)."""
+    tiny.synthetic_datasets(workdir / "data", per_class=150, mc_context=mc_context)
     model_dir = workdir / "tiny-model"
-    texts = tiny.corpus(paths)
+    cfg = config_from_dict(offline_config(workdir))
+    texts = tiny.training_texts(cfg)  # the training rows of the run's split only, as `make-tiny-model --config`
     digest = hashlib.sha256("\n".join([f"make_tiny_model v{tiny.MODEL_VERSION}", *texts]).encode()).hexdigest()
     stamp = model_dir / "corpus.sha256"
     if not (model_dir / "config.json").exists() or not stamp.exists() or stamp.read_text() != digest:
         print(f"building a tiny Llama-architecture model in {model_dir}")
         tiny.make_tiny_model(model_dir, texts)
         stamp.write_text(digest)
-    return config_from_dict(offline_config(workdir))
+    return cfg
 
 
 def demo_config(workdir: Path, offline: bool | None = None) -> Config:

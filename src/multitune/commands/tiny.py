@@ -208,6 +208,19 @@ def corpus(paths: dict[str, Path]) -> list[str]:
     return texts
 
 
+def training_texts(cfg) -> list[str]:
+    """Every string of the training rows of the split a run with ``cfg`` makes (deterministic: `train` makes
+    the same one), never its validation rows, so that scores on the validation rows stay fair."""
+    from multitune.data.load import load_tasks
+    from multitune.hub import mirror_root
+
+    texts: list[str] = []
+    for td in load_tasks(cfg, None, create=True):
+        rows = td.task.load(mirror_root(cfg.hub_mirror), cfg.data.drop_unlabelled).select(td.split["train"])
+        texts += dataset_texts(rows, td.task.label_names)
+    return texts
+
+
 def dataset_texts(ds: datasets.Dataset, extra: Iterable[str] = ()) -> list[str]:
     """Every string in a dataset, plus its ClassLabel names (a real model knows its label words too)."""
     texts = [t for row in ds for t in _strings(row)]

@@ -33,9 +33,9 @@ PLOTS = ("*.png", "plots/*.png", "plots/*.svg")
 
 def _hub_id(ref: str | None) -> str | None:
     """A dataset/model reference that names a Hub repo (``org/name``), not a local path."""
-    if not ref or ref.startswith((".", "/", "~")) or ref.count("/") != 1 or Path(ref).suffix:
-        return None
-    return ref
+    from multitune.hub import is_hub_id
+
+    return ref if is_hub_id(ref) else None
 
 
 def _shown(ref: str | None) -> str:

@@ -42,6 +42,11 @@ def open_run(root: Path | RunDir, *, require: str | None = "done") -> TrainedRun
         run.require_done()
     elif require == "weights":
         run.require_finished()
+    return trained_run(run, cfg)
+
+
+def trained_run(run: RunDir, cfg: Config) -> TrainedRun:
+    """The kind of trained run ``cfg`` makes in ``run`` (which need not exist yet: what it will accept)."""
     return (HeadRun if cfg.head == "classifier" else LmRun)(run, cfg)
 
 
@@ -170,7 +175,8 @@ class HeadRun(TrainedRun):
 
     def check_variant(self, variant: Variant) -> None:
         if variant.shots or variant.template:
-            raise UserError("--shots and --template apply to head: lm runs; this run predicts with its classifier head")
+            raise UserError("shots, template and mode apply to head: lm runs, not a classifier run (it predicts with its "
+                            "classification head): leave out --shots and --template")
         if variant.mode not in (None, HEAD_MODE):
             raise UserError(f"--mode {variant.mode} applies to head: lm runs; this run predicts with its classifier head "
                             "(leave --mode out)")

@@ -13,6 +13,7 @@ from multitune.data.formatting import Formatter
 from multitune.data.load import TaskData
 from multitune.modeling.load import adapters_in_fp32, apply_peft, load_model
 from multitune.modeling.loss import trainer_loss
+from multitune.modeling.speed import uncompiled
 from multitune.rundir import RunDir
 from multitune.scoring.evaluate import evaluate_tasks
 from multitune.training import wandb_log
@@ -44,7 +45,7 @@ class MultitaskTrainer(TaskEvaluation, DivergenceGuard, PortableAdapterCheckpoin
         labelled = [td for td in self.task_data if td.task.kind != "chat"]
         if not (n and labelled):
             return None
-        results = evaluate_tasks(self.model, self.formatter, labelled, mode="likelihood",
+        results = evaluate_tasks(uncompiled(self.model), self.formatter, labelled, mode="likelihood",
                                  batch_size=self.args.per_device_eval_batch_size, max_rows=n, seed=self.mt_cfg.seed, detail=tables)
         return results, {f"eval_{name}_{key}": r[key] for name, r in results.items() for key in ("accuracy", "macro_f1", "ece") if key in r}
 
