@@ -128,7 +128,7 @@ def _fake_scores(monkeypatch, fail: set[str]):
         return {td.task.name: {"kind": td.task.kind, "n": len(td.val), "accuracy": acc, "macro_f1": acc / 2,
                                "chance": 0.5, "predictions": ["big"]} for td in data}
 
-    def fake_evaluate(cfg, weights, data, variant, seed):
+    def fake_evaluate(cfg, data, variant, seed):  # the base model's scores (results.variants.evaluate)
         calls.append(("base", variant.shots, variant.template))
         if variant.template in fail:
             raise UserError(f"scoring failed for template {variant.template}")

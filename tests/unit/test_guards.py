@@ -14,6 +14,7 @@ from multitune.errors import UserError
 from multitune.rundir import RunDir
 from multitune.results.report import write_results
 from multitune.training.args import sft_config
+from multitune.training.manifest import write_marker
 from multitune.training.stages import plan_launch
 
 
@@ -44,7 +45,9 @@ def _run_with_checkpoint(tmp_path, weights: torch.Tensor):
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
     torch.save({"last_epoch": 4}, folder / "scheduler.pt")
-    (folder / "COMPLETE").write_text(json.dumps({"global_step": 4, "world_size": 1, "batch_size": 4, "grad_accum": 1}))
+    torch.save({"python": None}, folder / "rng_state.pth")
+    # complete as multitune's own save marks it: the layout and a manifest of every file (training.manifest)
+    write_marker(folder, {"global_step": 4, "world_size": 1, "batch_size": 4, "grad_accum": 1})
     return cfg, run, folder
 
 

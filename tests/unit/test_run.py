@@ -101,7 +101,8 @@ def test_a_run_recorded_before_a_config_key_existed_relaunches(tmp_path, finishe
     run = _recorded(tmp_path, finished=finished)
     raw = yaml.safe_load(run.config.read_text())
     del raw["data"]["drop_unlabelled"]
-    run.config.write_text(yaml.safe_dump(raw))
+    run.config.write_text(yaml.safe_dump(raw))  # as an earlier version wrote it: no header line, beside its split
+    run.splits.mkdir()
     relaunch = run.check(_cfg(tmp_path), resume=True, overwrite=False)
     assert relaunch.mode == ("finished" if finished else "resume") and relaunch.changed == ()
     with pytest.raises(UserError, match=r"different config \(data.drop_unlabelled\)"):

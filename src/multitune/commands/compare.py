@@ -36,9 +36,9 @@ from multitune.launch.runner import train
 from multitune.results.trained import TrainedRun, open_run, trained_run
 from multitune.tasks import resolve_tasks
 from multitune.training.parts import part_kind
+from multitune.training.stages import COST_KEYS
 from multitune.results.variants import Variant, as_base, check_variant, eval_data, evaluate
 
-COST_KEYS = ("train_seconds", "trainable_params", "tokens_seen")
 
 
 class RowSpec(BaseModel):
@@ -126,7 +126,7 @@ def run_row(run: RunDir, row: RowSpec, spec: CompareSpec, reference: dict[str, d
         trained.check_variant(variant)
     except UserError as e:
         raise UserError(f"row {row.name}: {e}") from None
-    data = trained.data(variant)
+    data = trained.data(variant, seed)  # the compare's seed draws the shots, for every row alike
     _same_split(row.name, data, reference)
     return trained.evaluate(data, mode=variant.mode, max_rows=variant.max_rows, seed=seed)
 

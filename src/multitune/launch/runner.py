@@ -40,7 +40,7 @@ from multitune.distributed import any_rank, checked, main_print, rank
 from multitune.errors import UserError
 from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
-from multitune.results.trained import open_run
+from multitune.results.trained import trained_run
 from multitune.rundir import RunDir, parts, strict_json, training_log
 from multitune.tasks import resolve_tasks
 from multitune.training import wandb_log
@@ -140,7 +140,7 @@ def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: i
         if several:  # each part wrote its own cost.json; the run's is their sum
             costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
             (run.root / COST_FILE).write_text(strict_json(total_cost(costs)))
-        plots = write_results(run.root, results, open_run(run, require=None).header, log_history=training_log(cfg, run))
+        plots = write_results(run.root, results, trained_run(run, cfg).header, log_history=training_log(cfg, run))
         print(format_table(results))
         run.mark_done()
     wandb_log.finish(cfg, run, results, plots, 0 if several else step)  # per_task: each part trained in its own wandb run

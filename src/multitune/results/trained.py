@@ -85,9 +85,9 @@ class TrainedRun:
             raise UserError(f"`multitune {command}` handles a run with one language-model adapter (head: lm, strategy: joint); "
                             f"this run is head: {cfg.head}, strategy: {cfg.strategy}: upload or copy run_dir/final with `hf upload`")
 
-    def data(self, variant: Variant) -> list[TaskData]:
-        """The recorded split's rows as ``variant`` scores them (its shots and template)."""
-        return eval_data(self.cfg, self.run.splits, variant, self.cfg.seed)
+    def data(self, variant: Variant, seed: int | None = None) -> list[TaskData]:
+        """The recorded split's rows as ``variant`` scores them (its shots, drawn with ``seed``, and template)."""
+        return eval_data(self.cfg, self.run.splits, variant, self.cfg.seed if seed is None else seed)
 
     def evaluate_and_write(self, variant: Variant) -> Path:
         """`multitune eval RUN_DIR`: score, write metrics[-<variant>].json and report[-<variant>].md, print the table."""
@@ -189,11 +189,13 @@ class HeadRun(TrainedRun):
         return f" (classifier head, {self.cfg.strategy})"
 
     def describe(self, variant: Variant) -> str:
-        note = f", at most {variant.max_rows} rows per task" if variant.max_rows else ""
+        if not variant.max_rows:
+            return self.header
         cfg = self.cfg
-        return f"multitune validation (classifier head, {cfg.strategy}{note}): {cfg.model.name_or_path} ({cfg.peft.method})"
+        return (f"multitune validation (classifier head, {cfg.strategy}, at most {variant.max_rows} rows per task): "
+                f"{cfg.model.name_or_path} ({cfg.peft.method})")
 
-    def data(self, variant: Variant) -> list[TaskData]:
+    def data(self, variant: Variant, seed: int | None = None) -> list[TaskData]:
         return load_tasks(self.cfg, self.run.splits, create=False)
 
     def evaluate(self, data: list[TaskData], *, mode: str | None = None, max_rows: int | None = None,

@@ -181,8 +181,6 @@ class Scorer:
         preds = [lookup.get(normalize_label(t), -1) for t in self.generate(examples, width)]
         # a key the row does not offer is no answer to it (multiple choice with varying choices)
         preds = [p if not ex.choices or p in ex.choices else -1 for p, ex in zip(preds, examples, strict=True)]
-        # a key the row does not offer is no answer to it (multiple choice with varying choices)
-        preds = [p if not ex.choices or p in ex.choices else -1 for p, ex in zip(preds, examples, strict=True)]
         return preds, [float(p >= 0) for p in preds]
 
     @with_sdpa
