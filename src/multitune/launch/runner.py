@@ -35,12 +35,14 @@ from multitune.distributed import any_rank, main_print, rank
 from multitune.errors import UserError
 from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
+from multitune.results.selection import annotate, check_choosable, choice, note
 from multitune.results.trained import open_run
 from multitune.rundir import RunDir, parts, training_log
 from multitune.tasks import resolve_tasks
 from multitune.training import wandb_log
 from multitune.training.args import checkpointing_for_peft, sft_config
 from multitune.training.hub_checkpoints import fetch_newest_checkpoint
+from multitune.training.keep_best import restore_best
 from multitune.training.parts import LmParts, HeadParts, part_kind, trained_step
 from multitune.training.stages import COST_FILE, Launch, Setup, already_finished, fit, plan_launch, prepare_run, save_outputs, total_cost
 
@@ -50,6 +52,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     kind = part_kind(cfg)
     cfg = checkpointing_for_peft(resolve_tasks(cfg))
     kind.check(cfg)
+    check_choosable(cfg)
     run = RunDir(Path(cfg.run_dir))
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
@@ -69,7 +72,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
         step = trained_step(part)
         del model
         release()
-    return report(cfg, run, results, step, writer=args.should_save)
+    return report(cfg, run, results, step, setup.data, writer=args.should_save)
 
 
 def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Launch, setup: Setup):
@@ -83,6 +86,7 @@ def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Lau
     trainer = kind.trainer(cfg, part, args, setup, launch.checkpoint)
     if not fit(trainer, launch.checkpoint):
         return None
+    restore_best(trainer)  # train.keep_best: the kept checkpoint's weights, on every rank
     save_outputs(trainer, part, setup.tokenizer)  # cost.json last
     kind.mark_done(trainer, part, setup)
     trainer.accelerator.wait_for_everyone()
@@ -95,7 +99,8 @@ def release() -> None:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: int, *, writer: bool) -> dict[str, Any]:
+def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: int, data: list, *,
+           writer: bool) -> dict[str, Any]:
     """The run's files (the writers), then wandb and the Hub (rank 0), then every rank waits for them."""
     several = parts(cfg, run) != [run]
     plots = {}
@@ -103,7 +108,9 @@ def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: i
         if several:  # each part wrote its own cost.json; the run's is their sum
             costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
             (run.root / COST_FILE).write_text(json.dumps(total_cost(costs), indent=2))
-        plots = write_results(run.root, results, open_run(run, finished=False).header, log_history=training_log(cfg, run))
+        chosen = choice(cfg, run)  # train.keep_best: the kept checkpoint's step (joint runs only)
+        plots = write_results(run.root, annotate(results, chosen, data), open_run(run, finished=False).header,
+                              log_history=training_log(cfg, run), note=note(chosen))
         print(format_table(results))
         run.mark_done()
     wandb_log.finish(cfg, run, results, plots, 0 if several else step)  # per_task: each part trained in its own wandb run

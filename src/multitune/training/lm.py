@@ -13,6 +13,7 @@ from multitune.data.formatting import Formatter
 from multitune.data.load import TaskData
 from multitune.modeling.load import adapters_in_fp32, apply_peft, load_model
 from multitune.modeling.loss import trainer_loss
+from multitune.results.selection import choosing_tasks
 from multitune.rundir import RunDir
 from multitune.scoring.evaluate import evaluate_tasks
 from multitune.training import wandb_log
@@ -20,6 +21,7 @@ from multitune.training.adapter_state import PortableAdapterCheckpoints
 from multitune.training.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
 from multitune.training.hooks import TaskEvaluation
 from multitune.training.hub_checkpoints import hub_callbacks
+from multitune.training.keep_best import KeepBest
 from multitune.training.stages import Setup
 
 
@@ -58,9 +60,10 @@ def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resum
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
     model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
     wandb_log.start(cfg, run)
+    keep = choosing_tasks(cfg, {td.task.name: td.task.kind for td in setup.data})
     return MultitaskTrainer(
         model=model, args=args, train_dataset=setup.prepared.train, eval_dataset=setup.prepared.eval,
         processing_class=setup.tokenizer, task_data=setup.data, formatter=setup.formatter, cfg=cfg,
         callbacks=[TrainingClock(resume_from), CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop(),
-                   *hub_callbacks(cfg, run)],
+                   *hub_callbacks(cfg, run), *([KeepBest(keep)] if keep else [])],
     )
