@@ -250,6 +250,9 @@ class Config(_Strict):
         if self.head == "classifier" or self.strategy == "per_task":
             raise ValueError(f"train.keep_best={t.keep_best} supports head: lm with strategy: joint only (this run is head: "
                              f"{self.head}, strategy: {self.strategy}); set train.keep_best=none")
+        if t.hub_checkpoints:
+            raise ValueError(f"train.keep_best={t.keep_best} cannot be combined with train.hub_checkpoints yet (the Hub keeps "
+                             "and a fresh pod fetches only the newest checkpoints, not the kept one); set one of them off")
 
 
 # ---------------------------------------------------------------- loading

@@ -96,6 +96,7 @@ BASE = {"model": {"name_or_path": "m"}, "tasks": [{"name": "claims"}, {"name": "
     ({"keep_best": "mean", "eval_rows_during_training": 0}, {}, "eval_rows_during_training=0 scores none"),
     ({"keep_best": "mean"}, {"head": "classifier", "tasks": [{"name": "claims"}]}, "supports head: lm with strategy: joint"),
     ({"keep_best": "mean"}, {"strategy": "per_task"}, "supports head: lm with strategy: joint"),
+    ({"keep_best": "mean", "hub_checkpoints": True}, {"hub": {"repo_id": "me/x"}}, "cannot be combined with train.hub_checkpoints"),
 ])
 def test_bad_keep_best_is_one_clear_error(train, extra, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")) as e:
