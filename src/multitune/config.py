@@ -144,6 +144,11 @@ class TrainConfig(_Strict):
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="None: evaluate at each epoch end")
     eval_rows_during_training: int = Field(200, ge=0, description="validation rows scored per task per eval")
+    keep_best: str = Field(
+        "none", description="none: final/ is the last step; mean: the checkpoint with the best mean accuracy over the "
+        "labelled tasks scored during training; task:<name>: the best accuracy of that task. The rows scored during "
+        "training choose; the final metrics are on the other validation rows",
+    )
     save_steps: int = Field(100, gt=0)
     save_minutes: float | None = Field(30, gt=0, description="also checkpoint when this many minutes passed")
     save_total_limit: int = Field(3, ge=2, description="the newest complete checkpoint is never the only one")
@@ -166,6 +171,18 @@ class TrainConfig(_Strict):
     dataloader_workers: int = Field(0, ge=0)
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
     wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _keep_best_spelling(self) -> TrainConfig:
+        kind, _, name = self.keep_best.partition(":")
+        if not (self.keep_best in ("none", "mean") or (kind == "task" and name)):
+            raise ValueError(f"train.keep_best must be none, mean or task:<name>, not {self.keep_best!r}")
+        return self
+
+    @property
+    def keep_best_task(self) -> str | None:
+        """The task named by ``keep_best: task:<name>``, else None."""
+        return self.keep_best.partition(":")[2] if self.keep_best.startswith("task:") else None
 
 
 class EvalConfig(_Strict):
@@ -225,6 +242,7 @@ class Config(_Strict):
             if self.hub.push or self.train.hub_checkpoints:
                 raise ValueError("strategy: per_task cannot use hub.push or train.hub_checkpoints yet; upload "
                                  "run_dir/final/<task> with `hf upload`, or use strategy: joint")
+        self._keep_best_possible(names)
         if self.head == "classifier":
             if self.peft.method in PROMPT_LEARNING:
                 raise ValueError(f"head: classifier cannot use peft.method={self.peft.method} (the head reads the last "
@@ -232,6 +250,23 @@ class Config(_Strict):
             if self.train.packing or self.train.padding_free:
                 raise ValueError("head: classifier classifies one prompt per row: set train.packing and train.padding_free to false")
         return self
+
+    def _keep_best_possible(self, names: list[str]) -> None:
+        """train.keep_best chooses on the rows scored during training: refused where nothing is scored or chosen."""
+        t = self.train
+        if t.keep_best == "none":
+            return
+        if t.keep_best_task is not None and t.keep_best_task not in names:
+            raise ValueError(f"train.keep_best={t.keep_best}: no task named {t.keep_best_task!r} (tasks: {', '.join(names)})")
+        if t.eval_rows_during_training == 0:
+            raise ValueError(f"train.keep_best={t.keep_best} chooses on the rows scored during training, and "
+                             "train.eval_rows_during_training=0 scores none: set it above 0 (e.g. 200) or keep_best=none")
+        if self.head == "classifier" or self.strategy == "per_task":
+            raise ValueError(f"train.keep_best={t.keep_best} supports head: lm with strategy: joint only (this run is head: "
+                             f"{self.head}, strategy: {self.strategy}); set train.keep_best=none")
+        if t.hub_checkpoints:
+            raise ValueError(f"train.keep_best={t.keep_best} cannot be combined with train.hub_checkpoints yet (the Hub keeps "
+                             "and a fresh pod fetches only the newest checkpoints, not the kept one); set one of them off")
 
 
 # ---------------------------------------------------------------- loading

@@ -232,7 +232,9 @@ class RunDir:
             )
         if not resume:
             return Relaunch("new")
-        differ = [k for k in changed if not _harmless(k, HARMLESS + BATCH_LAYOUT)]
+        # train.keep_best chooses on the rows scored during training: their number is fixed with it
+        allowed = HARMLESS if cfg.train.keep_best == "none" else tuple(k for k in HARMLESS if k != "train.eval_rows_during_training")
+        differ = [k for k in changed if not _harmless(k, allowed + BATCH_LAYOUT)]
         if differ:
             raise UserError(
                 f"{self.root} holds an unfinished run with a different config ({', '.join(differ[:5])}); relaunch "

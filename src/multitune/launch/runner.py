@@ -40,6 +40,7 @@ from multitune.distributed import any_rank, checked, main_print, rank
 from multitune.errors import UserError
 from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
+from multitune.results.selection import annotate, check_choosable, choice, note
 from multitune.results.trained import trained_run
 from multitune.rundir import RunDir, parts, strict_json, training_log
 from multitune.tasks import resolve_tasks
@@ -47,6 +48,7 @@ from multitune.training import wandb_log
 from multitune.training.args import checkpointing_for_peft, sft_config
 from multitune.training.guards import lock_run, releases_run_locks
 from multitune.training.hub_checkpoints import fetch_newest_checkpoint
+from multitune.training.keep_best import restore_best
 from multitune.training.parts import LmParts, HeadParts, part_kind, trained_step
 from multitune.training.checkpoints import STOP
 from multitune.training.stages import (
@@ -60,6 +62,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     kind = part_kind(cfg)
     cfg = checkpointing_for_peft(resolve_tasks(cfg))
     kind.check(cfg)  # the config alone: every rank refuses alike
+    check_choosable(cfg)
     run = RunDir(Path(cfg.run_dir))
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
@@ -93,7 +96,7 @@ def run_stages(kind: LmParts | HeadParts, cfg: Config, run: RunDir, args, *, res
         release()
     if stopped_by_signal("the report"):
         return {}
-    return report(cfg, run, results, step, writer=args.should_save)
+    return report(cfg, run, results, step, setup.data, writer=args.should_save)
 
 
 def stopped_by_signal(before: str) -> bool:
@@ -120,6 +123,7 @@ def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Lau
     trainer = kind.trainer(cfg, part, args, setup, launch.checkpoint, started_over)
     if not fit(trainer, launch.checkpoint):
         return None
+    restore_best(trainer)  # train.keep_best: the kept checkpoint's weights, on every rank
     save_outputs(trainer, part, setup.tokenizer)  # cost.json last
     kind.mark_done(trainer, part, setup)
     trainer.accelerator.wait_for_everyone()
@@ -132,7 +136,8 @@ def release() -> None:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: int, *, writer: bool) -> dict[str, Any]:
+def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: int, data: list, *,
+           writer: bool) -> dict[str, Any]:
     """The run's files (the writers), then wandb and the Hub (rank 0), then every rank waits for them."""
     several = parts(cfg, run) != [run]
     plots = {}
@@ -140,7 +145,9 @@ def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: i
         if several:  # each part wrote its own cost.json; the run's is their sum
             costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
             (run.root / COST_FILE).write_text(strict_json(total_cost(costs)))
-        plots = write_results(run.root, results, trained_run(run, cfg).header, log_history=training_log(cfg, run))
+        chosen = choice(cfg, run)  # train.keep_best: the kept checkpoint's step (joint runs only)
+        plots = write_results(run.root, annotate(results, chosen, data), trained_run(run, cfg).header,
+                              log_history=training_log(cfg, run), note=note(chosen))
         print(format_table(results))
         run.mark_done()
     wandb_log.finish(cfg, run, results, plots, 0 if several else step)  # per_task: each part trained in its own wandb run

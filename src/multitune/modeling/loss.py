@@ -121,14 +121,78 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return entropy, correct, torch.tensor(targets.numel(), device=logits.device)
 
 
-def trainer_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+TAGS = "task_tags"  # the batch key of each token's task index (-1: padding), popped before the forward
+
+
+class TaskLosses:
+    """Each task's training loss in a joint run: the mean NLL of its supervised tokens over the logging window.
+
+    The collator tags every token with its example's task (the training set's ``task`` column); the loss path
+    adds each supervised token's NLL to its task's sum (its logits are already there: no extra forward). At
+    each training log row the sums of every rank are added up (one all_reduce) and logged as ``loss/<task>``.
+    """
+
+    def __init__(self, names: list[str], padding_free: bool):
+        self.names, self.padding_free = names, padding_free
+        self.sums: torch.Tensor | None = None  # [2, tasks]: NLL, tokens
+
+    def collator(self, collate):
+        index = {n: i for i, n in enumerate(self.names)}
+
+        def tagged(examples: list[dict[str, Any]]) -> dict[str, Any]:
+            tasks = [ex.pop("task", None) for ex in examples]
+            batch = collate(examples)
+            if any(t is None for t in tasks):  # not the training set (evaluation): nothing to tag
+                return batch
+            tags = torch.full_like(batch["labels"], -1)
+            start = 0
+            for i, (ex, t) in enumerate(zip(examples, tasks, strict=True)):
+                n = len(ex["input_ids"])
+                if self.padding_free:  # one row, the examples one after another
+                    tags[0, start : start + n], start = index[t], start + n
+                else:
+                    tags[i, :n] = index[t]
+            batch[TAGS] = tags
+            return batch
+
+        return tagged
+
+    def recorder(self, labels: torch.Tensor, tags: torch.Tensor):
+        """What the loss path calls with (logits, targets) of the supervised tokens, in row-major order."""
+        sup = tags[:, 1:][labels[:, 1:] != IGNORE]  # the order supervised_index gathers them in
+
+        @torch.no_grad()
+        def record(logits: torch.Tensor, targets: torch.Tensor) -> None:
+            nll = F.cross_entropy(logits.float(), targets, reduction="none")
+            if self.sums is None:
+                self.sums = torch.zeros(2, len(self.names), device=nll.device)
+            t = sup.to(nll.device)
+            keep = t >= 0
+            self.sums[0].index_add_(0, t[keep], nll[keep])
+            self.sums[1].index_add_(0, t[keep], torch.ones_like(nll[keep]))
+
+        return record
+
+    def window(self, accelerator) -> dict[str, float]:
+        """``loss/<task>`` over the window since the last row, every rank's tokens; the sums start again."""
+        if self.sums is None:
+            self.sums = torch.zeros(2, len(self.names), device=accelerator.device)
+        total = accelerator.reduce(self.sums.clone(), reduction="sum")  # a collective: every rank logs this row
+        self.sums.zero_()
+        return {f"loss/{n}": round(float(total[0, i] / total[1, i]), 4) for i, n in enumerate(self.names) if total[1, i] > 0}
+
+
+def trainer_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None, record=None) -> torch.Tensor:
     """`SFTTrainer.compute_loss` on the supervised positions: the same scaling and the same logged metrics.
 
+    ``record``: called with the supervised tokens' logits and targets (each task's loss, TaskLosses).
     TRL's own scaling rule: `num_items_in_batch` counts the supervised tokens of every accumulated
     micro-batch (and, with `average_tokens_across_devices`, every rank), and DDP/FSDP average the
     gradients over ranks, so the loss is multiplied back by the number of processes.
     """
     loss, logits, targets = supervised_loss(model, inputs, num_items_in_batch)
+    if record is not None and model.training:
+        record(logits.detach(), targets)  # loss/<task> (TaskLosses)
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
         loss = loss * trainer.accelerator.num_processes
     mode = "train" if model.training else "eval"

@@ -29,17 +29,18 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def write_results(run_root: Path, results: dict[str, dict[str, Any]], header: str, variant: str = "",
-                  log_history: list[dict[str, Any]] | None = None) -> dict[str, list[Path]]:
+                  log_history: list[dict[str, Any]] | None = None, note: str = "") -> dict[str, list[Path]]:
     """metrics.json, the plots (plots/*.png: per labelled task a confusion matrix and per-class F1; training
     curves from ``log_history``) and report.md, which links them. With a ``variant``: metrics-<variant>.json,
     report-<variant>.md and plots/<task>-*-<variant>.png beside them (a partial or other-mode evaluation,
-    which must not replace the run's own results). Returns the plots written, per task."""
+    which must not replace the run's own results). ``note``: a line under the title (the kept checkpoint).
+    Returns the plots written, per task."""
     suffix = f"-{variant}" if variant else ""
     metrics = {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}
     atomic_write(run_root / f"metrics{suffix}.json", strict_json(metrics))  # NaN/inf as null; a full disk leaves the old file
     plots = write_plots(run_root, results, log_history, suffix)
     rows = summary_rows(results)
-    md = [f"# {header}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    md = [f"# {header}", "", *([note, ""] if note else []), "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     if "_training" in plots:
         md += ["", "## Training", "", _image("loss and per-task validation accuracy over steps", run_root, plots["_training"][0])]

@@ -24,6 +24,7 @@ from multitune.errors import UserError
 from multitune.modeling.heads import HEADS_FILE, load_trained, probabilities, prompt_ids
 from multitune.modeling.load import load_for_tasks, load_tokenizer, use_adapter
 from multitune.results.report import format_table, write_results
+from multitune.results.selection import annotate, choice, held_out, note
 from multitune.results.variants import Variant, check_variant, eval_data
 from multitune.rundir import RunDir, part_of, parts, training_log
 from multitune.scoring.evaluate import evaluate_tasks
@@ -92,9 +93,11 @@ class TrainedRun:
     def evaluate_and_write(self, variant: Variant) -> Path:
         """`multitune eval RUN_DIR`: score, write metrics[-<variant>].json and report[-<variant>].md, print the table."""
         self.check_variant(variant)
-        results = self.evaluate(self.data(variant), mode=variant.mode, max_rows=variant.max_rows, seed=self.cfg.seed)
+        data = self.data(variant)
+        results = self.evaluate(held_out(self.cfg, data), mode=variant.mode, max_rows=variant.max_rows, seed=self.cfg.seed)
         name, header = self.variant_name(variant), self.describe(variant)
-        write_results(self.run.root, results, header, name, training_log(self.cfg, self.run))
+        chosen = choice(self.cfg, self.run)  # train.keep_best: never scored on the rows that chose the weights
+        write_results(self.run.root, annotate(results, chosen, data), header, name, training_log(self.cfg, self.run), note(chosen))
         print(format_table(results))
         return self.run.root / (f"metrics-{name}.json" if name else "metrics.json")
 

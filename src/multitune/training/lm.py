@@ -12,8 +12,9 @@ from multitune.config import Config
 from multitune.data.formatting import Formatter
 from multitune.data.load import TaskData
 from multitune.modeling.load import adapters_in_fp32, apply_peft, load_model
-from multitune.modeling.loss import trainer_loss
+from multitune.modeling.loss import TAGS, TaskLosses, trainer_loss
 from multitune.modeling.speed import uncompiled
+from multitune.results.selection import choosing_tasks
 from multitune.rundir import RunDir
 from multitune.scoring.evaluate import evaluate_tasks
 from multitune.training import wandb_log
@@ -22,6 +23,7 @@ from multitune.training.checkpoints import CompleteMarker, GracefulStop, TimedCh
 from multitune.training.guards import DivergenceGuard
 from multitune.training.hooks import TaskEvaluation
 from multitune.training.hub_checkpoints import hub_callbacks
+from multitune.training.keep_best import KeepBest
 from multitune.training.stages import Setup
 
 
@@ -34,9 +36,24 @@ class MultitaskTrainer(TaskEvaluation, DivergenceGuard, PortableAdapterCheckpoin
     """
 
     def __init__(self, *args, task_data: list[TaskData], formatter: Formatter, cfg: Config, **kwargs):
+        # each task's training loss (loss/<task>) in a joint run's log: the supervised path, one row per example
+        self.task_losses = TaskLosses([td.task.name for td in task_data], cfg.train.padding_free) if (
+            len(task_data) > 1 and cfg.train.loss_positions == "supervised" and not cfg.train.packing) else None
         super().__init__(*args, **kwargs)
         adapters_in_fp32(self.model)  # TRL made a 4-bit model's adapters bf16; every method trains fp32 adapters
         self.task_data, self.formatter, self.mt_cfg = task_data, formatter, cfg
+        if self.task_losses is not None:
+            self.data_collator = self.task_losses.collator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.task_losses is not None and "task" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "task"]  # kept for the collator, which tags the rows
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.task_losses is not None and "loss" in logs:  # a training row: every rank logs it at the same step
+            logs.update(self.task_losses.window(self.accelerator))
+        super().log(logs, start_time)
 
     def score_tasks(self, tables: bool):
         """Label accuracy by likelihood on at most train.eval_rows_during_training rows per labelled task (with
@@ -51,9 +68,11 @@ class MultitaskTrainer(TaskEvaluation, DivergenceGuard, PortableAdapterCheckpoin
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`train.loss_positions: supervised`: the LM head and loss on supervised positions only (multitune.modeling.loss)."""
+        tags = inputs.pop(TAGS, None)
         if self.mt_cfg.train.loss_positions == "all" or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return trainer_loss(self, model, inputs, num_items_in_batch)
+        return trainer_loss(self, model, inputs, num_items_in_batch,
+                            record=self.task_losses.recorder(inputs["labels"], tags) if tags is not None else None)
 
 
 def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None,
@@ -61,9 +80,10 @@ def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resum
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
     model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
     wandb_log.start(cfg, run)
+    keep = choosing_tasks(cfg, {td.task.name: td.task.kind for td in setup.data})
     return MultitaskTrainer(
         model=model, args=args, train_dataset=setup.prepared.train, eval_dataset=setup.prepared.eval,
         processing_class=setup.tokenizer, task_data=setup.data, formatter=setup.formatter, cfg=cfg,
         callbacks=[TrainingClock(resume_from), CompleteMarker(), TimedCheckpoints(cfg.train.save_minutes), GracefulStop(),
-                   *hub_callbacks(cfg, run, started_over=started_over)],
+                   *hub_callbacks(cfg, run, started_over=started_over), *([KeepBest(keep)] if keep else [])],
     )

@@ -25,6 +25,7 @@ from multitune.distributed import checked
 from multitune.modeling.heads import HEADS_FILE, load_trained
 from multitune.modeling.load import load_for_inference
 from multitune.modeling.speed import uncompiled
+from multitune.results.selection import held_out
 from multitune.rundir import RunDir
 from multitune.scoring.evaluate import evaluate_tasks
 from multitune.scoring.heads import evaluate_heads, tasks_of
@@ -76,8 +77,9 @@ class LmParts:
         return load_for_inference(cfg, part.final)
 
     def evaluate(self, model, cfg: Config, part: RunDir, setup: Setup) -> dict[str, dict[str, Any]]:
+        data = held_out(cfg, tasks_of(part, setup.data))  # train.keep_best: not the rows that chose the weights
         # the module under a torch.compile wrapper: scoring's shapes would recompile it batch after batch
-        return evaluate_tasks(uncompiled(model), setup.formatter, tasks_of(part, setup.data), mode=cfg.eval.mode,
+        return evaluate_tasks(uncompiled(model), setup.formatter, data, mode=cfg.eval.mode,
                               batch_size=cfg.eval.batch_size, seed=cfg.seed, detail=True)
 
 

@@ -32,6 +32,7 @@ from multitune.hub import mirror_root
 from multitune.modeling.load import check_requirements, load_tokenizer
 from multitune.modeling.speed import use_liger
 from multitune.data.prepared import Prepared, prepare
+from multitune.results.selection import check_rows_left
 from multitune.rundir import RunDir, strict_json
 from multitune.training.args import fsdp_launch
 
@@ -163,6 +164,7 @@ def prepare_run(cfg: Config, run: RunDir, *, resuming: bool, writer: bool) -> Se
     tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
     formatter = Formatter(tokenizer, cfg.model.max_length)
     prepared = checked(lambda: prepare(cfg, formatter, run.splits if resuming else None))  # a refusal stops every rank
+    checked(lambda: check_rows_left(cfg, prepared.data))  # train.keep_best must leave rows to report on
     barrier = dist.barrier if dist.is_available() and dist.is_initialized() else (lambda: None)
     barrier()  # every rank has read the run dir before the writers change it
     if writer:  # the main process, or each node's first with save_on_each_node
