@@ -105,3 +105,19 @@ def test_tiny_model_from_a_config_never_sees_validation_rows(assets, tmp_path, m
         train = {rows[i]["text"] for i in td.split["train"]}
         val = {rows[i]["text"] for i in td.split["val"]}
         assert train <= set(seen) and not val & set(seen), td.task.name
+
+
+def test_a_run_directory_an_earlier_version_wrote_evaluates_predicts_and_pushes(assets, tmp_path):
+    """The layout `train` wrote before the package was reorganised (config.yaml without the record header,
+    splits/, final/, DONE): eval rewrites its metrics, predict answers, push --dry-run writes the Hub folder."""
+    from multitune.cli import eval_, push
+
+    run = _run(assets, tmp_path, 2)
+    assert not (run / "config.yaml").read_text().startswith("# multitune run")  # as an earlier version wrote it
+    eval_(run, mode=None, max_rows=4)
+    metrics = json.loads(next(run.glob("metrics-*4rows.json")).read_text())
+    assert set(metrics) == {"claims", "banking77"} and all(0 <= m["accuracy"] <= 1 for m in metrics.values())
+    (pred,) = predict(run, "claims", ["My car was rear-ended, I want to file a claim."])
+    assert pred["label"] in ("Claim", "Not a Claim") and 0 < pred["score"] <= 1
+    push(run, repo_id="me/old-run", private=None, merged=False, dry_run=tmp_path / "out")
+    assert (tmp_path / "out" / "README.md").exists() and (tmp_path / "out" / "multitune.yaml").exists()
