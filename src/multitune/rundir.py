@@ -269,6 +269,10 @@ class RunDir:
         """Where this model's trainer_state.json, launch.json and cost.json go."""
         return self.root
 
+    def holds(self, task: str) -> bool:
+        """Whether this part's model was trained on ``task`` (the run's one model holds every task)."""
+        return True
+
 
 @dataclass(frozen=True)
 class TaskRun(RunDir):
@@ -284,10 +288,18 @@ class TaskRun(RunDir):
     def logs(self) -> Path:
         return self.final
 
+    def holds(self, task: str) -> bool:
+        return task == self.task
+
 
 def parts(cfg: Config, run: RunDir) -> list[RunDir]:
     """Where each model the run trains lives: the run itself (joint), or one TaskRun per task (per_task)."""
     return [run] if cfg.strategy == "joint" else [TaskRun(run.root, t.name) for t in cfg.tasks]
+
+
+def one_model(cfg: Config, run: RunDir) -> bool:
+    """Whether the run trains one model for all its tasks (its only part is the run itself)."""
+    return parts(cfg, run) == [run]
 
 
 def part_of(cfg: Config, run: RunDir, task: str) -> RunDir:

@@ -42,7 +42,7 @@ from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
 from multitune.results.selection import annotate, check_choosable, choice, note
 from multitune.results.trained import trained_run
-from multitune.rundir import RunDir, parts, strict_json, training_log
+from multitune.rundir import RunDir, one_model, parts, strict_json, training_log
 from multitune.tasks import resolve_tasks
 from multitune.training import wandb_log
 from multitune.training.args import checkpointing_for_peft, sft_config
@@ -139,7 +139,7 @@ def release() -> None:
 def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: int, data: list, *,
            writer: bool) -> dict[str, Any]:
     """The run's files (the writers), then wandb and the Hub (rank 0), then every rank waits for them."""
-    several = parts(cfg, run) != [run]
+    several = not one_model(cfg, run)
     plots = {}
     if writer:
         if several:  # each part wrote its own cost.json; the run's is their sum

@@ -243,9 +243,9 @@ def load_task_adapters(cfg: Config, adapters: dict[str, Path]):
 def load_for_tasks(cfg: Config, run, tasks: list[str]):
     """A run's trained model for ``tasks``: the one model that holds them all, or the base with each task's
     own adapter (final/<task>/, strategy: per_task) named by its task, the first task's active."""
-    from multitune.rundir import part_of, parts
+    from multitune.rundir import one_model, part_of
 
-    if parts(cfg, run) == [run]:  # one model holds every task
+    if one_model(cfg, run):
         return load_for_inference(cfg, run.final)
     return load_task_adapters(cfg, {t: part_of(cfg, run, t).final for t in tasks})
 

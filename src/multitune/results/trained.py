@@ -26,7 +26,7 @@ from multitune.modeling.load import load_for_tasks, load_tokenizer, use_adapter
 from multitune.results.report import format_table, write_results
 from multitune.results.selection import annotate, choice, held_out, note
 from multitune.results.variants import Variant, check_variant, eval_data
-from multitune.rundir import RunDir, part_of, parts, training_log
+from multitune.rundir import RunDir, one_model, part_of, parts, training_log
 from multitune.scoring.evaluate import evaluate_tasks
 from multitune.scoring.heads import MODE as HEAD_MODE
 from multitune.scoring.heads import evaluate_heads, tasks_of
@@ -82,7 +82,7 @@ class TrainedRun:
     def publishable(self, command: str) -> None:
         """Refuse, before anything is written, to publish what `push` / `export` cannot lay out as one model."""
         cfg = self.cfg
-        if parts(cfg, self.run) != [self.run] or cfg.head != "lm":
+        if not one_model(cfg, self.run) or cfg.head != "lm":
             raise UserError(f"`multitune {command}` handles a run with one language-model adapter (head: lm, strategy: joint); "
                             f"this run is head: {cfg.head}, strategy: {cfg.strategy}: upload or copy run_dir/final with `hf upload`")
 
@@ -121,7 +121,7 @@ class LmRun(TrainedRun):
 
     @property
     def layout_note(self) -> str:
-        return "" if parts(self.cfg, self.run) == [self.run] else " (one adapter per task)"
+        return "" if one_model(self.cfg, self.run) else " (one adapter per task)"
 
     def check_variant(self, variant: Variant) -> None:
         check_variant(self.cfg, variant)

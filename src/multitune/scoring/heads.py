@@ -9,7 +9,7 @@ from multitune.data.formatting import Formatter, TooLong
 from multitune.data.load import TaskData, subsample
 from multitune.errors import UserError
 from multitune.modeling.heads import Heads, probabilities, prompt_ids
-from multitune.rundir import RunDir, TaskRun
+from multitune.rundir import RunDir
 from multitune.scoring.calibration import calibration_metrics
 from multitune.scoring.evaluate import prediction_rows
 from multitune.tasks import Example
@@ -18,7 +18,7 @@ MODE = "classifier"  # the `mode` recorded in metrics.json, beside the LM path's
 
 
 def tasks_of(part: RunDir, data: list[TaskData]) -> list[TaskData]:
-    return [td for td in data if not isinstance(part, TaskRun) or td.task.name == part.task]
+    return [td for td in data if part.holds(td.task.name)]
 
 
 def task_prompts(td: TaskData, formatter: Formatter, rows: list[Example]) -> list[list[int]]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from multitune.distributed import checked, rank
 from multitune.errors import UserError
+from multitune.rundir import RunDir, one_model
 
 COLUMNS = ["text", "gold", "predicted", "score"]
 
@@ -78,19 +79,12 @@ def _start(cfg, run) -> None:
     try:
         wandb.init(
             project=w.project, entity=w.entity, name=f"{name}-{task}" if task else name, tags=w.tags, id=run_id, resume="allow",
-            dir=str(run.root), config=cfg.model_dump(mode="json"), group=name if _several_models(cfg, run) else None,
+            dir=str(run.root), config=cfg.model_dump(mode="json"), group=None if one_model(cfg, RunDir(run.root)) else name,
         )
     except Exception as e:  # noqa: BLE001 - whatever wandb raises, as one clear line
         raise UserError(f"wandb could not start ({type(e).__name__}: {e}); log in (wandb login / WANDB_API_KEY), set "
                         "WANDB_MODE=offline, or train with train.report_to=none") from None
     id_file.write_text(run_id)
-
-
-def _several_models(cfg, run) -> bool:
-    from multitune.rundir import RunDir, parts
-
-    whole = RunDir(run.root)
-    return parts(cfg, whole) != [whole]
 
 
 def finish(cfg, run, results: dict[str, dict[str, Any]], plots: dict[str, list[Path]], step: int) -> None:
