@@ -7,8 +7,8 @@ from typing import Any
 
 from multitune.scoring.calibration import calibration_metrics
 from multitune.data.load import TaskData, subsample
-from multitune.distributed import all_gather, is_distributed, max_over_ranks, rank, world_size
-from multitune.data.formatting import IGNORE, Formatter
+from multitune.distributed import all_gather, is_distributed, rank, world_size
+from multitune.data.formatting import Formatter
 from multitune.scoring.scorer import Scorer
 
 
@@ -86,24 +86,8 @@ def _gathered(rows: list, fn) -> list:
 
 
 def _chat_loss(scorer: Scorer, rows: list) -> dict[str, float]:
-    if world_size() == 1:
-        return scorer.loss(rows)
-    # Scorer.loss makes one forward pass per batch: each rank scores its share in batches, as many as the
-    # rank with the most (a spare batch repeats a row and is not counted), and the summed losses are gathered.
-    mine = rows[rank()::world_size()]
-    chunks = [mine[s : s + scorer.batch_size] for s in range(0, len(mine), scorer.batch_size)]
-    total, tokens = 0.0, 0
-    for i in range(max_over_ranks(len(chunks))):
-        chunk = chunks[i] if i < len(chunks) else rows[:1]
-        r = scorer.loss(chunk)
-        if i < len(chunks):
-            n = supervised_tokens(scorer.formatter, chunk)
-            total, tokens = total + r["loss"] * n, tokens + n
-    summed = all_gather((total, tokens))
+    """Each rank scores every world_size-th row (the scheduler keeps the ranks' forward passes in step); the
+    summed losses and token counts are gathered."""
+    summed = all_gather(scorer.nll(rows[rank()::world_size()])) if world_size() > 1 else [scorer.nll(rows)]
     loss = sum(t for t, _ in summed) / max(sum(n for _, n in summed), 1)
     return {"n": len(rows), "loss": loss, "perplexity": math.exp(min(loss, 50))}
-
-
-def supervised_tokens(formatter: Formatter, rows: list) -> int:
-    """The completion tokens a chat loss averages over (labels past the first position)."""
-    return sum(sum(t != IGNORE for t in labels[1:]) for labels in formatter.encode(rows)["labels"])

@@ -44,9 +44,10 @@ class Schedule:
             use = not any_rank(not use)
         return SharedPrefix(self.model, prompts[0][:n]) if use else None
 
-    def run(self, prompts: list[list[int]], fn: Callable[[list[list[int]]], list], desc: str) -> list:
-        """``fn`` over batches of prompts of similar length; one result per prompt, in the input order."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    def run(self, prompts: list, fn: Callable[[list], list], desc: str, length: Callable = len, filler=None) -> list:
+        """``fn`` over batches of prompts of similar ``length``; one result per prompt, in the input order.
+        ``filler``: what a rank with no prompts at all feeds under lockstep (default: one pad token)."""
+        order = sorted(range(len(prompts)), key=lambda i: length(prompts[i]))
         batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         n_batches = max_over_ranks(len(batches)) if self.lockstep else len(batches)
         out: list = [None] * len(prompts)
@@ -54,7 +55,8 @@ class Schedule:
             idx = batches[b] if b < len(batches) else []
             batch = [prompts[i] for i in idx]
             if self.lockstep:  # full batches only; a rank out of rows repeats a prompt (or a pad token)
-                batch += [batch[0] if batch else (prompts[0] if prompts else [self.pad_id])] * (self.batch_size - len(batch))
+                spare = batch[0] if batch else (prompts[0] if prompts else filler or [self.pad_id])
+                batch += [spare] * (self.batch_size - len(batch))
             for i, r in zip(idx, fn(batch)[: len(idx)], strict=True):  # results for repeated prompts are dropped
                 out[i] = r
         return out

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from multitune.data.formatting import IGNORE, Formatter
 from multitune.distributed import any_rank
@@ -187,17 +186,25 @@ class Scorer:
     @torch.no_grad()
     def loss(self, examples: list[Example]) -> dict[str, float]:
         """Mean completion-token loss and perplexity (chat tasks)."""
-        enc = self.formatter.encode(examples)
-        dev = model_device(self.model)
-        total, count = 0.0, 0
-        for s in tqdm(range(0, len(examples), self.batch_size), desc="chat loss", unit="batch", leave=False):
-            ids = right_pad(enc["input_ids"][s : s + self.batch_size], self.pad_id, dev)
-            labels = right_pad(enc["labels"][s : s + self.batch_size], IGNORE, dev)
-            mask = right_pad([[1] * len(x) for x in enc["input_ids"][s : s + self.batch_size]], 0, dev)
-            logits = input_logits(self.model, input_ids=ids, attention_mask=mask).float()
-            shift = labels[:, 1:]
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), shift, ignore_index=IGNORE, reduction="sum")
-            total += nll.item()
-            count += int((shift != IGNORE).sum())
+        total, count = self.nll(examples)
         loss = total / max(count, 1)
         return {"n": len(examples), "loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+    def nll(self, examples: list[Example]) -> tuple[float, int]:
+        """The summed negative log-likelihood of the completion tokens and their count, batched by the scheduler
+        (under lockstep, as many batches on every rank)."""
+        enc = self.formatter.encode(examples)
+        rows = list(zip(enc["input_ids"], enc["labels"], strict=True))
+        per_row = self.schedule.run(rows, self._row_nll, "chat loss", length=lambda r: len(r[0]), filler=([self.pad_id], [IGNORE]))
+        return sum(t for t, _ in per_row), sum(n for _, n in per_row)
+
+    def _row_nll(self, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+        """Per batch: each row's summed completion-token loss and token count."""
+        dev = model_device(self.model)
+        ids = right_pad([i for i, _ in batch], self.pad_id, dev)
+        labels = right_pad([lab for _, lab in batch], IGNORE, dev)
+        mask = right_pad([[1] * len(i) for i, _ in batch], 0, dev)
+        logits = input_logits(self.model, input_ids=ids, attention_mask=mask).float()
+        shift = labels[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), shift, ignore_index=IGNORE, reduction="none").sum(-1)
+        return list(zip(nll.tolist(), (shift != IGNORE).sum(-1).tolist(), strict=True))
