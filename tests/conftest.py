@@ -60,3 +60,25 @@ def tiny_config(assets, run_dir: Path, **train) -> dict:
                   "eval_rows_during_training": 16, **train},
         "eval": {"batch_size": 32},
     }
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run the CLI in-process (fast) and return its exit code and output, as a subprocess would see them."""
+
+    import sys
+    from types import SimpleNamespace
+
+    from multitune.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["multitune", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run

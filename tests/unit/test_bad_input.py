@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import errno
 import shutil
-import sys
 from collections import namedtuple
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -18,25 +16,12 @@ from multitune.errors import UserError
 from tests.conftest import tiny_config
 
 
-def run_cli(monkeypatch, capsys, *args):
-    from multitune.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["multitune", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return SimpleNamespace(code=code, out=out.out, err=out.err)
-
-
 def assert_one_error_line(res, *fragments):
-    assert res.code == 2, res.err[-3000:]
-    lines = [line for line in res.err.replace("\r", "\n").splitlines() if line.strip()]
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [line for line in res.stderr.replace("\r", "\n").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], res.err[-3000:]
-    assert "Traceback" not in res.err
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
@@ -54,28 +39,28 @@ def test_ordinary_task_names_are_accepted(name):
     assert cfg.tasks[0].name == name
 
 
-def test_train_with_an_escaping_task_name_writes_nothing_outside_run_dir(monkeypatch, capsys, tmp_path, assets):
+def test_train_with_an_escaping_task_name_writes_nothing_outside_run_dir(run_cli, tmp_path, assets):
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
     raw = {"run_dir": str(work / "run"), "model": {"name_or_path": str(assets["model"])},
            "tasks": [{"name": "../../ESCAPED", "type": "classification", "dataset": str(assets["claims"])}]}
     (work / "c.yaml").write_text(yaml.safe_dump(raw))
-    assert_one_error_line(run_cli(monkeypatch, capsys, "train", work / "c.yaml"), "tasks.0.name")
+    assert_one_error_line(run_cli("train", work / "c.yaml"), "tasks.0.name")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "c.yaml"]
 
 
-def test_a_csv_that_is_not_utf8_is_one_error_line(monkeypatch, capsys, tmp_path, assets):
+def test_a_csv_that_is_not_utf8_is_one_error_line(run_cli, tmp_path, assets):
     rows = ["text,label"] + [f"message number {i} about a claim,Claim" for i in range(6)] + ["Caf\xe9 au lait spilled on my laptop,Claim"]
     (tmp_path / "latin1.csv").write_bytes("\n".join(rows).encode("latin-1") + b"\n")
     raw = {"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(assets["model"])},
            "tasks": [{"name": "claims", "dataset": str(tmp_path / "latin1.csv")}]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    line = assert_one_error_line(run_cli(monkeypatch, capsys, "train", tmp_path / "c.yaml"), "latin1.csv", "UTF-8")
+    line = assert_one_error_line(run_cli("train", tmp_path / "c.yaml"), "latin1.csv", "UTF-8")
     assert len(line) < 400
     assert not (tmp_path / "run").exists()
 
 
-def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_nothing_is_marked_complete(monkeypatch, capsys, tmp_path, assets):
+def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_nothing_is_marked_complete(run_cli, monkeypatch, tmp_path, assets):
     """The second checkpoint's optimizer file runs out of space half-way: one line naming the folder, the space
     free there and the space a checkpoint needs (the size of the last complete one); checkpoint-4 is not
     COMPLETE, so a relaunch resumes from checkpoint-2; no DONE."""
@@ -99,7 +84,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_nothing_is_m
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1_234_567, 1_234_567)
                         if str(p).startswith(str(tmp_path)) else real_usage(p))
-    res = run_cli(monkeypatch, capsys, "train", tmp_path / "c.yaml")
+    res = run_cli("train", tmp_path / "c.yaml")
     ckpts = tmp_path / "run" / "checkpoints"
     needed = sum(p.stat().st_size for p in (ckpts / "checkpoint-2").rglob("*") if p.is_file())
     assert_one_error_line(res, "No space left", str(ckpts / "checkpoint-4"), "1.2 MB free", f"{needed / 1e6:.1f} MB")

@@ -2,29 +2,10 @@
 
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from multitune.cli import main
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """Run the CLI in-process (fast) and return its exit code and output, as a subprocess would see them."""
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["multitune", *map(str, args)])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code or 0
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-    return run
 
 
 def assert_clean_error(res, fragment):
