@@ -13,7 +13,7 @@ from multitune.data.formatting import Formatter
 from multitune.modeling.heads import Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
 from multitune.tasks import Example
 from tests.conftest import tiny_config
-from tests.unit.test_cli import assert_clean_error, run_cli  # noqa: F401  (fixture)
+from tests.unit.test_cli import assert_clean_error
 
 HEADS = Heads({"claims": ["Claim", "Not a Claim"], "intent": ["a", "b", "c"]})
 

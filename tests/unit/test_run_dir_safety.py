@@ -13,10 +13,8 @@ import yaml
 from multitune.config import config_from_dict
 from multitune.errors import UserError
 from multitune.rundir import RunDir, RunLock
-from tests.unit import test_cli
 from tests.unit.test_cli import assert_clean_error
 
-run_cli = test_cli.run_cli  # the in-process CLI fixture
 
 FAKE = {"model": {"name_or_path": "m"}, "tasks": [{"name": "claims", "dataset": "d"}]}
 
