@@ -171,9 +171,19 @@ class RunDir:
             return False
         return self.splits.is_dir()
 
+    def _launch_debris(self, path: Path) -> bool:
+        """What a launch leaves on a rank that records no config: its lock, and checkpoint folders holding only that
+        rank's RNG state (a node that does not save, beside node-local run directories, still writes
+        ``checkpoints/checkpoint-N/rng_state_<rank>.pth``). Anything else makes the folder someone else's."""
+        if path.name == RunLock.FILE:
+            return True
+        return path == self.checkpoints and path.is_dir() and all(
+            c.name.startswith("checkpoint-") and c.is_dir() and all(f.name.startswith("rng_state") for f in c.iterdir())
+            for c in path.iterdir())
+
     def refuse_foreign(self) -> None:
         """A non-empty folder that holds no multitune run is never written to, resumed or started over."""
-        if self.root.is_dir() and not self.holds_run() and any(p.name != RunLock.FILE for p in self.root.iterdir()):
+        if self.root.is_dir() and not self.holds_run() and not all(self._launch_debris(p) for p in self.root.iterdir()):
             raise UserError(f"{self.root} is not empty and holds no multitune run (no config.yaml written by multitune); "
                             "nothing was changed in it: train into a new or empty directory (run_dir=...)")
 
