@@ -19,8 +19,10 @@ HOLD = "import sys; from pathlib import Path; from multitune.rundir import RunLo
 
 def _errors(proc: subprocess.CompletedProcess, fragment: str) -> list[str]:
     # the ranks share one stderr: rank 1's line may land after rank 0's unfinished progress bar
-    text = (proc.stdout + proc.stderr).replace("\r", "\n").replace("]error:", "]\nerror:")
-    return [line for line in text.splitlines() if line.startswith("error:") and fragment in line]
+    # wherever it lands in the line (after a bar, or another rank's text), each error runs to the end of its line
+    text = (proc.stdout + proc.stderr).replace("\r", "\n")
+    found = ["error:" + part.split("\n", 1)[0] for part in text.split("error:")[1:]]
+    return [e for e in found if fragment in e]
 
 
 def test_a_locked_run_directory_refuses_every_rank(assets, tmp_path):
