@@ -1,6 +1,7 @@
 """wandb reporting offline, and the Hub upload with its model card, without a network."""
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,16 @@ def test_push_uploads_adapter_and_model_card(assets, tmp_path, monkeypatch):
             calls["create"] = (repo_id, private)
             calls["token"] = huggingface_hub.get_token()  # what a real upload authenticates with
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+        def list_repo_files(self, repo_id):
+            return []  # a new repo: nothing an earlier push left
+
+        def create_commit(self, repo_id, operations, commit_message):  # push uploads its folder as one commit
+            files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
             calls["upload"] = (repo_id, files)
             return "ok"
+
+        def repo_info(self, repo_id):
+            return SimpleNamespace(private=calls["create"][1])
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     hub_cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"push": True, "repo_id": "me/tiny-multitask"})})

@@ -170,6 +170,7 @@ def test_a_relaunched_managed_job_resumes_from_the_hub(tmp_path, monkeypatch):
     lost = fake_run(tmp_path / "lost", steps=(20, 40))
     lost_root = lost.root.rename(lost.root.with_name(Path(cfg.run_dir).name))  # the lost cluster's run dir
     lost = RunDir(lost_root)
+    lost.write_config(cfg)  # the lost cluster trained this very config (the Hub folder records it as the run's identity)
     for step in (20, 40):
         HubCheckpoints(cfg, lost).on_save(SimpleNamespace(output_dir=str(lost.checkpoints)),
                                           SimpleNamespace(global_step=step, is_world_process_zero=True), None)
