@@ -40,7 +40,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks
 
 # On this (CPU) machine: wheels for the GPU machine (Python 3.12, manylinux x86_64) and the assets, in two
-# bundles of at most 64 MiB with the working tree: .gpu-bundle/run1 (sections a, d, e), run2 (b, c; bitsandbytes)
+# bundles of at most 64 MiB with the working tree: .gpu-bundle/run1 (sections a, b; bitsandbytes), run2 (c, d, e)
 GPU_BUNDLE ?= .gpu-bundle
 gpu-bundle: setup
 	HF_HUB_OFFLINE=1 $(PY) scripts/gpu_bundle.py --out $(GPU_BUNDLE)

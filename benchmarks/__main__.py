@@ -2,11 +2,19 @@
 
     python -m benchmarks                 # or `make bench`; under 20 minutes on 2 CPU cores
     python -m benchmarks --steps 30 --sides trl-expert multitune multitune+packed
+    python -m benchmarks --head-share-steps 0   # without the second comparison (below)
 
 Uses the real seed datasets from the local Hub mirror (../shared/hub, or $MULTITUNE_HUB_MIRROR) when it
 is there, else the offline demo's generated data, with a tiny Llama-architecture model trained on
 their texts. Every comparison runs side by side in this one invocation; the table is printed and a
 JSON record (machine, versions, date, every number) is written to benchmarks/results/.
+
+The tiny model's output head is ~40% of its matmul FLOPs (vocabulary 4,096 at width 128 over 4 small
+layers) against ~7% in Llama-3-8B, so its training ratios mostly measure the head, where multitune's
+supervised-positions loss saves most. The sides of the honest ratios are therefore also measured on a
+random-weight model of the same vocabulary whose head is Llama-3-8B's share of the matmul FLOPs (width
+256, 16 layers; `head_share`). The tiny model's ratios bound the gain from above (no Llama 3 has a head
+that large a share: 3.2-1B's is ~21%, 3.2-3B's ~12%); the 8B-share ratios are the ones that predict 8B.
 """
 
 from __future__ import annotations
@@ -76,6 +84,41 @@ def workspace(workdir: Path) -> Path:
     return path
 
 
+# Llama-3-8B's proportions at a CPU's size: the head's share of the matmul weights (7.2%) and 4 query heads per
+# key/value head; speed does not depend on the weights' values, so they are random
+HEAD_SHARE_8B = {"hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 16, "num_attention_heads": 4,
+                 "num_key_value_heads": 1}
+
+
+def head_share(model) -> float:
+    """The output head's share of the weights of every matrix multiplication (the embedding is a lookup)."""
+    import torch
+
+    linear = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return linear["lm_head"] / sum(linear.values())
+
+
+def head_share_config(config: Path, workdir: Path) -> tuple[Path, float]:
+    """The benchmark config on a random-weight model with the tiny model's tokenizer and Llama-3-8B's head share."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    raw = yaml.safe_load(config.read_text())
+    out = workdir / "head-share-8b-model"
+    if not (out / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(raw["model"]["name_or_path"])
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **HEAD_SHARE_8B,
+                                                             max_position_embeddings=4096, rope_theta=500000.0))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    share = head_share_of(out)
+    raw["model"]["name_or_path"] = str(out)
+    path = workdir / "bench-8b-head-share.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, share
+
+
 def data_prep(config: Path, workdir: Path) -> dict:
     env = {**os.environ, "MULTITUNE_CACHE": str(workdir / f"cache-{time.time_ns()}"),
            "HF_DATASETS_CACHE": str(workdir / f"hf-datasets-{time.time_ns()}")}
@@ -125,6 +168,31 @@ def training(config: Path, workdir: Path, sides: list[str], steps: int, warmup: 
               f"{r['peak_rss_mb']:12.0f} {r['train_loss_last']:11.3f} {r['val_answer_loss']:16.3f}")
     print("(trl-defaults trains on every token, the others on the answers only: compare the validation answer loss)")
     return results
+
+
+def head_share_training(config: Path, workdir: Path, steps: int) -> dict:
+    """The honest ratios again on a model whose head is Llama-3-8B's share of the compute: what predicts 8B."""
+    folder = workdir / "head-share"
+    folder.mkdir(exist_ok=True)
+    share_config, share = head_share_config(config, folder)
+    print(f"\ntraining on a random model with Llama-3-8B's head share ({share:.1%} of the matmul weights; the tiny model's: "
+          f"{tiny_head_share(config):.0%}) ...")
+    sides = ["trl-defaults", "trl-expert", "multitune"]
+    return {"head_share": share, "steps": steps,
+            "rows": training(share_config, folder, sides, steps, warmup=min(3, steps - 1), repeats=1)}
+
+
+def tiny_head_share(config: Path) -> float:
+    return head_share_of(yaml.safe_load(config.read_text())["model"]["name_or_path"])
+
+
+def head_share_of(model_dir) -> float:
+    """`head_share` of a saved model, built on the meta device from its config (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return head_share(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
 
 
 def trained_model(config: Path, workdir: Path, steps: int) -> Path:
@@ -197,6 +265,18 @@ def target_line(t: dict) -> str:
     return f"target {name}: {shown} (goal {goal_s}) {'met' if t['met'] else 'missed'}{note}"
 
 
+def head_share_lines(record: dict) -> list[str]:
+    """Which figure predicts which model size: the targets above are the tiny model's; these are 8B's."""
+    share = record.get("training_8b_head_share")
+    if not share:
+        return []
+    by = {r["side"]: r for r in share["rows"]}
+    ours = by.get("multitune", {})
+    return [f"ratio at Llama-3-8B's head share ({share['head_share']:.1%}): multitune vs {b} {ours[f'vs_{b}']:.2f}x "
+            f"(the tiny model's figure above bounds it from above; this one predicts 8B)"
+            for b in ("trl-defaults", "trl-expert") if ours.get(f"vs_{b}")]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench")
@@ -207,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trained-steps", type=int, default=400,
                     help="steps of the 'trained' evaluation model when runs/mirror-tiny is not finished")
     ap.add_argument("--eval-rows", type=int, default=200)
+    ap.add_argument("--head-share-steps", type=int, default=12,
+                    help="steps of each side on the model with Llama-3-8B's head share (0: not measured)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -219,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     config = workspace(args.workdir)
     record["data_prep"] = data_prep(config, args.workdir)
     record["training"] = training(config, args.workdir, args.sides, args.steps, args.warmup, args.repeats)
+    if args.head_share_steps:
+        record["training_8b_head_share"] = head_share_training(config, args.workdir, args.head_share_steps)
     from benchmarks.eval_speed import measure
 
     ours = [s for s in args.sides if s not in TRL_SIDES]
@@ -240,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{record['minutes']} min; wrote {path}")
     for t in record["targets"]:
         print(target_line(t))
+    for line in head_share_lines(record):
+        print(line)
     return 0
 
 

@@ -2,15 +2,18 @@
 
     python -m benchmarks.gpu                                    # on a CUDA machine: section a of `make gpu-check`
     python -m benchmarks.gpu --sides qlora                      # section b (needs bitsandbytes)
-    python -m benchmarks.gpu --layers 2 --sides multitune multitune+liger multitune+padded multitune+compile
+    python -m benchmarks.gpu --layers 2 --sides multitune multitune+liger multitune+grouped
     python -m benchmarks.gpu --shape tiny --steps 3 --warmup 1  # the same code path on a CPU (what the tests run)
 
 The Hub is not needed: speed does not depend on the weights' values, so the model is built from its
-config with random weights, directly in bf16 on the GPU, and saved once under --workdir. Every side
+config with random weights, directly in bf16 on the GPU, and saved once under --models (sections of
+`make gpu-check` share one folder, so the 16 GB model is built once and loaded after). Every side
 sees the same tokens per optimizer step: the padded sides (TRL defaults) take `--examples` examples,
 the packed ones (TRL expert, multitune) as many rows of `--seq-len` as hold the same number of tokens
 on average. Tokens/s covers optimizer steps warmup+1..N, timed with `torch.cuda.synchronize()`; peak
-memory (allocated and reserved) is reset when training starts and read after the last step.
+memory (allocated and reserved) is reset when training starts and read after the last step, and set
+beside the memory model's prediction at the side's recorded shape (`plan_gib`, the model `multitune plan`
+uses). Each side's output goes to --logs as it runs, so a side killed by a timeout still leaves its log.
 
 MFU is given twice: against the card's bf16 matmul rate measured in this run (an 8192^3 product,
 `matmul_rate`) and against the datasheet figure. The FLOP count is the README's (`flops_per_token`),
@@ -47,6 +50,7 @@ SIDES = {  # benchmarks.train_speed side, overrides
     "multitune+liger": ("multitune", {**LORA, "train.liger": True}),
     "multitune+compile": ("multitune", {**LORA, "train.compile": True}),
     "multitune+padded": ("multitune", {**LORA, "train.packing": False}),
+    "multitune+grouped": ("multitune", {**LORA, "train.packing": False, "train.group_by_length": True}),
 }
 
 
@@ -109,6 +113,27 @@ def release_gpu() -> None:
         torch.cuda.empty_cache()
 
 
+def predicted_gib(shape: dict) -> float:
+    """The memory model's peak (`multitune plan`'s) at a side's recorded shape (``memory_shape``), in GiB."""
+    from transformers import LlamaConfig
+
+    from multitune.config import config_from_dict
+    from multitune.launch.memory import Arch, Step, coefficients_for, predict_peak
+    from multitune.launch.plan import GiB, count
+
+    model = shape["model"]
+    hf = LlamaConfig(**(SHAPES[model["shape"]] | {"num_hidden_layers": model["layers"]}), tie_word_embeddings=False)
+    cfg = config_from_dict({"model": {"name_or_path": "recorded", "dtype": model["dtype"]}, "peft": shape["peft"], "tasks": [{"name": "claims"}]})
+    c = count(cfg, hf_config=hf)
+    static = c.weight_bytes + c.trainable_bytes * (2 if cfg.peft.method != "full" else 1) + c.optimizer_bytes
+    arch = Arch(c.hidden, c.intermediate, c.layers, c.vocab, c.layer_trainable, c.adapted_inputs, c.largest_weight)
+    steps = [Step(s["rows"], s["length"], s["supervised"], masked=s.get("sequences", 1) > 1 or "tokens" in s and s["tokens"] < s["rows"] * s["length"],
+                  checkpointing=shape["checkpointing"], attention=shape["attention"], liger=shape["liger"], loss=shape["loss"])
+             for s in shape["steps"]]
+    coef, _ = coefficients_for(cfg.peft.method, cfg.peft.dropout)
+    return predict_peak(static, coef, arch, steps, cfg.peft.method, cfg.peft.dropout) / GiB
+
+
 def build_model(out: Path, shape_name: str, tokenizer_dir: Path, layers: int | None = None) -> Path:
     """A random-weight model of the shape with the benchmark's tokenizer, built in bf16 on the GPU (CPU without one)."""
     if (out / "config.json").exists():
@@ -140,14 +165,18 @@ def mean_example_length(config: Path) -> float:
 
 
 def run_side(side: str, config: Path, args, out: Path) -> dict:
+    """One side in its own process (its own CUDA context and peak), its output written to the log as it runs."""
     script, overrides = SIDES[side]
     cmd = [sys.executable, "-m", "benchmarks.train_speed", "--side", script, "--config", str(config), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--out", str(out), "--overrides", json.dumps(overrides), "--lora",
            "--eval-rows", str(args.eval_rows)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"side": side, "error": proc.stderr[-3000:]}
-    return json.loads(out.read_text()) | {"side": side}
+    args.logs.mkdir(parents=True, exist_ok=True)
+    log = args.logs / f"side-{side}.log"
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        return {"side": side, "error": log.read_text()[-3000:], "log": str(log)}
+    return json.loads(out.read_text()) | {"side": side, "log": str(log)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                          "four packed 2048-token rows in one micro-batch ran out of an H100's 80 GB without checkpointing")
     ap.add_argument("--sides", nargs="*", default=["trl-defaults", "trl-expert", "multitune"], choices=list(SIDES))
     ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-gpu")
+    ap.add_argument("--models", type=Path, default=None, help="where the random models are built once (default: WORKDIR)")
+    ap.add_argument("--logs", type=Path, default=None, help="each side's output, as it runs (default: WORKDIR/logs)")
     ap.add_argument("--config", type=Path, default=None, help="tasks and tokenizer (default: the benchmark workspace's)")
     ap.add_argument("--eval-rows", type=int, default=50, help="validation rows per task scored after training")
     ap.add_argument("--json", type=Path, default=None, help="results file, rewritten after every side (default: WORKDIR/gpu-results.json)")
@@ -174,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.grad_accum is not None and (args.grad_accum < 1 or args.examples % args.grad_accum):  # before any GPU time
         raise SystemExit(f"error: --grad-accum must be at least 1 and divide --examples ({args.examples}), got {args.grad_accum}")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    args.logs = args.logs or args.workdir / "logs"
     results_path = args.json or args.workdir / "gpu-results.json"
     bench_cfg = args.config or workspace(args.workdir)  # the seed tasks and their tokenizer
     raw = yaml.safe_load(bench_cfg.read_text())
     shape = SHAPES[args.shape] | ({"num_hidden_layers": args.layers} if args.layers else {})
     name = f"random-{args.shape}" + (f"-{args.layers}l" if args.layers else "")
-    model_dir = build_model(args.workdir / name, args.shape, Path(raw["model"]["name_or_path"]), args.layers)
+    built = not ((args.models or args.workdir) / name / "config.json").exists()
+    model_dir = build_model((args.models or args.workdir) / name, args.shape, Path(raw["model"]["name_or_path"]), args.layers)
     raw["model"].update(name_or_path=str(model_dir), max_length=args.seq_len)
     raw["peft"] = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     raw["run_dir"] = str(args.workdir / "run")
@@ -197,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"device": device or "cpu", "shape": args.shape, "layers": shape["num_hidden_layers"],
               "layers_note": None if not args.layers else f"{args.layers} of {SHAPES[args.shape]['num_hidden_layers']} layers, for time",
               "seq_len": args.seq_len, "examples_per_step": args.examples, "grad_accum": accum, "mean_example_tokens": context,
-              "matmul": rate, "datasheet_flops_per_s": datasheet, "rows": [],
+              "matmul": rate, "datasheet_flops_per_s": datasheet, "rows": [], "model_dir": str(model_dir), "model_built_here": built,
               # what this process still holds on the GPU while the sides train (0 once release_gpu worked)
               "parent_reserved_gib": torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else None}
     print(f"{args.shape}-shaped model ({shape['num_hidden_layers']} layers) with random weights on {device or 'CPU'}; "
@@ -208,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             peft_cfg = raw["peft"] | {"method": SIDES[side][1].get("peft.method", "lora")}
             r["memory_shape"] = {"side": side, "model": {"shape": args.shape, "layers": shape["num_hidden_layers"], "dtype": "bfloat16"},
                                  "peft": peft_cfg, **r["memory_shape"]}
+            r["plan_gib"] = predicted_gib(r["memory_shape"])
         if "error" not in r:
             f = flops_per_token(shape, round(context), r.get("adapter_params"))
             r["mfu_measured"] = r["tokens_per_s"] * f / rate["flops_per_s"]
@@ -216,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps(record, indent=2))  # as it goes: a later failure loses nothing
     base = {r["side"]: r for r in record["rows"] if "error" not in r}
     print(f"{'side':22s} {'tokens/s':>10s} {'vs defaults':>11s} {'vs expert':>9s} {'MFU meas':>8s} {'MFU sheet':>9s} "
-          f"{'alloc GiB':>9s} {'resv GiB':>8s} {'val loss':>8s}")
+          f"{'alloc GiB':>9s} {'plan GiB':>8s} {'resv GiB':>8s} {'val loss':>8s}")
     for r in record["rows"]:
         if "error" in r:
             print(f"{r['side']:22s} FAILED: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
@@ -224,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         for b in ("trl-defaults", "trl-expert"):
             r[f"vs_{b}"] = r["tokens_per_s"] / base[b]["tokens_per_s"] if b in base else None
         cells = [f"{r[f'vs_{b}']:.2f}x" if r[f"vs_{b}"] else "-" for b in ("trl-defaults", "trl-expert")]
-        mem = [f"{r[k]:.1f}" if r.get(k) is not None else "-" for k in ("peak_allocated_gib", "peak_reserved_gib")]
+        mem = [f"{r[k]:.1f}" if r.get(k) is not None else "-" for k in ("peak_allocated_gib", "plan_gib", "peak_reserved_gib")]
         sheet = "-" if r["mfu_datasheet"] is None else f"{r['mfu_datasheet']:.1%}"
         print(f"{r['side']:22s} {r['tokens_per_s']:10.0f} {cells[0]:>11s} {cells[1]:>9s} {r['mfu_measured']:8.1%} {sheet:>9s} "
-              f"{mem[0]:>9s} {mem[1]:>8s} {r['val_answer_loss']:8.3f}")
+              f"{mem[0]:>9s} {mem[1]:>8s} {mem[2]:>8s} {r['val_answer_loss']:8.3f}")
     results_path.write_text(json.dumps(record, indent=2))
     return 0 if all("error" not in r for r in record["rows"]) else 1
 

@@ -7,8 +7,8 @@ peft, huggingface_hub, tokenizers and the scientific stack, but not trl, dataset
 liger-kernel or bitsandbytes. Their wheels are downloaded here for that platform (pip download
 --only-binary, --python-version 3.12), with transformers and peft at the versions this project is
 tested with. Each run of the device tool carries at most 64 MiB with the working tree, and
-bitsandbytes alone is 43 MB, so there are two bundles: run1 (sections a, d, e) without it, run2
-(sections b, c) with it. Each also holds the assets: generated task data and a tiny model.
+bitsandbytes alone is 43 MB, so there are two bundles: run1 (sections a, b: the 8B model and QLoRA) with
+it, run2 (sections c, d, e) without it. Each also holds the assets: generated task data and a tiny model.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ BASE = [  # missing on the GPU machine, or pinned to the versions tested here
     "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.4",
     "typing-extensions==4.16.0",
 ]
-BUNDLES = {"run1": BASE + ["liger-kernel==0.8.5"], "run2": BASE + ["liger-kernel==0.8.5", "bitsandbytes==0.50.2"]}
+BUNDLES = {"run1": BASE + ["liger-kernel==0.8.5", "bitsandbytes==0.50.2"], "run2": BASE + ["liger-kernel==0.8.5"]}
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3",
             "--abi", "none"] + [a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
                                             "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64", "any")

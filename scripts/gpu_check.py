@@ -1,21 +1,25 @@
-"""`make gpu-check`: the prepared check for a bare GPU machine, in two runs of at most 8 minutes.
+"""`make gpu-check`: the prepared check for a bare GPU machine, in two runs of about 5.5 minutes each.
 
-    python3 scripts/gpu_check.py --run 1 --bundle .gpu-bundle/run1   # a (8B benchmark), d (CLI on CUDA), e (FSDP2 on NCCL)
-    python3 scripts/gpu_check.py --run 2 --bundle .gpu-bundle/run2   # b (QLoRA 4-bit), c (Liger / compile / packing)
+    python3 scripts/gpu_check.py --run 1 --bundle .gpu-bundle/run1   # a (8B: TRL defaults, TRL expert, multitune), b (QLoRA)
+    python3 scripts/gpu_check.py --run 2 --bundle .gpu-bundle/run2   # c (Liger, packed vs grouped), d (CLI on CUDA), e (FSDP2)
     python3 scripts/gpu_check.py --tiny --out DIR                    # every section at a tiny shape on a CPU (the test)
 
 `make gpu-bundle` (scripts/gpu_bundle.py) prepares the bundles on the CPU machine: wheels for the GPU
 machine's platform and the assets (generated data, a tiny model). Here the bundle's wheels are
 installed with `pip --no-index --no-deps` into a private folder, then each section runs under its own
-timeout and writes `section-X.json` under the output folder ($OUT when set) as it goes, so a late
-failure or a timeout loses nothing. A short table is printed last.
+timeout and writes `section-X.json` under the output folder ($OUT when set) as it goes, and every
+child's output streams to `logs/` there as it runs: a late failure, a timeout, or the whole call killed
+at the lease's limit loses nothing that was printed. A short table is printed last.
 
-a. the 8B-shaped benchmark (benchmarks/gpu.py): TRL defaults vs TRL expert vs multitune (LoRA bf16);
-b. QLoRA 4-bit on CUDA: tokens/s, memory (against LoRA's from section a when both ran on this card);
-c. Liger on/off, compile on/off, packed vs padded, on a 2-layer model of the 8B width;
+a. the 8B-shaped benchmark (benchmarks/gpu.py): TRL defaults vs TRL expert vs multitune (LoRA bf16): tokens/s,
+   MFU, peak memory beside the memory model's prediction (`plan_gib`) at each side's recorded shape;
+b. QLoRA 4-bit on the same 8B model (built once by a, loaded here): memory against LoRA's (goal: at most 0.6x);
+c. Liger on/off, packed vs length-grouped padded rows, on a 2-layer model of the 8B width;
 d. `multitune train` on CUDA with the tiny model: checkpoints, SIGTERM, resume, `eval` in both modes, `predict`;
 e. `accelerate launch` with the FSDP2 config and 1 process on NCCL: launch.json says FSDP, the adapter is
    complete, resume works.
+
+torch.compile is not measured here: on the H100 (2026-11-27) its warm-up alone ran past its section's time.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ import yaml
 from processes import kill_tree  # this folder is sys.path[0] when the script runs
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = {1: ("a", "d", "e"), 2: ("b", "c")}
-# Seconds, sized from the H100 run of 2026-11-27 (d needed more than 110: its `eval --mode generate` was cut;
-# e finished in 68; a's TRL-defaults side took 52; c's first two sides 68 after a 10 s build). The sums,
-# 460 + 370 s, leave about 70 s of a 15-minute lease for the machine's start and the transfers (30 s that day).
-TIMEOUTS = {"a": 230, "b": 150, "c": 220, "d": 150, "e": 80}
+RUNS = {1: ("a", "b"), 2: ("c", "d", "e")}  # b loads the 8B model a built: the same call
+# Seconds, sized from the H100 run of 2026-11-27 (a's TRL-defaults side took 52 s, its 8B build ~30 s; b 68 s
+# with its own build, which it no longer does; c's first two sides 68 s after a 10 s build; d's train + resume
+# + likelihood eval 64 s, its generation eval, now on 8 rows, was cut at 40 rows; e 68 s). The sums, 330 + 320 s
+# (11 minutes), leave about 4 minutes of a 15-minute lease for the machine's start (1-2) and the transfers.
+TIMEOUTS = {"a": 230, "b": 100, "c": 120, "d": 120, "e": 80}
 # 2 micro-batches per step on every side: 3 examples each, or 2 packed rows of 256 (rounded to an even count)
 TINY_GPU_ARGS = ["--shape", "tiny", "--seq-len", "256", "--steps", "3", "--warmup", "1", "--examples", "6", "--eval-rows", "8",
                  "--grad-accum", "2"]
@@ -50,6 +55,8 @@ class Section:
 
     def __init__(self, name: str, out: Path, timeout: float, env: dict):
         self.name, self.path, self.env = name, out / f"section-{name}.json", env
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + timeout
         self.record: dict = {"section": name, "ok": None, "timed_out": False, "steps": []}
         self.t0 = time.monotonic()
@@ -69,30 +76,38 @@ class Section:
             raise TimeoutError
         return left
 
+    def log(self, what: str) -> Path:
+        """The file a child's output streams to, under the output folder: it comes back even if the call is killed."""
+        n = len(self.record["steps"])
+        return self.logs / f"{self.name}-{n}-{''.join(c if c.isalnum() else '-' for c in what).strip('-')}.log"
+
     def run(self, what: str, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=self.left())
-        except (subprocess.TimeoutExpired, TimeoutError):
-            kill_tree(proc.pid)  # its children too (a benchmark side, torchrun's ranks): the next section needs the GPU
-            out, err = proc.communicate()
-            self.record["steps"].append({"step": what, "timed_out": True, "tail": _tail(out, err)})
-            raise TimeoutError from None
-        proc.stdout, proc.stderr = out, err  # read like subprocess.run's result
-        step = {"step": what, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1)}
+        t0, log = time.monotonic(), self.log(what)
+        with log.open("w") as f:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                proc.wait(timeout=self.left())
+            except (subprocess.TimeoutExpired, TimeoutError):
+                kill_tree(proc.pid)  # its children too (a benchmark side, torchrun's ranks): the next section needs the GPU
+                proc.wait()
+                self.record["steps"].append({"step": what, "timed_out": True, "log": log.name, "tail": _tail(log.read_text())})
+                raise TimeoutError from None
+        out = log.read_text()
+        proc.stdout, proc.stderr = out, ""  # read like subprocess.run's result (stderr joined to stdout)
+        step = {"step": what, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1), "log": log.name}
         if proc.returncode != 0:
-            step["tail"] = _tail(out, err)
+            step["tail"] = _tail(out)
         self.record["steps"].append(step)
         self.save()
         if check and proc.returncode != 0:
             raise RuntimeError(f"{what} exited {proc.returncode}")
         return proc
 
-    def start(self, cmd: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+    def start(self, what: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
+        """A child left running (the caller waits), its output streamed to its log."""
+        log = self.log(what)
+        with log.open("w") as f:
+            return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True), log
 
 
 def _tail(*texts, n: int = 1500) -> str:
@@ -107,6 +122,7 @@ def _gpu_bench(s: Section, work: Path, bench_cfg: Path, extra: list[str]) -> dic
     rows = work / f"gpu-{s.name}.json"
     try:
         s.run("benchmarks.gpu", [sys.executable, "-m", "benchmarks.gpu", "--config", str(bench_cfg), "--workdir", str(work / s.name),
+                                 "--models", str(work / "models"), "--logs", str(s.logs / f"{s.name}-sides"),
                                  "--json", str(rows), *extra], check=False)
     finally:  # rows written so far survive a timeout
         if rows.exists():
@@ -122,33 +138,36 @@ def section_a(s: Section, ctx: dict) -> bool:
     if ours:
         s.note(summary={"vs_trl_expert": ours.get("vs_trl-expert"), "vs_trl_defaults": ours.get("vs_trl-defaults"),
                         "mfu_measured": ours.get("mfu_measured"), "mfu_datasheet": ours.get("mfu_datasheet"),
-                        "memory_vs_trl_defaults": _ratio(ours, sides.get("trl-defaults"), "peak_allocated_gib")})
-    (ctx["work"] / "section-a.json").write_text(s.path.read_text())  # for run 2's section b: $OUT starts empty each call
+                        "memory_vs_trl_defaults": _ratio(ours, sides.get("trl-defaults"), "peak_allocated_gib"),
+                        "memory_vs_plan": {k: _ratio(r, {"x": r.get("plan_gib")}, "peak_allocated_gib", "x") for k, r in sides.items()}})
     return len(sides) == 3
 
 
 def section_b(s: Section, ctx: dict) -> bool:
+    """QLoRA on a's 8B model (same call, same models folder: loaded, not rebuilt), against a's LoRA peak."""
     sides = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], "--sides", "qlora"])
-    # LoRA's peak memory from section a: this call's $OUT, or the work dir a warm machine kept from run 1
-    a = next((p for p in (ctx["out"] / "section-a.json", ctx["work"] / "section-a.json") if p.exists()), ctx["out"] / "section-a.json")
+    a = ctx["out"] / "section-a.json"
     lora = next((r for r in json.loads(a.read_text()).get("results", {}).get("rows", []) if r["side"] == "multitune"), None) \
         if a.exists() else None
     if "qlora" in sides:
-        s.note(summary={"qlora_memory_vs_lora": _ratio(sides["qlora"], lora, "peak_allocated_gib")})
+        ratio = _ratio(sides["qlora"], lora, "peak_allocated_gib")
+        s.note(summary={"qlora_memory_vs_lora": ratio, "goal": 0.6, "met": ratio is not None and ratio <= 0.6,
+                        "memory_vs_plan": _ratio(sides["qlora"], {"x": sides["qlora"].get("plan_gib")}, "peak_allocated_gib", "x")})
     return "qlora" in sides
 
 
 def section_c(s: Section, ctx: dict) -> bool:
-    # Liger first (the default was flipped on one short measurement), compile last: it ran past the section's time
-    # on the H100 (2026-11-27). Packed vs padded is measured by the CPU benchmark and section a's TRL defaults.
-    sides = ["multitune", "multitune+liger", "multitune+compile"]
-    if ctx["tiny"]:  # the code path only: no Liger on a CPU; compiling has its own test, tests/unit/test_speed.py
-        sides = ["multitune", "multitune+padded"]
+    # Liger first (the default was flipped on one short measurement), then packed rows against length-grouped padded
+    # ones (the two ways the 8B configs can batch); no compile: its warm-up ran past the section's time on the H100
+    sides = ["multitune", "multitune+liger", "multitune+grouped"]
+    if ctx["tiny"]:  # the code path only: no Liger on a CPU
+        sides = ["multitune", "multitune+grouped"]
     layers = [] if ctx["tiny"] else ["--layers", "2"]
     got = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], *layers, "--sides", *sides])
     base = got.get("multitune")
     if base:
-        s.note(summary={k: got[k]["tokens_per_s"] / base["tokens_per_s"] for k in sides[1:] if k in got})
+        s.note(summary={f"{k} tokens/s": got[k]["tokens_per_s"] / base["tokens_per_s"] for k in sides[1:] if k in got}
+               | {f"{k} memory": _ratio(got[k], base, "peak_allocated_gib") for k in sides[1:] if k in got})
     return len(got) == len(sides)
 
 
@@ -170,7 +189,7 @@ def _train_config(ctx: dict, name: str, **peft) -> Path:
 
 def _stop_then_resume(s: Section, launch: list[str], run_dir: Path) -> dict:
     """Start training, SIGTERM it once a complete checkpoint exists, then run the same command: it must resume."""
-    proc = s.start(launch)
+    proc, log = s.start("train (stopped)", launch)
     ckpts = run_dir / "checkpoints"
     try:
         while proc.poll() is None and not any(ckpts.glob("checkpoint-*/COMPLETE")):
@@ -179,10 +198,13 @@ def _stop_then_resume(s: Section, launch: list[str], run_dir: Path) -> dict:
         stopped_early = proc.poll() is None
         if stopped_early:
             os.killpg(proc.pid, signal.SIGTERM)  # the launcher forwards it to its ranks
-        out, _ = proc.communicate(timeout=s.left())
+        proc.wait(timeout=s.left())
     except (subprocess.TimeoutExpired, TimeoutError):
         kill_tree(proc.pid)
+        s.record["steps"].append({"step": "train (stopped)", "timed_out": True, "log": log.name, "tail": _tail(log.read_text())})
         raise TimeoutError from None
+    out = log.read_text()
+    s.record["steps"].append({"step": "train (stopped)", "rc": proc.returncode, "log": log.name})
     first = {"rc": proc.returncode, "sigterm_sent": stopped_early, "said_stopped": "stopped at step" in out}
     second = s.run("train (resume)", launch)
     facts = {"first": first, "resumed": "resuming from" in second.stdout, "done": (run_dir / "DONE").exists()}
@@ -197,8 +219,8 @@ def section_d(s: Section, ctx: dict) -> bool:
     facts = _stop_then_resume(s, [*cli, "train", str(cfg)], run_dir)
     launch = json.loads((run_dir / "launch.json").read_text()) if (run_dir / "launch.json").exists() else {}
     s.note(launch=launch)
-    for mode in ("likelihood", "generate"):
-        s.run(f"eval --mode {mode}", [*cli, "eval", str(run_dir), "--mode", mode, "--max-rows", "8" if ctx["tiny"] else "40"])
+    for mode, rows in (("likelihood", 40), ("generate", 8)):  # generation is slow per row: 40 ran past the time (H100)
+        s.run(f"eval --mode {mode}", [*cli, "eval", str(run_dir), "--mode", mode, "--max-rows", "8" if ctx["tiny"] else str(rows)])
     pred = s.run("predict", [*cli, "predict", str(run_dir), "--task", "banking77", "I lost my card, please block it"])
     s.note(prediction=pred.stdout.strip().splitlines()[-1] if pred.stdout.strip() else None)
     on_gpu = launch.get("device", "").startswith("cuda") or ctx["tiny"]
@@ -229,10 +251,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
-    if not a or not b or a.get(key) is None or not b.get(key):
+def _ratio(a: dict | None, b: dict | None, key: str, key_b: str | None = None) -> float | None:
+    key_b = key_b or key
+    if not a or not b or a.get(key) is None or not b.get(key_b):
         return None
-    return a[key] / b[key]
+    return a[key] / b[key_b]
 
 
 SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}

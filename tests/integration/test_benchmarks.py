@@ -86,13 +86,21 @@ def test_gpu_check_writes_every_section_at_a_tiny_shape(assets, tmp_path):
     assert {side: r["grad_accum"] for side, r in a.items()} == dict.fromkeys(a, 2) and a["trl-defaults"]["batch_size"] == 3
     per_step = {side: r["tokens"] / r["timed_steps"] for side, r in a.items()}
     assert max(per_step.values()) < 2 * min(per_step.values()), per_step
+    assert all(r["plan_gib"] > 0 for r in a.values())  # the memory model's prediction beside each measured side
     assert [r["side"] for r in sections["b"]["results"]["rows"]] == ["qlora"]
-    assert set(sections["c"]["summary"]) == {"multitune+padded"}  # tiny mode: two sides (no Liger on a CPU); compiling: tests/unit/test_speed.py
+    # the model is built once (by a) and loaded by b, from the shared models folder
+    assert sections["a"]["results"]["model_built_here"] and not sections["b"]["results"]["model_built_here"]
+    assert sections["a"]["results"]["model_dir"] == sections["b"]["results"]["model_dir"]
+    assert set(sections["c"]["summary"]) == {"multitune+grouped tokens/s", "multitune+grouped memory"}  # tiny: no Liger on a CPU
     assert all(r["liger"] is False for r in sections["c"]["results"]["rows"])  # none applied on a CPU
     for n in "de":  # SIGTERM stopped the first run at a checkpoint, the same command resumed and finished
         facts = sections[n]["stop_resume"]
         assert facts["first"]["sigterm_sent"] and facts["resumed"] and facts["done"]
     assert sections["e"]["adapter_tensors"] > 0
+    # every child's output is a file under the output folder (what comes back from a device call, even a killed one)
+    for n, r in sections.items():
+        assert all((out / "logs" / step["log"]).stat().st_size > 0 for step in r["steps"] if "log" in step), n
+    assert {p.name for p in (out / "logs" / "a-sides").iterdir()} == {f"side-{s}.log" for s in a}
     summary = json.loads((out / "summary-runx.json").read_text())
     assert summary["sections"] == list("abcde") and "versions" in summary["environment"]
     assert "section" in proc.stdout.splitlines()[-6]  # the table comes last

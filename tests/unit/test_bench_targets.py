@@ -41,3 +41,22 @@ def test_speed_without_the_quality_condition_is_not_met():
     lower_accuracy = {t["target"]: t for t in targets(_record(lik_acc=0.70))}
     assert not lower_accuracy["eval_banking77_vs_generate"]["met"]
     assert lower_accuracy["eval_banking77_vs_generate"]["value"] == 1.2  # fast enough, but less accurate
+
+
+def test_the_head_share_model_has_llama3_8b_head_share():
+    """The second CPU comparison's model: its output head is Llama-3-8B's share of the matmul weights, counted on
+    the real modules (meta device), against the 8B's share by hand from its published shape."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from benchmarks.__main__ import HEAD_SHARE_8B, head_share
+
+    d, i, layers, vocab, kv = 4096, 14336, 32, 128256, 1024  # Llama-3-8B: 8 key/value heads of 128
+    by_hand = d * vocab / (layers * (2 * d * d + 2 * d * kv + 3 * d * i) + d * vocab)
+    assert 0.069 < by_hand < 0.071
+    with torch.device("meta"):
+        eight_b = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=d, intermediate_size=i, num_hidden_layers=layers,
+                                                               num_attention_heads=32, num_key_value_heads=8, vocab_size=vocab))
+        small = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=4096, tie_word_embeddings=False, **HEAD_SHARE_8B))
+    assert abs(head_share(eight_b) - by_hand) < 1e-9
+    assert abs(head_share(small) - by_hand) < 0.005  # vocabulary 4,096, as the tiny model's tokenizer

@@ -1,6 +1,7 @@
 """The bundle half of `make gpu-bundle` / `make gpu-check`: wheels installed with no index and no resolver into a
 folder that then shadows the machine's own packages (the GPU machine's transformers is older than ours)."""
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -56,3 +57,15 @@ def test_a_broken_bundle_stops_with_its_pip_log(tmp_path):
 
 def test_no_bundle_uses_the_machines_packages(tmp_path):
     assert gpu_check.install(None, tmp_path / "site", tmp_path)["installed"] == []
+
+
+def test_a_child_killed_at_its_deadline_leaves_what_it_printed(tmp_path):
+    """A section's child streams into out/logs as it runs: killed at the timeout, its output is still there (and so it
+    comes back from a device call whose limit kills the whole check), and the step says it timed out."""
+    section = gpu_check.Section("z", tmp_path, timeout=3, env=dict(os.environ))
+    code = "import time; print('loaded the model', flush=True); time.sleep(60)"
+    with pytest.raises(TimeoutError):
+        section.run("slow side", [sys.executable, "-c", code])
+    step = section.record["steps"][-1]
+    assert step["timed_out"] and "loaded the model" in step["tail"]
+    assert (tmp_path / "logs" / step["log"]).read_text() == "loaded the model\n"

@@ -7,18 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from multitune.config import config_from_dict
 from multitune.launch.memory import (
     LLAMA3_8B_MEASURED,
     SLICE,
-    Arch,
-    Step,
     _slice_model,
-    coefficients_for,
     measure,
-    predict_peak,
 )
-from multitune.launch.plan import GiB, count
+
+from benchmarks.gpu import predicted_gib
 
 REPO = Path(__file__).resolve().parents[2]
 DERIVED = Path(__file__).parent / "data" / "gpu_record_shapes_2026-11-27.json"
@@ -43,24 +39,6 @@ def recorded_sides() -> list[tuple[str, dict, float]]:
                 peak = next(r["peak_allocated_gib"] for r in rows if r["side"] == shape["side"])  # the record's figure
                 out.append((path.name, shape, peak))
     return out
-
-
-def predicted_gib(shape: dict) -> float:
-    from transformers import LlamaConfig
-
-    from benchmarks.gpu import SHAPES
-
-    model = shape["model"]
-    hf = LlamaConfig(**(SHAPES[model["shape"]] | {"num_hidden_layers": model["layers"]}), tie_word_embeddings=False)
-    cfg = config_from_dict({"model": {"name_or_path": "recorded", "dtype": model["dtype"]}, "peft": shape["peft"], "tasks": [{"name": "claims"}]})
-    c = count(cfg, hf_config=hf)
-    static = c.weight_bytes + c.trainable_bytes * (2 if cfg.peft.method != "full" else 1) + c.optimizer_bytes
-    arch = Arch(c.hidden, c.intermediate, c.layers, c.vocab, c.layer_trainable, c.adapted_inputs, c.largest_weight)
-    steps = [Step(s["rows"], s["length"], s["supervised"], masked=s.get("sequences", 1) > 1 or "tokens" in s and s["tokens"] < s["rows"] * s["length"],
-                  checkpointing=shape["checkpointing"], attention=shape["attention"], liger=shape["liger"], loss=shape["loss"])
-             for s in shape["steps"]]
-    coef, _ = coefficients_for(cfg.peft.method, cfg.peft.dropout)
-    return predict_peak(static, coef, arch, steps, cfg.peft.method, cfg.peft.dropout) / GiB
 
 
 SIDES = recorded_sides()
