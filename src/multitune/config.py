@@ -289,9 +289,6 @@ class Config(_Strict):
                 raise ValueError("strategy: per_task cannot use hub.push or train.hub_checkpoints yet; upload "
                                  "run_dir/final/<task> with `hf upload`, or use strategy: joint")
         self._keep_best_possible(names)
-        if self.train.batch_size == "auto" and self.head == "classifier":
-            raise ValueError("train.batch_size=auto sizes language-model training (head: lm); with head: classifier set "
-                             "a number (e.g. train.batch_size=8)")
         if self.head == "classifier":
             if self.peft.method in PROMPT_LEARNING:
                 raise ValueError(f"head: classifier cannot use peft.method={self.peft.method} (the head reads the last "

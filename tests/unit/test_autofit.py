@@ -38,12 +38,6 @@ def test_batch_config_errors_are_one_line(train, message):
     assert "\n" not in str(e.value)
 
 
-def test_auto_batch_is_refused_for_classifier_heads():
-    with pytest.raises(UserError, match="head: classifier set a number"):
-        config_from_dict({"model": {"name_or_path": "m"}, "head": "classifier", "tasks": [{"name": "claims"}],
-                          "train": {"batch_size": "auto", "global_batch_size": 16}})
-
-
 def test_auto_and_a_recorded_config_round_trip():
     """The run records the user's config (batch_size auto, grad_accum 1, the global batch) and reads it back."""
     from multitune.config import dump_config

@@ -28,7 +28,7 @@ from multitune.distributed import main_print, max_over_ranks
 from multitune.errors import UserError
 from multitune.launch.plan import DataStats, GiB, Gpu, Layout, count, fit_on, memory, total_with_overhead
 from multitune.training.args import fsdp_launch
-from multitune.training.autofit import confirm
+from multitune.training.autofit import OomBackoff, confirm
 
 BUDGET_ENV = "MULTITUNE_GPU_MEMORY_GIB"  # a simulated card: its memory in GiB
 WATCH_STEPS = 10  # optimizer steps in which an out-of-memory backs off (multitune.training.autofit.OomBackoff)
@@ -140,6 +140,8 @@ def confirm_on(trainer, fit: AutoFit | None, cfg: Config) -> None:
     """Before step 1: the probe steps down from the choice until a worst-case micro-batch fits on every rank; the
     first WATCH_STEPS steps then back off once from out-of-memory (multitune.training.autofit)."""
     if fit is None:
+        return
+    if not isinstance(trainer, OomBackoff):  # head: classifier: the choice counts an LM head's logits it never makes
         return
     if fsdp_launch():
         main_print("note: under FSDP every forward is a collective, so auto-fit's probe and out-of-memory back-off are off: "

@@ -356,8 +356,9 @@ def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> st
     ckpt = "on" if p.checkpointing else "off"
     margin = f"{FRAGMENTATION:.0%} allocator slack and {CUDA_CONTEXT / GiB:.0f} GiB CUDA context"
     out.append(f"auto-fit: micro-batch {p.micro_batch} x {seq} tokens, gradient checkpointing {ckpt} (the largest micro-batch "
-               f"dividing {p.micro_batch * p.grad_accum} examples per GPU that fits with {margin}; checkpointing only when "
-               "none fits without)")
+               f"dividing {p.micro_batch * p.grad_accum} examples per GPU that fits with {margin}; " + (
+                   "train.gradient_checkpointing: true keeps checkpointing on)" if checkpointing_options(cfg) == (True,)
+                   and cfg.train.batch_size == "auto" else "checkpointing only when none fits without)"))
     rows = f"one padding-free row of {p.micro_batch} x {seq}" if cfg.train.packing else f"{p.micro_batch} row(s) of {seq}"
     answers = (f"{p.data.answer_tokens:.0f} answer tokens an example (the longest seen)" if p.data.answer_tokens
                and cfg.train.loss_positions == "supervised" else "every position")

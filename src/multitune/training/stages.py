@@ -265,6 +265,10 @@ def cost_facts(trainer: SFTTrainer) -> dict[str, Any]:
     }
 
 
+def _per(micro: int, pieces: int) -> int | float:
+    return micro // pieces if micro % pieces == 0 else micro / pieces
+
+
 def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:
     """What really ran: accelerate's distributed type, the world size and how the model was wrapped."""
     acc = trainer.accelerator
@@ -278,6 +282,6 @@ def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:
         "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
         # as trained: after an out-of-memory back-off (multitune.training.autofit) each micro-batch ran as halves
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps * getattr(trainer, "oom_split", 1),
-        "per_device_train_batch_size": trainer.args.per_device_train_batch_size / getattr(trainer, "oom_split", 1),
+        "per_device_train_batch_size": _per(trainer.args.per_device_train_batch_size, getattr(trainer, "oom_split", 1)),
         "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
     }
