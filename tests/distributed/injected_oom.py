@@ -2,7 +2,8 @@
 
 `MULTITUNE_TEST_OOM=RANK:ROWS:FROM` makes that rank's embedding forward (training only: gradients on) raise
 torch.OutOfMemoryError for micro-batches of more than ROWS rows, from its FROM-th such forward on (1: the first,
-which is auto-fit's probe). Patches from outside the package.
+which is auto-fit's probe). `MULTITUNE_TEST_WATCH_STEPS=N` watches the first N optimizer steps instead of
+multitune's 10, so that a short run also trains past them. Patches from outside the package.
 
     torchrun --nproc_per_node 2 tests/distributed/injected_oom.py train CONFIG.yaml
 """
@@ -16,6 +17,10 @@ import torch
 
 
 def install() -> None:
+    if os.environ.get("MULTITUNE_TEST_WATCH_STEPS"):
+        from multitune.launch import autofit
+
+        autofit.WATCH_STEPS = int(os.environ["MULTITUNE_TEST_WATCH_STEPS"])
     value = os.environ.get("MULTITUNE_TEST_OOM")
     if not value:
         return

@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from multitune.config import config_from_dict
+from multitune.launch import autofit
 from multitune.launch.runner import train
 from tests.conftest import tiny_config
 
@@ -74,6 +75,7 @@ def assert_same_training(run_dir, oracle_dir):
 def test_oom_at_step_3_backs_off_and_continues_at_the_same_step(assets, tmp_path, monkeypatch, capsys, halved):
     """Forward 1 is the probe (micro-batch 8 fits), 2 and 3 are steps 1 and 2; forward 4, step 3, runs out of memory."""
     monkeypatch.setenv("MULTITUNE_GPU_MEMORY_GIB", "64")  # every micro-batch fits by the model: 8 x 1
+    monkeypatch.setattr(autofit, "WATCH_STEPS", 4)  # step 5 runs past the watched steps, as halves
     oom = InjectedOom(4, at={4}).install(monkeypatch)
     train(config_from_dict(run_config(assets, tmp_path / "run", batch_size="auto", global_batch_size=8)))
     out = capsys.readouterr().out
