@@ -40,8 +40,9 @@ def test_batch_config_errors_are_one_line(train, message):
 
 def test_auto_and_a_recorded_config_round_trip():
     """The run records the user's config (batch_size auto, grad_accum 1, the global batch) and reads it back."""
-    from multitune.config import dump_config
     import yaml
+
+    from multitune.config import dump_config
 
     cfg = cfg_with(batch_size="auto", global_batch_size=192)
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
