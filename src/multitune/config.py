@@ -137,8 +137,15 @@ class TrainConfig(_Strict):
     ] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    batch_size: int | Literal["auto"] = Field(
+        8, description="examples per process per forward (the micro-batch); auto: the largest that fits the card (the "
+        "smallest card of the launch), with gradient checkpointing only when needed; needs train.global_batch_size",
+    )
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step; follows from global_batch_size when set")
+    global_batch_size: int | None = Field(
+        None, gt=0, description="examples per optimizer step over every process: micro-batch x grad_accum x processes; "
+        "required with batch_size: auto (a relaunch on other cards resumes when it is unchanged)",
+    )
     max_grad_norm: float = 1.0
     max_steps: int = Field(-1, description="-1: run the epochs")
     logging_steps: int = Field(10, gt=0)
@@ -172,6 +179,27 @@ class TrainConfig(_Strict):
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
     wandb: WandbConfig = WandbConfig()
 
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, n: int | str) -> int | str:
+        if isinstance(n, int) and n < 1:
+            raise ValueError("must be a positive number of examples or auto")
+        return n
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> TrainConfig:
+        """With global_batch_size named, grad_accum follows from it (global = micro-batch x grad_accum x processes)."""
+        g = self.global_batch_size
+        if self.batch_size == "auto" and g is None:
+            raise ValueError("train.batch_size=auto needs the global batch: set train.global_batch_size (examples per "
+                             "optimizer step over all processes, e.g. 192)")
+        if g is not None and self.grad_accum != 1:
+            raise ValueError("set train.grad_accum or train.global_batch_size, not both (grad_accum follows from the global "
+                             "batch: global = batch_size x grad_accum x processes)")
+        if g is not None and self.batch_size != "auto" and g % self.batch_size:
+            raise ValueError(f"train.global_batch_size={g} is not a multiple of train.batch_size={self.batch_size}")
+        return self
+
     @model_validator(mode="after")
     def _keep_best_spelling(self) -> TrainConfig:
         kind, _, name = self.keep_best.partition(":")
@@ -190,7 +218,25 @@ class EvalConfig(_Strict):
         "likelihood", description="likelihood: the label with the highest summed log-prob; constrained: greedy decoding "
         "restricted to the labels; generate: free greedy generation, parsed (an unparsable answer is wrong)",
     )
-    batch_size: int = Field(16, gt=0)
+    batch_size: int | Literal["auto"] = Field(
+        16, description="rows per scoring batch; auto: during `multitune train`, the largest the card holds (from the "
+        "memory model, at most 64), elsewhere 16",
+    )
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, n: int | str) -> int | str:
+        if isinstance(n, int) and n < 1:
+            raise ValueError("must be a positive number of rows or auto")
+        return n
+
+    @property
+    def rows(self) -> int:
+        """The scoring batch: the number, or (auto not resolved by a launch) the default 16."""
+        return EVAL_AUTO_FALLBACK if self.batch_size == "auto" else self.batch_size
+
+
+EVAL_AUTO_FALLBACK = 16
 
 
 class HubConfig(_Strict):

@@ -106,7 +106,7 @@ HARMLESS = (
 )
 # The batch layout may change on resume (a pod that comes back with fewer GPUs) as long as the global
 # batch stays that of the checkpoint; train.py checks that against the checkpoint itself.
-BATCH_LAYOUT = ("train.batch_size", "train.grad_accum")
+BATCH_LAYOUT = ("train.batch_size", "train.grad_accum", "train.global_batch_size")
 
 
 def _harmless(key: str, allowed: tuple[str, ...]) -> bool:

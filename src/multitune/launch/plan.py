@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from multitune.config import Config
+from multitune.errors import UserError
 from multitune.launch.memory import coefficients_for
 from multitune.launch.runpod import ADAPTER_METHODS, accelerate_config_for
 
@@ -102,8 +103,6 @@ def model_config(cfg: Config):
     except (OSError, ValueError) as e:
         if ref in KNOWN_SHAPES:
             return LlamaConfig(**KNOWN_SHAPES[ref]), f"{ref}'s config.json unreachable ({type(e).__name__}): used its published shape"
-        from multitune.errors import UserError
-
         raise UserError(f"cannot read the config of model {ref} ({str(e).splitlines()[0]}); plan needs its shape: "
                         "pass a local directory or go online") from None
 
@@ -244,7 +243,6 @@ class DataStats:
 
 def data_stats(cfg: Config, sample: int = 200) -> DataStats:
     """Count the training examples and measure their length (the tokenizer's, else ~4 characters a token)."""
-    from multitune.errors import UserError
     from multitune.data.formatting import Formatter
     from multitune.hub import mirror_root
     from multitune.modeling.load import load_tokenizer
@@ -303,32 +301,45 @@ class Plan:
 
 def make_plan(cfg: Config, *, gpus: int, nodes: int, gpu: str, global_batch: int | None = None, mfu: float | None = None,
               data: DataStats | None = None, counts: Counts | None = None) -> Plan:
-    from multitune.errors import UserError
-
     if gpu not in GPUS:
         raise UserError(f"--gpu {gpu}: unknown; choose one of {', '.join(GPUS)}")
     if gpus < 1 or nodes < 1:
         raise UserError("--gpus and --nodes must be at least 1")
-    card, world, seq = GPUS[gpu], gpus * nodes, cfg.model.max_length
+    card, world = GPUS[gpu], gpus * nodes
     c = counts or count(cfg)
-    target = global_batch or cfg.train.batch_size * cfg.train.grad_accum * world
+    target = global_batch or global_batch_of(cfg, world)
     if target % world:
         raise UserError(f"a global batch of {target} does not split over {world} GPUs; pass --global-batch as a multiple of {world}")
     data = data or data_stats(cfg)
-    per_gpu = target // world
-    plan = None
-    for checkpointing in (False, True):  # auto-fit: checkpointing only when no micro-batch fits without it
-        layout = choose_layout(c, cfg, gpus, nodes, card, seq, checkpointing)
-        for micro in sorted((m for m in range(1, per_gpu + 1) if per_gpu % m == 0), reverse=True):  # the largest that fits
-            parts = memory(c, cfg, layout, micro, seq, world, checkpointing, data.answer_tokens, data.tokens)
+    layout, micro, checkpointing, parts, fits = fit_on(c, cfg, card, gpus, nodes, target // world, data)
+    return Plan(c, card, nodes, gpus, layout, micro, target // world // micro, checkpointing, parts, fits, data,
+                mfu or DEFAULT_MFU["qlora" if cfg.peft.method == "qlora" else "other"])
+
+
+def global_batch_of(cfg: Config, world: int) -> int:
+    """Examples per optimizer step: train.global_batch_size, else batch_size x grad_accum x processes."""
+    return cfg.train.global_batch_size or cfg.train.batch_size * cfg.train.grad_accum * world
+
+
+def checkpointing_options(cfg: Config) -> tuple[bool, ...]:
+    """train.gradient_checkpointing: true keeps it on; else auto-fit turns it on only when nothing fits without."""
+    return (True,) if cfg.train.gradient_checkpointing else (False, True)
+
+
+def fit_on(c: Counts, cfg: Config, card: Gpu, gpus: int, nodes: int, per_gpu: int, data: DataStats, layout: Layout | None = None):
+    """Auto-fit (train.batch_size: auto, and `plan`): the largest micro-batch dividing ``per_gpu`` examples whose peak at
+    model.max_length fits ``card`` less the margin (total_with_overhead), checkpointing only when none fits without;
+    (layout, micro-batch, checkpointing, memory parts, fits). Nothing fits: micro-batch 1 with checkpointing, fits False.
+    ``layout``: the launch's own (else the one `plan` would choose)."""
+    seq, world = cfg.model.max_length, gpus * nodes
+    for checkpointing in (checkpointing_options(cfg) if cfg.train.batch_size == "auto" else (False, True)):
+        lay = layout or choose_layout(c, cfg, gpus, nodes, card, seq, checkpointing)
+        for micro in sorted((m for m in range(1, per_gpu + 1) if per_gpu % m == 0), reverse=True):
+            parts = memory(c, cfg, lay, micro, seq, world, checkpointing, data.answer_tokens, data.tokens)
             fits = total_with_overhead(parts) <= card.memory
             if fits or (checkpointing and micro == 1):
-                plan = Plan(c, card, nodes, gpus, layout, micro, per_gpu // micro, checkpointing, parts, fits, data, 0.0)
-                break
-        if plan is not None:
-            break
-    plan.mfu = mfu or DEFAULT_MFU["qlora" if cfg.peft.method == "qlora" else "other"]
-    return plan
+                return lay, micro, checkpointing, parts, fits
+    raise AssertionError("unreachable: micro-batch 1 with checkpointing always returns")
 
 
 def _gib(n: float) -> str:
@@ -345,8 +356,9 @@ def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> st
     ckpt = "on" if p.checkpointing else "off"
     margin = f"{FRAGMENTATION:.0%} allocator slack and {CUDA_CONTEXT / GiB:.0f} GiB CUDA context"
     out.append(f"auto-fit: micro-batch {p.micro_batch} x {seq} tokens, gradient checkpointing {ckpt} (the largest micro-batch "
-               f"dividing {p.micro_batch * p.grad_accum} examples per GPU that fits with {margin}; checkpointing only when "
-               "none fits without)")
+               f"dividing {p.micro_batch * p.grad_accum} examples per GPU that fits with {margin}; " + (
+                   "train.gradient_checkpointing: true keeps checkpointing on)" if checkpointing_options(cfg) == (True,)
+                   and cfg.train.batch_size == "auto" else "checkpointing only when none fits without)"))
     rows = f"one padding-free row of {p.micro_batch} x {seq}" if cfg.train.packing else f"{p.micro_batch} row(s) of {seq}"
     answers = (f"{p.data.answer_tokens:.0f} answer tokens an example (the longest seen)" if p.data.answer_tokens
                and cfg.train.loss_positions == "supervised" else "every position")
@@ -360,8 +372,8 @@ def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> st
                f"of {p.gpu.memory / GiB:.1f} GiB: {'fits' if p.fits else 'DOES NOT FIT'}")
     if not p.fits:
         out.append("  to fit: peft.method=qlora, a shorter model.max_length, more GPUs (FSDP shards the weights), or a larger GPU")
-    if p.checkpointing != cfg.train.gradient_checkpointing:
-        out.append(f"  set train.gradient_checkpointing={str(p.checkpointing).lower()}")
+    if p.checkpointing != cfg.train.gradient_checkpointing and cfg.train.batch_size != "auto":
+        out.append(f"  set train.gradient_checkpointing={str(p.checkpointing).lower()} (or train.batch_size=auto)")
     if p.world == 1:
         why = "one process"
     elif p.layout.shards == 1:
@@ -369,12 +381,13 @@ def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> st
     else:
         why = f"weights, gradients and optimizer sharded over the {p.layout.shards} GPUs of a node"
     out.append(f"\nlaunch: configs/accelerate/{p.layout.accelerate_config} ({why})")
-    out.append(f"batch: global {p.micro_batch * p.grad_accum * p.world} = micro-batch {p.micro_batch} x {p.grad_accum} accumulation "
-               f"x {p.world} GPU(s)  ->  train.batch_size={p.micro_batch} train.grad_accum={p.grad_accum}")
+    global_batch = p.micro_batch * p.grad_accum * p.world
+    keys = (f"train.batch_size=auto chooses it at launch (train.global_batch_size={global_batch})" if cfg.train.batch_size == "auto"
+            else f"train.batch_size={p.micro_batch} train.grad_accum={p.grad_accum}")
+    out.append(f"batch: global {global_batch} = micro-batch {p.micro_batch} x {p.grad_accum} accumulation x {p.world} GPU(s)  ->  {keys}")
     if p.data.examples is None:
         out.append(f"data: {p.data.source}")
         return "\n".join(out) + "\n"
-    global_batch = p.micro_batch * p.grad_accum * p.world
     steps = math.ceil(math.ceil(p.data.examples / (p.micro_batch * p.world)) / p.grad_accum) * cfg.train.epochs
     out.append(f"data: {p.data.examples:,} training examples x {cfg.train.epochs:g} epochs, {p.data.tokens:.0f} tokens each "
                f"on average ({p.data.source})")

@@ -38,6 +38,7 @@ from accelerate import PartialState
 from multitune.config import Config
 from multitune.distributed import any_rank, checked, main_print, rank
 from multitune.errors import UserError
+from multitune.launch import autofit
 from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
 from multitune.results.selection import annotate, check_choosable, choice, note
@@ -46,11 +47,11 @@ from multitune.rundir import RunDir, one_model, parts, strict_json, training_log
 from multitune.tasks import resolve_tasks
 from multitune.training import wandb_log
 from multitune.training.args import checkpointing_for_peft, sft_config
+from multitune.training.checkpoints import STOP
 from multitune.training.guards import lock_run, releases_run_locks
 from multitune.training.hub_checkpoints import fetch_newest_checkpoint
 from multitune.training.keep_best import restore_best
-from multitune.training.parts import LmParts, HeadParts, part_kind, trained_step
-from multitune.training.checkpoints import STOP
+from multitune.training.parts import HeadParts, LmParts, part_kind, trained_step
 from multitune.training.stages import (
     COST_FILE, Launch, Setup, already_finished, check_node, fit, plan_launch, prepare_run, save_outputs, total_cost,
 )
@@ -59,6 +60,7 @@ from multitune.training.stages import (
 @releases_run_locks
 def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate; under torchrun/accelerate every rank calls this, and only the writers write files."""
+    autofit.expandable_segments()  # before anything touches CUDA
     kind = part_kind(cfg)
     cfg = checkpointing_for_peft(resolve_tasks(cfg))
     kind.check(cfg)  # the config alone: every rank refuses alike
@@ -80,12 +82,14 @@ def run_stages(kind: LmParts | HeadParts, cfg: Config, run: RunDir, args, *, res
         return already_finished(run)
     kind.before_prepare(cfg)
     setup = kind.prepared(prepare_run(cfg, run, resuming=launches[0].mode == "resume", writer=args.should_save))
+    # batch_size/eval batch_size auto, grad_accum from global_batch_size: the trainers' config (the run records the user's)
+    cfg, chosen = autofit.at_launch(cfg, setup.prepared, args.world_size, args.bf16)
     results: dict[str, dict[str, Any]] = {}
     step = 0
     for part, launch in zip(parts(cfg, run), launches, strict=True):
         if stopped_by_signal(f"training {part.final}"):
             return {}
-        model = train_part(kind, cfg, part, launch, setup, started_over=not resume or overwrite)
+        model = train_part(kind, cfg, part, launch, setup, chosen, started_over=not resume or overwrite)
         if model is None:  # a signal stopped it with a checkpoint
             return {}
         if stopped_by_signal(f"evaluating {part.final} (saved)"):
@@ -111,16 +115,20 @@ def stopped_by_signal(before: str) -> bool:
     return True
 
 
-def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Launch, setup: Setup, *, started_over: bool):
+def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Launch, setup: Setup, chosen: autofit.AutoFit | None,
+               *, started_over: bool):
     """The part's trained model: trained now (from its checkpoint, if any), or reloaded when an earlier launch
     finished it; None when a signal stopped training with a checkpoint. ``started_over``: --no-resume or
-    --overwrite (the Hub's checkpoints of the earlier run may be replaced)."""
+    --overwrite (the Hub's checkpoints of the earlier run may be replaced). ``chosen``: train.batch_size auto's
+    choice, confirmed on the card before step 1."""
     if launch.mode == "resume" and not any_rank(not kind.is_done(part)):  # agreed: every rank finds the marker
         main_print(f"{part.final}: trained by an earlier launch")
         return kind.load(cfg, part, setup)
     args = sft_config(cfg, part)
-    args.gradient_accumulation_steps = launch.grad_accum
+    if launch.grad_accum is not None:
+        args.gradient_accumulation_steps = launch.grad_accum
     trainer = kind.trainer(cfg, part, args, setup, launch.checkpoint, started_over)
+    autofit.confirm_on(trainer, chosen, cfg)
     if not fit(trainer, launch.checkpoint):
         return None
     restore_best(trainer)  # train.keep_best: the kept checkpoint's weights, on every rank

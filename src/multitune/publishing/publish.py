@@ -120,6 +120,8 @@ def _body(run, cfg, results, tokenizer, repo_id, merged, lic_note) -> str:
     base, p, t = _shown(cfg.model.name_or_path), cfg.peft, cfg.train  # a Hub id, or a local folder's name only
     launch = json.loads((run.root / "launch.json").read_text()) if (run.root / "launch.json").exists() else {}
     world = launch.get("world_size", 1)
+    # as trained (train.batch_size: auto chose it at launch; launch.json records it), else as configured
+    micro, accum = launch.get("per_device_train_batch_size", t.batch_size), launch.get("gradient_accumulation_steps", t.grad_accum)
     method = f"`{p.method}`" + (f" (r={p.r}, alpha={p.alpha}, dropout={p.dropout}, targets={p.target_modules})"
                                 if p.method in ("lora", "qlora", "dora", "rslora") else "")
     prompts = task_prompts(run, cfg, tokenizer)
@@ -135,7 +137,7 @@ def _body(run, cfg, results, tokenizer, repo_id, merged, lic_note) -> str:
              "## Training setup", "",
              f"- method: {method}; {t.epochs:g} epochs, learning rate {t.learning_rate:g}, {t.lr_scheduler} schedule, "
              f"warmup {t.warmup_ratio:g}",
-             f"- batch: {t.batch_size} per GPU x {t.grad_accum} accumulation x {world} process(es) = {t.batch_size * t.grad_accum * world}"
+             f"- batch: {micro} per GPU x {accum} accumulation x {world} process(es) = {micro * accum * world}"
              f" examples per step; max length {cfg.model.max_length} tokens; seed {cfg.seed}",
              f"- launch: {launch.get('distributed_type', 'single process')}" + (f", {launch.get('device')}" if launch else ""),
              "- data: " + "; ".join(f"`{x.name}` from `{_shown(x.dataset)}`" for x in cfg.tasks),

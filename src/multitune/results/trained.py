@@ -150,12 +150,12 @@ class LmRun(TrainedRun):
         for group in groups.values():
             if len(groups) > 1:
                 use_adapter(model, group[0].task.name)
-            results |= evaluate_tasks(model, formatter, group, mode=mode or cfg.eval.mode, batch_size=cfg.eval.batch_size,
+            results |= evaluate_tasks(model, formatter, group, mode=mode or cfg.eval.mode, batch_size=cfg.eval.rows,
                                       max_rows=max_rows, seed=seed, detail=True)
         return results
 
     def _scorer(self, task: Task) -> Scorer:
-        return Scorer(self.model([task.name]), self.formatter(task.name), self.cfg.eval.batch_size)
+        return Scorer(self.model([task.name]), self.formatter(task.name), self.cfg.eval.rows)
 
     def check_predict_mode(self, mode: str) -> None:
         return None
@@ -209,7 +209,7 @@ class HeadRun(TrainedRun):
             tokenizer = load_tokenizer(self.cfg.model, None, source=str(part.final))
             model, heads = load_trained(self.cfg, part.final, tokenizer)
             formatter = Formatter(tokenizer, self.cfg.model.max_length)
-            results |= evaluate_heads(model, formatter, tasks_of(part, data), heads, batch_size=self.cfg.eval.batch_size,
+            results |= evaluate_heads(model, formatter, tasks_of(part, data), heads, batch_size=self.cfg.eval.rows,
                                       max_rows=max_rows, seed=seed)
             del model
         return results
@@ -226,4 +226,4 @@ class HeadRun(TrainedRun):
         if heads.labels.get(task.name) != task.label_names:
             raise UserError(f"{out / HEADS_FILE} does not hold task {task.name}'s labels; the run directory is inconsistent")
         ids = prompt_ids(Formatter(tokenizer, cfg.model.max_length), examples)
-        return probabilities(model, tokenizer, ids, heads.rows(task.name), cfg.eval.batch_size)
+        return probabilities(model, tokenizer, ids, heads.rows(task.name), cfg.eval.rows)

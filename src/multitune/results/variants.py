@@ -115,7 +115,7 @@ def evaluate(cfg: Config, data: list[TaskData], variant: Variant, seed: int) -> 
 
     model, tokenizer = load_base_model(cfg)
     return evaluate_tasks(model, Formatter(tokenizer, cfg.model.max_length), data, mode=variant.mode or cfg.eval.mode,
-                          batch_size=cfg.eval.batch_size, max_rows=variant.max_rows, seed=seed, detail=True)
+                          batch_size=cfg.eval.rows, max_rows=variant.max_rows, seed=seed, detail=True)
 
 
 def evaluate_and_write(cfg: Config, root: Path, split_dir: Path | None, variant: Variant) -> Path:

@@ -55,8 +55,9 @@ def sft_config(cfg: Config, run: RunDir) -> SFTConfig:
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=cfg.eval.batch_size,
+        # batch_size: auto is chosen by the launch (multitune.launch.autofit) before any trainer exists: 1 until then
+        per_device_train_batch_size=1 if t.batch_size == "auto" else t.batch_size,
+        per_device_eval_batch_size=cfg.eval.rows,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,

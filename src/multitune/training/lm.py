@@ -19,6 +19,7 @@ from multitune.rundir import RunDir
 from multitune.scoring.evaluate import evaluate_tasks
 from multitune.training import wandb_log
 from multitune.training.adapter_state import PortableAdapterCheckpoints
+from multitune.training.autofit import OomBackoff
 from multitune.training.checkpoints import CompleteMarker, GracefulStop, TimedCheckpoints, TrainingClock
 from multitune.training.guards import DivergenceGuard
 from multitune.training.hooks import TaskEvaluation
@@ -27,8 +28,9 @@ from multitune.training.keep_best import KeepBest
 from multitune.training.stages import Setup
 
 
-class MultitaskTrainer(TaskEvaluation, DivergenceGuard, PortableAdapterCheckpoints, SFTTrainer):
-    """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss).
+class MultitaskTrainer(OomBackoff, TaskEvaluation, DivergenceGuard, PortableAdapterCheckpoints, SFTTrainer):
+    """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss), and which backs
+    off once from out-of-memory in its first steps when the launch chose its micro-batch (OomBackoff).
 
     The override exists because Trainer's ``compute_metrics`` sees per-token logits of the eval set,
     while label-likelihood accuracy needs its own scoring passes over the candidate labels. Under FSDP,

@@ -80,7 +80,7 @@ class LmParts:
         data = held_out(cfg, tasks_of(part, setup.data))  # train.keep_best: not the rows that chose the weights
         # the module under a torch.compile wrapper: scoring's shapes would recompile it batch after batch
         return evaluate_tasks(uncompiled(model), setup.formatter, data, mode=cfg.eval.mode,
-                              batch_size=cfg.eval.batch_size, seed=cfg.seed, detail=True)
+                              batch_size=cfg.eval.rows, seed=cfg.seed, detail=True)
 
 
 class HeadParts:
@@ -113,7 +113,7 @@ class HeadParts:
 
     def evaluate(self, model, cfg: Config, part: RunDir, setup: Setup) -> dict[str, dict[str, Any]]:
         data = tasks_of(part, setup.data)  # every rank scores every row (a sharded model needs them all)
-        return evaluate_heads(model, setup.formatter, data, classifier.heads_of(data), batch_size=cfg.eval.batch_size,
+        return evaluate_heads(model, setup.formatter, data, classifier.heads_of(data), batch_size=cfg.eval.rows,
                               seed=cfg.seed)
 
 

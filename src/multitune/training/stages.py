@@ -48,7 +48,7 @@ class Launch:
 
     mode: str
     checkpoint: Path | None
-    grad_accum: int
+    grad_accum: int | None  # None: it follows from train.global_batch_size (multitune.launch.autofit)
 
 
 @dataclass
@@ -104,8 +104,9 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
         return relaunch.mode, step_of(last), relaunch.changed
 
     seen = gather_checked(inspect)
+    grad_accum = None if cfg.train.global_batch_size else args.gradient_accumulation_steps
     if all(mode == "finished" for mode, _, _ in seen):
-        return Launch("finished", None, args.gradient_accumulation_steps)
+        return Launch("finished", None, grad_accum)
     # a finished node beside unfinished ones (node-local run dirs: a node died before finishing) resumes too
     seen = [("new" if mode == "new" else "resume", step, changed) for mode, step, changed in seen]
     if {mode for mode, _, _ in seen} == {"resume"} and (common := common_step(run.checkpoints, [s for _, s, _ in seen])) >= 0:
@@ -119,24 +120,32 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
     mode, step, changed = seen[rank()]
     checkpoint = run.checkpoints / f"checkpoint-{step}" if step >= 0 else None
     if checkpoint is None:
-        return Launch(mode, None, args.gradient_accumulation_steps)
+        return Launch(mode, None, grad_accum)
     grad_accum = checked(lambda: _resume_grad_accum(cfg, args, checkpoint, "train.grad_accum" in changed))
     return Launch(mode, checkpoint, grad_accum)
 
 
-def _resume_grad_accum(cfg: Config, args: SFTConfig, checkpoint: Path, grad_accum_from_user: bool) -> int:
-    """The grad_accum that resumes ``checkpoint`` on this launch's processes, or a clear refusal."""
+def _resume_grad_accum(cfg: Config, args: SFTConfig, checkpoint: Path, grad_accum_from_user: bool) -> int | None:
+    """The grad_accum that resumes ``checkpoint`` on this launch's processes (None: it follows from
+    train.global_batch_size, which must be the checkpoint's), or a clear refusal."""
     if is_sharded(checkpoint) and not fsdp_launch():
         raise UserError(f"{checkpoint} holds FSDP shards of the whole model; resume it under FSDP "
                         "(accelerate launch --config_file configs/accelerate/fsdp2-1x4.yaml ...)")
     if cfg.peft.method == "full" and fsdp_launch() and not is_sharded(checkpoint):
         raise UserError(f"{checkpoint} was written without FSDP; resume full fine-tuning without FSDP, as it started, "
                         "or start over with --no-resume")
-    saved, now = saved_layout(checkpoint), Layout(args.world_size, cfg.train.batch_size, cfg.train.grad_accum)
-    if saved and saved.world_size != now.world_size and cfg.train.group_by_length and not cfg.train.packing:
+    saved, g = saved_layout(checkpoint), cfg.train.global_batch_size
+    if saved and saved.world_size != args.world_size and cfg.train.group_by_length and not cfg.train.packing:
         raise UserError(f"train.group_by_length groups examples by each process's batch, so resuming {checkpoint} "
-                        f"({saved}) on {now.world_size} process(es) would reorder the data; resume on "
+                        f"({saved}) on {args.world_size} process(es) would reorder the data; resume on "
                         f"{saved.world_size} process(es)")
+    if g is not None:  # the micro-batch may differ (another card, batch_size: auto): the global batch may not
+        if saved and saved.global_batch != g:
+            raise UserError(f"the checkpoint was trained with a global batch of {saved.global_batch} examples per step "
+                            f"({saved}); train.global_batch_size={g} would change the training: set "
+                            f"train.global_batch_size={saved.global_batch}")
+        return None
+    now = Layout(args.world_size, cfg.train.batch_size, cfg.train.grad_accum)
     return grad_accum_for_resume(saved, now, grad_accum_from_user=grad_accum_from_user)
 
 
@@ -256,6 +265,10 @@ def cost_facts(trainer: SFTTrainer) -> dict[str, Any]:
     }
 
 
+def _per(micro: int, pieces: int) -> int | float:
+    return micro // pieces if micro % pieces == 0 else micro / pieces
+
+
 def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:
     """What really ran: accelerate's distributed type, the world size and how the model was wrapped."""
     acc = trainer.accelerator
@@ -267,5 +280,8 @@ def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:
         "wrapped_model": type(trainer.model_wrapped).__name__,
         "is_fsdp": trainer.is_fsdp_enabled,
         "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
-        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        # as trained: after an out-of-memory back-off (multitune.training.autofit) each micro-batch ran as halves
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps * getattr(trainer, "oom_split", 1),
+        "per_device_train_batch_size": _per(trainer.args.per_device_train_batch_size, getattr(trainer, "oom_split", 1)),
+        "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
     }

@@ -1,0 +1,155 @@
+"""`train.batch_size: auto` and `eval.batch_size: auto` at launch: the micro-batch the card holds, before step 1.
+
+Every rank, after the data is prepared (multitune.launch.runner):
+
+1. the card: the smallest of the launch (each rank's GPU memory, agreed by one all-reduce), or the simulated budget
+   ``MULTITUNE_GPU_MEMORY_GIB`` (tests, and `plan`-like dry runs on a CPU; without either, the host's memory);
+2. the choice: :func:`multitune.launch.plan.fit_on`, the function `multitune plan` prints, on this model's exact
+   counts and the prepared data's longest answer: the largest micro-batch dividing the examples per process that fits
+   the card less the margin (10% allocator slack, 1 GiB CUDA context), checkpointing only when none fits without;
+   ``grad_accum`` follows from ``train.global_batch_size`` (global = micro-batch x grad_accum x processes);
+3. once the trainer is built (:func:`confirm_on`): the probe (multitune.training.autofit.confirm) steps down from the
+   choice while a worst-case micro-batch runs out of memory, and the first steps are watched for out-of-memory.
+
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (:func:`expandable_segments`) is set by `multitune train` before
+anything touches CUDA, unless the user set it (or ``PYTORCH_ALLOC_CONF``): freed blocks are reused across the varying
+shapes of padded batches instead of fragmenting the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from multitune.config import Config
+from multitune.distributed import main_print, max_over_ranks
+from multitune.errors import UserError
+from multitune.launch.plan import DataStats, GiB, Gpu, Layout, count, fit_on, memory, total_with_overhead
+from multitune.training.args import fsdp_launch
+from multitune.training.autofit import OomBackoff, confirm
+
+BUDGET_ENV = "MULTITUNE_GPU_MEMORY_GIB"  # a simulated card: its memory in GiB
+WATCH_STEPS = 10  # optimizer steps in which an out-of-memory backs off (multitune.training.autofit.OomBackoff)
+EVAL_ROWS = (64, 32, 16, 8, 4, 2, 1)  # eval.batch_size: auto chooses among these
+
+
+def expandable_segments() -> None:
+    """Let the CUDA caching allocator grow segments in place (read when CUDA first allocates), unless the user chose."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+@dataclass(frozen=True)
+class AutoFit:
+    """What the launch chose: the trainer's micro-batch and checkpointing, and the probe's ladder from there down."""
+
+    micro_batch: int
+    checkpointing: bool
+    per_rank: int  # examples per process per optimizer step
+    ladder: tuple[tuple[int, bool], ...]  # (micro-batch, checkpointing) from the choice down, in the order tried
+    supervised: int  # the most supervised tokens of one training example (the probe's worst case)
+
+
+def card() -> Gpu:
+    """The smallest card of the launch (every rank calls it: one all-reduce)."""
+    if os.environ.get(BUDGET_ENV):
+        try:
+            mem = int(float(os.environ[BUDGET_ENV]) * GiB)
+            name = f"a simulated {mem / GiB:.1f} GiB card"
+        except ValueError:
+            raise UserError(f"{BUDGET_ENV}={os.environ[BUDGET_ENV]!r} is not a number of GiB") from None
+    elif torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        mem, name = props.total_memory, props.name
+    else:
+        mem, name = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's memory (no GPU)"
+    smallest = -max_over_ranks(-mem)
+    return Gpu(name if smallest == mem else "the smallest card of the launch", smallest, 0.0)
+
+
+def data_of(prepared) -> DataStats:
+    """The prepared training rows: how many, their mean length, and the most supervised tokens of one."""
+    labels = prepared.train["labels"]
+    lengths = [len(lab) for lab in labels]
+    answers = max(sum(t != -100 for t in lab) for lab in labels)
+    return DataStats(len(labels), sum(lengths) / len(lengths), "the prepared training rows", answers)
+
+
+def ladder(per_rank: int) -> list[tuple[int, bool]]:
+    """Every (micro-batch, checkpointing) in the order auto-fit prefers them: no checkpointing first, larger first."""
+    divisors = sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True)
+    return [(m, False) for m in divisors] + [(m, True) for m in divisors]
+
+
+def at_launch(cfg: Config, prepared, world: int, bf16: bool) -> tuple[Config, AutoFit | None]:
+    """The config the trainers run with (every rank alike): batch sizes resolved, grad_accum from the global batch;
+    and the choice to confirm when train.batch_size is auto."""
+    t, g = cfg.train, cfg.train.global_batch_size
+    if t.batch_size != "auto" and g is None and cfg.eval.batch_size != "auto":
+        return cfg, None
+    if g is not None and g % world:
+        raise UserError(f"train.global_batch_size={g} does not split over {world} processes: set a multiple of {world}")
+    per_rank = g // world if g is not None else None
+    train, fit = {}, None
+    if t.batch_size != "auto" and per_rank is not None:
+        if per_rank % t.batch_size:
+            raise UserError(f"train.global_batch_size={g} on {world} processes is {per_rank} examples each, not a multiple "
+                            f"of train.batch_size={t.batch_size}: choose a batch_size dividing {per_rank}, or batch_size=auto")
+        train = {"grad_accum": per_rank // t.batch_size}
+    evals = {}
+    if t.batch_size == "auto" or cfg.eval.batch_size == "auto":
+        gpu, data = card(), data_of(prepared)
+        counts = count(cfg, torch.bfloat16 if bf16 else torch.float32)
+        layout = Layout("this launch", int(os.environ.get("LOCAL_WORLD_SIZE", world)) if fsdp_launch() else 1)
+        if t.batch_size == "auto":
+            fit = _choose(cfg, counts, gpu, world, per_rank, data, layout)
+            train = {"batch_size": fit.micro_batch, "grad_accum": per_rank // fit.micro_batch,
+                     "gradient_checkpointing": fit.checkpointing}
+        if cfg.eval.batch_size == "auto":
+            evals = {"batch_size": eval_rows(cfg, counts, gpu, world, data, layout)}
+            main_print(f"eval.batch_size=auto: {evals['batch_size']} rows a scoring batch on {gpu.name}")
+    return cfg.model_copy(update={"train": t.model_copy(update=train), "eval": cfg.eval.model_copy(update=evals)}), fit
+
+
+def _choose(cfg: Config, counts, gpu: Gpu, world: int, per_rank: int, data: DataStats, layout) -> AutoFit:
+    _, micro, checkpointing, parts, fits = fit_on(counts, cfg, gpu, world, 1, per_rank, data, layout)
+    total = total_with_overhead(parts)
+    main_print(f"train.batch_size=auto on {gpu.name} ({gpu.memory / GiB:.1f} GiB): micro-batch {micro} x "
+               f"{per_rank // micro} accumulation x {world} process(es) = {per_rank * world} examples a step, gradient "
+               f"checkpointing {'on' if checkpointing else 'off'}; the memory model's peak {total / GiB:.1f} GiB "
+               f"(+10% slack, CUDA context) {'fits' if fits else 'DOES NOT FIT: the probe decides'}")
+    rungs = ladder(per_rank)
+    rungs = [r for r in rungs if r[1] or not cfg.train.gradient_checkpointing]
+    start = rungs.index((micro, checkpointing))
+    return AutoFit(micro, checkpointing, per_rank, tuple(rungs[start:]), int(data.answer_tokens))
+
+
+def eval_rows(cfg: Config, counts, gpu: Gpu, world: int, data: DataStats, layout) -> int:
+    """The largest scoring batch whose training step with checkpointing (a forward and a layer's backward, an upper bound
+    for a forward without gradients) fits beside the training state."""
+    for rows in EVAL_ROWS:
+        parts = memory(counts, cfg, layout, rows, cfg.model.max_length, world, True, data.answer_tokens, data.tokens)
+        if total_with_overhead(parts) <= gpu.memory:
+            return rows
+    return 1
+
+
+def confirm_on(trainer, fit: AutoFit | None, cfg: Config) -> None:
+    """Before step 1: the probe steps down from the choice until a worst-case micro-batch fits on every rank; the
+    first WATCH_STEPS steps then back off once from out-of-memory (multitune.training.autofit)."""
+    if fit is None:
+        return
+    if not isinstance(trainer, OomBackoff):  # head: classifier: the choice counts an LM head's logits it never makes
+        return
+    if fsdp_launch():
+        main_print("note: under FSDP every forward is a collective, so auto-fit's probe and out-of-memory back-off are off: "
+                   "the memory model's choice stands")
+        return
+    micro, checkpointing = confirm(trainer, list(fit.ladder), fit.per_rank, cfg.model.max_length, fit.supervised,
+                                   cfg.train.packing)
+    if (micro, checkpointing) != (fit.micro_batch, fit.checkpointing):
+        main_print(f"auto-fit probe: micro-batch {micro} x {fit.per_rank // micro} accumulation, gradient checkpointing "
+                   f"{'on' if checkpointing else 'off'} (stepped down from {fit.micro_batch})")
+    trainer.watch_steps = WATCH_STEPS

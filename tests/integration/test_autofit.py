@@ -1,0 +1,109 @@
+"""train.batch_size: auto on the CPU with an injected CUDA out-of-memory (torch.OutOfMemoryError raised by the model's
+embedding for micro-batches of more than 4 rows): the probe steps down before step 1; an out-of-memory at step 3
+backs off once and continues at the same step, and either way the run ends where an uninterrupted run with half the
+micro-batch and twice the accumulation ends (the same examples each step, in the same order)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from multitune.config import config_from_dict
+from multitune.launch import autofit
+from multitune.launch.runner import train
+from tests.conftest import tiny_config
+
+STEPS = 5
+
+
+def run_config(assets, run_dir, **train_keys) -> dict:
+    raw = tiny_config(assets, run_dir, max_steps=STEPS, save_steps=100, logging_steps=1, eval_rows_during_training=0,
+                      **train_keys)
+    raw["train"]["eval_steps"] = 1000
+    raw["tasks"] = [{**t, "max_rows": 60} for t in raw["tasks"][:2]]
+    return raw
+
+
+class InjectedOom:
+    """The embedding's forward (training only: gradients on) raises CUDA's out-of-memory for more than ``rows`` rows,
+    on the forward calls numbered in ``at`` (1: the first; None: every one)."""
+
+    def __init__(self, rows: int, at: set[int] | None):
+        self.rows, self.at, self.calls, self.raised = rows, at, 0, 0
+        self.forward = torch.nn.Embedding.forward
+
+    def install(self, monkeypatch) -> "InjectedOom":
+        monkeypatch.setattr(torch.nn.Embedding, "forward", lambda module, ids: self.call(module, ids))
+        return self
+
+    def call(self, module, ids):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if ids.shape[0] > self.rows and (self.at is None or self.calls in self.at):
+                self.raised += 1
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {ids.shape[0]} rows)")
+        return self.forward(module, ids)
+
+
+def losses(run_dir) -> list[float]:
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h and "step" in h]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def halved(assets, tmp_path_factory):
+    """The oracle: micro-batch 4 x 2 accumulation from the first step, no out-of-memory anywhere."""
+    run_dir = tmp_path_factory.mktemp("halved") / "run"
+    train(config_from_dict(run_config(assets, run_dir, batch_size=4, global_batch_size=8)))
+    return run_dir
+
+
+def assert_same_training(run_dir, oracle_dir):
+    assert losses(run_dir) == pytest.approx(losses(oracle_dir), rel=1e-5) and len(losses(run_dir)) == STEPS
+    a, b = weights(run_dir), weights(oracle_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_oom_at_step_3_backs_off_and_continues_at_the_same_step(assets, tmp_path, monkeypatch, capsys, halved):
+    """Forward 1 is the probe (micro-batch 8 fits), 2 and 3 are steps 1 and 2; forward 4, step 3, runs out of memory."""
+    monkeypatch.setenv("MULTITUNE_GPU_MEMORY_GIB", "64")  # every micro-batch fits by the model: 8 x 1
+    monkeypatch.setattr(autofit, "WATCH_STEPS", 4)  # step 5 runs past the watched steps, as halves
+    oom = InjectedOom(4, at={4}).install(monkeypatch)
+    train(config_from_dict(run_config(assets, tmp_path / "run", batch_size="auto", global_batch_size=8)))
+    out = capsys.readouterr().out
+    assert "micro-batch 8 x 1 accumulation" in out and oom.raised == 1
+    assert "out of memory at step 3 (micro-batch 8 x 1 accumulation): continuing at micro-batch 4 x 2" in out
+    launch = json.loads((tmp_path / "run" / "launch.json").read_text())
+    assert (launch["per_device_train_batch_size"], launch["gradient_accumulation_steps"]) == (4, 2)
+    assert_same_training(tmp_path / "run", halved)
+
+
+def test_the_probe_steps_down_before_step_1(assets, tmp_path, monkeypatch, capsys, halved):
+    monkeypatch.setenv("MULTITUNE_GPU_MEMORY_GIB", "64")
+    oom = InjectedOom(4, at=None).install(monkeypatch)
+    train(config_from_dict(run_config(assets, tmp_path / "run", batch_size="auto", global_batch_size=8)))
+    out = capsys.readouterr().out
+    assert "auto-fit probe: out of memory at micro-batch 8 x 192 tokens" in out and oom.raised == 1
+    assert "auto-fit probe: micro-batch 4 x 2 accumulation" in out
+    assert_same_training(tmp_path / "run", halved)
+
+
+def test_a_second_oom_is_one_error_line(assets, tmp_path, monkeypatch, run_cli):
+    """Backs off once: micro-batch 8 fails at step 1 (the probe passed), so does 4; one error, nothing saved."""
+    monkeypatch.setenv("MULTITUNE_GPU_MEMORY_GIB", "64")
+    InjectedOom(2, at=set(range(2, 100))).install(monkeypatch)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(run_config(assets, tmp_path / "run", batch_size="auto", global_batch_size=8)))
+    out = run_cli("train", path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]  # progress bars share stderr
+    assert len(errors) == 1 and "error: out of memory at step 1 even at micro-batch 4 (backed off from 8)" in errors[0], out.stderr[-2000:]
+    assert not (tmp_path / "run" / "final").exists()

@@ -1,0 +1,218 @@
+"""train.batch_size: auto: the config rules, the choice on a simulated budget, the resume rule, the batch split.
+
+The training behaviour (the probe, the back-off from an injected out-of-memory) is in
+tests/integration/test_autofit.py."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from multitune.config import config_from_dict
+from multitune.errors import UserError
+from multitune.launch import autofit
+from multitune.launch.plan import CUDA_CONTEXT, FRAGMENTATION, GiB, Layout, count, memory
+from multitune.training.autofit import split_batch
+from multitune.training.checkpoints import write_marker
+
+
+def cfg_with(assets=None, **train):
+    model = {"name_or_path": str(assets["model"]) if assets else "m", "max_length": 128}
+    return config_from_dict({"model": model, "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+                             "tasks": [{"name": "claims"}], "train": train})
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("train,message", [
+    ({"batch_size": "auto"}, "train.batch_size=auto needs the global batch: set train.global_batch_size"),
+    ({"batch_size": "auto", "global_batch_size": 64, "grad_accum": 4}, "set train.grad_accum or train.global_batch_size, not both"),
+    ({"batch_size": 8, "global_batch_size": 12}, "train.global_batch_size=12 is not a multiple of train.batch_size=8"),
+    ({"batch_size": "many"}, "invalid config at train.batch_size"),
+    ({"batch_size": 0}, "invalid config at train.batch_size"),
+])
+def test_batch_config_errors_are_one_line(train, message):
+    with pytest.raises(UserError, match=message) as e:
+        cfg_with(**train)
+    assert "\n" not in str(e.value)
+
+
+def test_auto_and_a_recorded_config_round_trip():
+    """The run records the user's config (batch_size auto, grad_accum 1, the global batch) and reads it back."""
+    import yaml
+
+    from multitune.config import dump_config
+
+    cfg = cfg_with(batch_size="auto", global_batch_size=192)
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again.train.batch_size == "auto" and again.train.global_batch_size == 192 and again.eval.rows == 16
+
+
+def test_cli_validate_refuses_auto_without_global_batch(run_cli, tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "tasks": [{"name": "claims"}], "train": {"batch_size": "auto"}}))
+    out = run_cli("validate", path)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
+    assert "train.global_batch_size" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_global_batch_must_split_over_the_processes():
+    with pytest.raises(UserError, match="train.global_batch_size=10 does not split over 4 processes"):
+        autofit.at_launch(cfg_with(batch_size="auto", global_batch_size=10), None, 4, False)
+    with pytest.raises(UserError, match="6 examples each, not a multiple of train.batch_size=4"):
+        autofit.at_launch(cfg_with(batch_size=4, global_batch_size=12), None, 2, False)
+
+
+def test_a_fixed_micro_batch_takes_its_accumulation_from_the_global_batch():
+    cfg, fit = autofit.at_launch(cfg_with(batch_size=4, global_batch_size=48), None, 3, False)
+    assert fit is None and (cfg.train.batch_size, cfg.train.grad_accum) == (4, 4)  # 4 x 4 x 3 = 48
+
+
+# ---------------------------------------------------------------- the choice on a simulated budget
+
+
+def prepared_with(answers: list[int], length: int = 100):
+    """Training rows of ``length`` tokens, the last ``a`` of each supervised."""
+    return SimpleNamespace(train={"labels": [[-100] * (length - a) + [7] * a for a in answers]})
+
+
+def oracle_choice(assets, cfg, budget: int, per_rank: int, answer: int, mean_tokens: float):
+    """Independently of the search: the step's bytes are static + rows x per-row (every activation, mask and logit
+    term is linear in rows at a fixed length), so the largest divisor of ``per_rank`` under the budget is read off
+    a straight line through 1 and 2 rows; checkpointing only when no divisor fits without."""
+    c = count(cfg, torch.float32)
+    for ckpt in (False, True):
+        one, two = (sum(memory(c, cfg, Layout("x", 1), n, 128, 1, ckpt, answer, mean_tokens).values()) for n in (1, 2))
+        per_row, static = two - one, 2 * one - two
+        ok = [m for m in range(1, per_rank + 1) if per_rank % m == 0
+              and (static + m * per_row) * (1 + FRAGMENTATION) + CUDA_CONTEXT <= budget]
+        if ok:
+            return max(ok), ckpt
+    return 1, True
+
+
+@pytest.mark.parametrize("rows_that_fit", [5, 12, 48])
+def test_auto_fit_chooses_the_largest_micro_batch_under_a_simulated_budget(assets, monkeypatch, rows_that_fit):
+    cfg = cfg_with(assets, batch_size="auto", global_batch_size=48)
+    c = count(cfg, torch.float32)
+    one, two = (sum(memory(c, cfg, Layout("x", 1), n, 128, 1, False, 9, 100.0).values()) for n in (1, 2))
+    budget = int((2 * one - two + (rows_that_fit + 0.5) * (two - one)) * (1 + FRAGMENTATION) + CUDA_CONTEXT)
+    monkeypatch.setenv(autofit.BUDGET_ENV, str(budget / GiB))
+    resolved, fit = autofit.at_launch(cfg, prepared_with([3, 9, 5]), 1, False)
+    expected = oracle_choice(assets, cfg, budget, 48, 9, 100.0)
+    assert (fit.micro_batch, fit.checkpointing) == expected
+    assert expected[0] == max(m for m in (1, 2, 3, 4, 6, 8, 12, 16, 24, 48) if m <= rows_that_fit)  # the budget's intent
+    assert (resolved.train.batch_size, resolved.train.grad_accum) == (expected[0], 48 // expected[0])
+    assert fit.supervised == 9 and fit.ladder[0] == expected and fit.ladder[-1] == (1, True)
+
+
+def test_checkpointing_comes_on_only_when_one_row_does_not_fit_without(assets, monkeypatch):
+    cfg = cfg_with(assets, batch_size="auto", global_batch_size=8)
+    c = count(cfg, torch.float32)
+    without = sum(memory(c, cfg, Layout("x", 1), 1, 128, 1, False, 9, 100.0).values())
+    with_ckpt = sum(memory(c, cfg, Layout("x", 1), 1, 128, 1, True, 9, 100.0).values())
+    assert with_ckpt < without
+    budget = int((with_ckpt + without) / 2 * (1 + FRAGMENTATION) + CUDA_CONTEXT)
+    monkeypatch.setenv(autofit.BUDGET_ENV, str(budget / GiB))
+    _, fit = autofit.at_launch(cfg, prepared_with([9]), 1, False)
+    assert fit.checkpointing and (fit.micro_batch, True) == oracle_choice(assets, cfg, budget, 8, 9, 100.0)
+
+
+def test_plan_prints_what_the_launch_chooses(assets, monkeypatch, tmp_path, run_cli):
+    """`plan --gpu G` and the launch on a card of G's memory run the same choice (launch.plan.fit_on)."""
+    import re
+
+    import yaml
+
+    from multitune.launch.plan import GPUS, DataStats, make_plan
+
+    cfg = cfg_with(assets, batch_size="auto", global_batch_size=2**16)
+    data = DataStats(1000, 100.0, "given", 9)
+    plan = make_plan(cfg, gpus=1, nodes=1, gpu="rtx4090", data=data, counts=count(cfg, torch.float32))
+    monkeypatch.setenv(autofit.BUDGET_ENV, str(GPUS["rtx4090"].memory / GiB))
+    _, fit = autofit.at_launch(cfg, prepared_with([9]), 1, False)
+    assert (fit.micro_batch, fit.checkpointing) == (plan.micro_batch, plan.checkpointing)
+    assert 1 < plan.micro_batch < 2**16  # a real choice, not an end of the range
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = run_cli("plan", path, "--gpu", "rtx4090", "--examples", "1000", "--tokens-per-example", "100").stdout
+    assert re.search(r"auto-fit: micro-batch \d+ x 128 tokens", out) and "train.batch_size=auto chooses it at launch" in out
+
+
+def test_the_smallest_card_wins(monkeypatch):
+    """Every rank's card goes through one max-reduction of its negated memory: the smallest is every rank's answer."""
+    seen = []
+    monkeypatch.setattr(autofit, "max_over_ranks", lambda v: (seen.append(v), max(v, -40 * GiB))[1])  # another rank: 40 GiB
+    monkeypatch.setenv(autofit.BUDGET_ENV, "80")
+    gpu = autofit.card()
+    assert seen == [-80 * GiB] and gpu.memory == 40 * GiB and gpu.name == "the smallest card of the launch"
+
+
+def test_expandable_segments_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    autofit.expandable_segments()
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    autofit.expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+# ---------------------------------------------------------------- resume compares the global batch
+
+
+def checkpoint_of(tmp_path, world, micro, accum):
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    write_marker(folder, {"global_step": 4, "world_size": world, "batch_size": micro, "grad_accum": accum})
+    return folder
+
+
+def test_resume_with_the_same_global_batch_on_another_card(tmp_path):
+    """Trained 12 GPUs x 8 x 2 = 192; relaunched with auto on 1 GPU: the micro-batch follows the card, the global
+    batch is the checkpoint's, so it resumes (grad_accum from the global batch)."""
+    from multitune.rundir import training_differences
+    from multitune.training.stages import _resume_grad_accum
+
+    before = cfg_with(batch_size=8, grad_accum=2)
+    now = cfg_with(batch_size="auto", global_batch_size=192)
+    assert training_differences(before.model_dump(mode="json"), now) == []
+    args = SimpleNamespace(world_size=1)
+    assert _resume_grad_accum(now, args, checkpoint_of(tmp_path, 12, 8, 2), False) is None
+    with pytest.raises(UserError, match=r"global batch of 192 .* set train.global_batch_size=192"):
+        _resume_grad_accum(cfg_with(batch_size="auto", global_batch_size=96), args, tmp_path / "checkpoint-4", False)
+
+
+# ---------------------------------------------------------------- halving a micro-batch
+
+
+def test_split_rows_keeps_every_row_once_in_order():
+    inputs = {"input_ids": torch.arange(15).reshape(5, 3), "labels": torch.arange(15).reshape(5, 3) + 100,
+              "attention_mask": torch.ones(5, 3, dtype=torch.long)}
+    halves = split_batch(inputs, 2)
+    assert [h["input_ids"].shape[0] for h in halves] == [2, 3]  # round(5/2) rows first
+    assert torch.equal(torch.cat([h["labels"] for h in halves]), inputs["labels"])
+
+
+def test_split_a_packed_row_at_a_sequence_start():
+    """One padding-free row of sequences of 4, 3, 5 and 2 tokens: cut at the start nearest the middle (7), with each
+    half's flash-attention boundaries its own."""
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1]])
+    inputs = {"input_ids": torch.arange(14)[None], "labels": torch.arange(14)[None], "position_ids": pos,
+              "cu_seq_lens_q": torch.tensor([0, 4, 7, 12, 14], dtype=torch.int32), "max_length_q": 5}
+    inputs["cu_seq_lens_k"], inputs["max_length_k"] = inputs["cu_seq_lens_q"], 5
+    a, b = split_batch(inputs, 2)
+    assert a["input_ids"].tolist() == [list(range(7))] and b["input_ids"].tolist() == [list(range(7, 14))]
+    assert a["cu_seq_lens_q"].tolist() == [0, 4, 7] and a["max_length_q"] == 4
+    assert b["cu_seq_lens_k"].tolist() == [0, 5, 7] and b["max_length_k"] == 5
+
+
+def test_a_single_sequence_cannot_be_halved():
+    inputs = {"input_ids": torch.arange(6)[None], "position_ids": torch.arange(6)[None]}
+    with pytest.raises(UserError, match="cannot be halved"):
+        split_batch(inputs, 2)
