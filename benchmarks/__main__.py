@@ -114,6 +114,7 @@ def head_share_config(config: Path, workdir: Path) -> tuple[Path, float]:
         tokenizer.save_pretrained(out)
     share = head_share_of(out)
     raw["model"]["name_or_path"] = str(out)
+    raw["train"]["logging_steps"] = 1  # a short run: every side reports its last loss
     path = workdir / "bench-8b-head-share.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, share
