@@ -115,6 +115,8 @@ def head_share_config(config: Path, workdir: Path) -> tuple[Path, float]:
     share = head_share_of(out)
     raw["model"]["name_or_path"] = str(out)
     raw["train"]["logging_steps"] = 1  # a short run: every side reports its last loss
+    for t in raw["tasks"]:  # the multitune side also runs its end-of-training evaluation: 16 layers are slow to score
+        t["max_eval_rows"] = 20
     path = workdir / "bench-8b-head-share.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, share

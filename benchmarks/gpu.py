@@ -40,7 +40,9 @@ SHAPES = {
              "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 4096, "rope_theta": 500000.0},
 }
 PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10G": 125e12}  # dense, no sparsity
-LORA = {"peft.method": "lora", "train.packing": True}
+# SDPA on every packed side but one: `model.attn_implementation: auto` picks FlexAttention for packed rows on a GPU
+# without flash-attn, whose first steps compile; "multitune+flex" measures it (section c, 2 layers: a bounded warm-up)
+LORA = {"peft.method": "lora", "train.packing": True, "model.attn_implementation": "sdpa"}
 SIDES = {  # benchmarks.train_speed side, overrides
     "trl-defaults": ("trl-defaults", {}),
     "trl-expert": ("trl-expert", {}),
@@ -51,6 +53,7 @@ SIDES = {  # benchmarks.train_speed side, overrides
     "multitune+compile": ("multitune", {**LORA, "train.compile": True}),
     "multitune+padded": ("multitune", {**LORA, "train.packing": False}),
     "multitune+grouped": ("multitune", {**LORA, "train.packing": False, "train.group_by_length": True}),
+    "multitune+flex": ("multitune", {**LORA, "model.attn_implementation": "flex_attention"}),
 }
 
 

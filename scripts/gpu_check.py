@@ -42,9 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 RUNS = {1: ("a", "b"), 2: ("c", "d", "e")}  # b loads the 8B model a built: the same call
 # Seconds, sized from the H100 run of 2026-11-27 (a's TRL-defaults side took 52 s, its 8B build ~30 s; b 68 s
 # with its own build, which it no longer does; c's first two sides 68 s after a 10 s build; d's train + resume
-# + likelihood eval 64 s, its generation eval, now on 8 rows, was cut at 40 rows; e 68 s). The sums, 330 + 320 s
-# (11 minutes), leave about 4 minutes of a 15-minute lease for the machine's start (1-2) and the transfers.
-TIMEOUTS = {"a": 230, "b": 100, "c": 120, "d": 120, "e": 80}
+# + likelihood eval 64 s, its generation eval, now on 8 rows, was cut at 40 rows; e 68 s; b's auto-fit run loads
+# the 8B model again, ~20 s, and trains 2 steps). The sums, 360 + 310 s (11 minutes), leave about 4 minutes of a 15-minute lease for the machine's start (1-2) and the transfers.
+TIMEOUTS = {"a": 220, "b": 140, "c": 110, "d": 120, "e": 80}
 # 2 micro-batches per step on every side: 3 examples each, or 2 packed rows of 256 (rounded to an even count)
 TINY_GPU_ARGS = ["--shape", "tiny", "--seq-len", "256", "--steps", "3", "--warmup", "1", "--examples", "6", "--eval-rows", "8",
                  "--grad-accum", "2"]
@@ -144,8 +144,10 @@ def section_a(s: Section, ctx: dict) -> bool:
 
 
 def section_b(s: Section, ctx: dict) -> bool:
-    """QLoRA on a's 8B model (same call, same models folder: loaded, not rebuilt), against a's LoRA peak."""
+    """QLoRA on a's 8B model (same call, same models folder: loaded, not rebuilt), against a's LoRA peak; then
+    auto-fit's choice and its probe on that model and this card."""
     sides = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], "--sides", "qlora"])
+    fitted = _auto_fit(s, ctx)
     a = ctx["out"] / "section-a.json"
     lora = next((r for r in json.loads(a.read_text()).get("results", {}).get("rows", []) if r["side"] == "multitune"), None) \
         if a.exists() else None
@@ -153,14 +155,31 @@ def section_b(s: Section, ctx: dict) -> bool:
         ratio = _ratio(sides["qlora"], lora, "peak_allocated_gib")
         s.note(summary={"qlora_memory_vs_lora": ratio, "goal": 0.6, "met": ratio is not None and ratio <= 0.6,
                         "memory_vs_plan": _ratio(sides["qlora"], {"x": sides["qlora"].get("plan_gib")}, "peak_allocated_gib", "x")})
-    return "qlora" in sides
+    return "qlora" in sides and fitted
+
+
+def _auto_fit(s: Section, ctx: dict) -> bool:
+    """`multitune train` with train.batch_size=auto on the benchmark's model (LoRA): the choice, the probe's verdict
+    and what trained (launch.json), two steps."""
+    run_dir = ctx["work"] / "autofit"
+    overrides = ["train.batch_size=auto", "train.global_batch_size=16", "train.grad_accum=1", "train.max_steps=2",
+                 "train.packing=false", "peft.method=lora", f"run_dir={run_dir}"]
+    proc = s.run("train batch_size=auto", [sys.executable, "-m", "multitune.cli", "train", str(ctx["work"] / "b" / "gpu.yaml"),
+                                          *overrides, "--overwrite"], check=False)
+    said = [line for line in proc.stdout.splitlines() if "batch_size=auto" in line or "auto-fit probe" in line]
+    launch = json.loads((run_dir / "launch.json").read_text()) if (run_dir / "launch.json").exists() else {}
+    s.note(auto_fit={"rc": proc.returncode, "said": said, "trained": {k: v for k, v in launch.items() if "batch" in k
+                                                                      or "checkpointing" in k or "accum" in k}})
+    return proc.returncode == 0 and bool(said)
 
 
 def section_c(s: Section, ctx: dict) -> bool:
     # Liger first (the default was flipped on one short measurement), then packed rows against length-grouped padded
-    # ones (the two ways the 8B configs can batch); no compile: its warm-up ran past the section's time on the H100
-    sides = ["multitune", "multitune+liger", "multitune+grouped"]
-    if ctx["tiny"]:  # the code path only: no Liger on a CPU
+    # ones (the two ways the 8B configs can batch), then packed rows on FlexAttention (no T x T mask; compiled in its
+# first steps, last so that its warm-up costs nothing else); no torch.compile of the model: its warm-up ran past the
+# section's time on the H100
+    sides = ["multitune", "multitune+liger", "multitune+grouped", "multitune+flex"]
+    if ctx["tiny"]:  # the code path only: no Liger on a CPU, no FlexAttention backward on a CPU
         sides = ["multitune", "multitune+grouped"]
     layers = [] if ctx["tiny"] else ["--layers", "2"]
     got = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], *layers, "--sides", *sides])

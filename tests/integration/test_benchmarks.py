@@ -91,6 +91,10 @@ def test_gpu_check_writes_every_section_at_a_tiny_shape(assets, tmp_path):
     # the model is built once (by a) and loaded by b, from the shared models folder
     assert sections["a"]["results"]["model_built_here"] and not sections["b"]["results"]["model_built_here"]
     assert sections["a"]["results"]["model_dir"] == sections["b"]["results"]["model_dir"]
+    # auto-fit on the same model: the choice is printed and what trained makes the global batch asked for (16)
+    fit = sections["b"]["auto_fit"]
+    assert any("micro-batch" in line for line in fit["said"]), fit
+    assert fit["trained"]["per_device_train_batch_size"] * fit["trained"]["gradient_accumulation_steps"] == 16
     assert set(sections["c"]["summary"]) == {"multitune+grouped tokens/s", "multitune+grouped memory"}  # tiny: no Liger on a CPU
     assert all(r["liger"] is False for r in sections["c"]["results"]["rows"])  # none applied on a CPU
     for n in "de":  # SIGTERM stopped the first run at a checkpoint, the same command resumed and finished
