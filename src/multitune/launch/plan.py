@@ -131,8 +131,8 @@ def count(cfg: Config, compute_dtype: torch.dtype = torch.bfloat16, hf_config=No
     layer_bytes = sum(p.numel() for p in layer.parameters()) * size if layer is not None else 0
 
     with torch.device("meta"):
-        # multitune's own adapter setup; for QLoRA it includes PEFT's prepare_model_for_kbit_training, which
-        # upcasts every parameter that is not 4-bit (embeddings, norms, output head) to fp32
+        # multitune's own adapter setup; for QLoRA it includes model.prepare_4bit, which leaves every parameter that
+        # is not 4-bit (embeddings, norms, output head) in the compute dtype
         trained = apply_peft(model, cfg, False) if cfg.peft.method != "full" else model
     weight_bytes = sum(nf4_bytes(p.numel()) if key in nf4 else p.numel() * p.element_size() for key, p in base.items())
     trainable = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]

@@ -100,6 +100,32 @@ def adapters_in_fp32(model) -> None:
             p.data = p.data.float()
 
 
+def prepare_4bit(model, gradient_checkpointing: bool):
+    """PEFT's preparation of a 4-bit model for training, its residual stream left in the 4-bit layers' compute dtype.
+
+    ``peft.prepare_model_for_kbit_training`` freezes the base, makes the embedding output require grad and enables
+    checkpointing when asked, and upcasts every weight that is not 4-bit (embeddings, output head, norms) to fp32,
+    for fp16 training's range. On a bf16 base that turns the residual stream fp32 (the embedding output is fp32 and
+    every residual add promotes): activations x1.375, the fp32 head copied to bf16 by autocast every step. The
+    frozen weights go back to the compute dtype (what load_model loaded them in: ``bnb_4bit_compute_dtype``); the
+    adapters, added after this, are fp32 (:func:`adapters_in_fp32`). An fp16 base keeps PEFT's fp32 upcast.
+    """
+    import peft
+
+    compute = model.get_input_embeddings().weight.dtype  # load_model loads every weight that is not 4-bit in it
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if compute == torch.bfloat16:
+        frozen_to(model, compute)
+    return model
+
+
+def frozen_to(model, dtype: torch.dtype) -> None:
+    """Cast every frozen floating-point weight that is not 4-bit to ``dtype``; trainable ones (adapters) are left."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(dtype)
+
+
 def _from_pretrained(loader, ref: str, mcfg: ModelConfig, mirror: Path | None, **kwargs):
     source = hub.resolve(ref, "model", mirror)
     try:
@@ -198,7 +224,7 @@ def apply_peft(model, cfg: Config, gradient_checkpointing: bool = False):
     import peft
 
     if cfg.peft.method == "qlora":
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_4bit(model, gradient_checkpointing)
     pc = peft_config(cfg.peft, model, tokenizer_path=hub.resolve(cfg.model.name_or_path, "model", hub.mirror_root(cfg.hub_mirror)))
     if pc is None:
         return model
