@@ -58,6 +58,36 @@ def weights_dtype(cfg: Config, *, for_training: bool) -> torch.dtype:
     return resolve_dtype(cfg.model.dtype)
 
 
+def attention(cfg: Config, *, for_training: bool, cuda: bool | None = None) -> str:
+    """The attention implementation the model is loaded with: model.attn_implementation, or what ``auto`` picks.
+
+    Packed rows (train.packing, train.padding_free: several examples in one row, position_ids restarting at each)
+    on SDPA make transformers build a block-diagonal [rows, 1, T, T] mask that every layer keeps, which rules out
+    the flash kernel and copies the key/value heads. On a GPU ``auto`` gives them an attention that takes the
+    sequence boundaries instead: flash-attn's variable-length kernel (cu_seqlens from position_ids) where flash-attn
+    imports, else PyTorch's FlexAttention with a document BlockMask (transformers' masking_utils builds it from the
+    position_ids; one block index per 128 x 128 tile). FlexAttention has no backward on the CPU (torch 2.13), so
+    on the CPU, unpacked rows and inference, ``auto`` is SDPA. ``cuda``: decide for a GPU (None: this machine).
+    """
+    impl = cfg.model.attn_implementation
+    if impl != "auto":
+        return impl
+    packed = for_training and (cfg.train.packing or cfg.train.padding_free)
+    if not (packed and (torch.cuda.is_available() if cuda is None else cuda)):
+        return "sdpa"
+    return "flash_attention_2" if flash_attn_imports() else "flex_attention"
+
+
+def flash_attn_imports() -> bool:
+    import importlib
+
+    try:  # installed but built for another torch or CUDA fails at import (undefined symbol, missing library): not usable
+        importlib.import_module("flash_attn")
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
 def check_requirements(cfg: Config) -> None:
     """Optional packages the config needs, checked before anything is loaded or written."""
     import importlib.util
@@ -76,6 +106,12 @@ def check_requirements(cfg: Config) -> None:
                             f"(pip install --force-reinstall {pip}), or {_INSTEAD[package]}") from None
     if cfg.model.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
+
+
+def check_training_attention(cfg: Config) -> None:
+    if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise UserError("model.attn_implementation=flex_attention trains only on a GPU (PyTorch's FlexAttention has no "
+                        "backward on the CPU); use auto or sdpa on this machine")
 
 
 _NEEDS = {"flash_attn": "model.attn_implementation=flash_attention_2", "bitsandbytes": "peft.method=qlora"}
@@ -150,11 +186,13 @@ def load_tokenizer(mcfg: ModelConfig, mirror: Path | None, source: str | None = 
 
 def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool = False, loader=AutoModelForCausalLM, **extra):
     """The base causal LM (or ``loader``'s head on it, with ``extra`` from_pretrained kwargs): bf16 on a
-    bf16-capable GPU, fp32 on CPU (and for full fine-tuning), SDPA attention; 4-bit NF4 for QLoRA."""
+    bf16-capable GPU, fp32 on CPU (and for full fine-tuning), the attention of :func:`attention`; 4-bit NF4 for QLoRA."""
     check_requirements(cfg)
+    if for_training:
+        check_training_attention(cfg)
     mcfg = cfg.model
     dtype = weights_dtype(cfg, for_training=for_training)
-    kwargs = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation, **extra}
+    kwargs = {"dtype": dtype, "attn_implementation": attention(cfg, for_training=for_training), **extra}
     if quantize if quantize is not None else cfg.peft.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
