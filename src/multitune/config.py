@@ -32,8 +32,10 @@ class ModelConfig(_Strict):
         description="auto: bf16 on GPUs that compute it natively (not V100/T4), else fp32; full fine-tuning loads "
         "fp32 weights and trains under bf16 autocast (an fp32 master copy for AdamW)",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="training attention; scoring always runs SDPA (flash_attention_2 takes no tree mask)"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="training attention. auto: packed rows (train.packing / padding_free) on a GPU take "
+        "flash_attention_2 where flash-attn is installed, else flex_attention (both follow the sequence boundaries, "
+        "no T x T mask); everything else takes sdpa. Scoring always runs SDPA (it needs a tree mask)",
     )
     max_length: int = Field(
         512, gt=8, description="prompt + completion tokens; a longer example's input text is cut in the middle, never its answer"
@@ -279,8 +281,8 @@ class Config(_Strict):
             raise ValueError(f"peft.method={self.peft.method} cannot be combined with packing or padding_free")
         if self.train.hub_checkpoints and not self.hub.repo_id:
             raise ValueError("train.hub_checkpoints needs hub.repo_id (checkpoints go to the private repo <repo_id>-checkpoints)")
-        if self.train.padding_free and not self.train.packing and self.model.attn_implementation != "flash_attention_2":
-            raise ValueError("train.padding_free without packing needs model.attn_implementation=flash_attention_2")
+        if self.train.padding_free and not self.train.packing and self.model.attn_implementation not in ("flash_attention_2", "flex_attention"):
+            raise ValueError("train.padding_free without packing needs model.attn_implementation=flash_attention_2 (or flex_attention)")
         if self.strategy == "per_task":
             if self.head == "lm" and self.peft.method == "full":
                 raise ValueError("strategy: per_task trains one adapter per task on one base; peft.method=full would "

@@ -114,3 +114,31 @@ def test_an_installed_bitsandbytes_that_cannot_import_is_one_clear_error(monkeyp
     with pytest.raises(UserError, match=r"bitsandbytes is installed but does not import \(RuntimeError: CUDA Setup failed"):
         load_model(_cfg(assets, tmp_path, "qlora"))
     assert not loaded
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_auto_attention_gives_packed_rows_on_a_gpu_the_sequence_boundaries(monkeypatch, assets, tmp_path, loaded, flash):
+    """Packed rows on SDPA get a [T, T] block mask; on a GPU auto loads flash-attn's varlen kernel where it imports,
+    else FlexAttention. Unpacked rows, inference and the CPU (FlexAttention has no CPU backward) keep SDPA."""
+    from multitune.modeling import load
+
+    monkeypatch.setattr(load, "flash_attn_imports", lambda: flash)
+    packed = tiny_config(assets, tmp_path / "run", packing=True)
+    _gpu(monkeypatch, native_bf16=True)
+    load_model(config_from_dict(packed), for_training=True)
+    assert loaded["attn_implementation"] == ("flash_attention_2" if flash else "flex_attention")
+    load_model(config_from_dict(packed))  # inference (and scoring) of the same run
+    assert loaded["attn_implementation"] == "sdpa"
+    load_model(_cfg(assets, tmp_path), for_training=True)  # padded rows
+    assert loaded["attn_implementation"] == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    load_model(config_from_dict(packed), for_training=True)
+    assert loaded["attn_implementation"] == "sdpa"
+
+
+def test_flex_attention_refuses_to_train_on_the_cpu(assets, tmp_path, loaded):
+    with pytest.raises(UserError, match="flex_attention trains only on a GPU"):
+        load_model(_cfg(assets, tmp_path, attn_implementation="flex_attention"), for_training=True)
+    assert not loaded
+    load_model(_cfg(assets, tmp_path, attn_implementation="flex_attention"))  # its forward runs on the CPU
+    assert loaded["attn_implementation"] == "flex_attention"

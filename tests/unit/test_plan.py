@@ -33,13 +33,15 @@ def real_counts(model, method: str) -> dict[str, int]:
     return {"weights": sum(storages.values()), "trainable": sum(p.numel() for p in trainable), "tensors": len(trainable)}
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "prompt_tuning", "full"])
-def test_plan_counts_equal_a_real_model_after_a_real_step(assets, tmp_path, method):
+@pytest.mark.parametrize("method,dtype", [("lora", "auto"), ("qlora", "auto"), ("qlora", "bfloat16"), ("dora", "auto"),
+                                          ("prompt_tuning", "auto"), ("full", "auto")])
+def test_plan_counts_equal_a_real_model_after_a_real_step(assets, tmp_path, method, dtype):
+    """dtype auto is fp32 on this CPU; QLoRA in bf16 as on a GPU: its embeddings and norms stay bf16 (prepare_4bit)."""
     pytest.importorskip("bitsandbytes") if method == "qlora" else None
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    cfg = config_from_dict({"model": {"name_or_path": str(assets["model"])}, "peft": {"method": method, "r": 4, "alpha": 8},
+    cfg = config_from_dict({"model": {"name_or_path": str(assets["model"]), "dtype": dtype}, "peft": {"method": method, "r": 4, "alpha": 8},
                             "tasks": [{"name": "claims", "dataset": str(assets["claims"])}]})
     planned = count(cfg, compute_dtype=resolve_dtype(cfg.model.dtype))
 
@@ -161,7 +163,7 @@ def test_plan_memory_matches_the_recorded_2_layer_gpu_peak():
     from multitune.launch.plan import DataStats, make_plan
 
     hf = LlamaConfig(**(dict(LLAMA3_8B) | {"num_hidden_layers": 2, "max_position_embeddings": 8192}))
-    cfg = config_from_dict({"model": {"name_or_path": "random-8b-2l", "max_length": 2048},
+    cfg = config_from_dict({"model": {"name_or_path": "random-8b-2l", "max_length": 2048, "attn_implementation": "sdpa"},
                             "peft": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
                             "train": {"packing": True, "liger": False, "batch_size": 4, "grad_accum": 1}, "tasks": [{"name": "claims"}]})
     c = count(cfg, hf_config=hf)
@@ -170,6 +172,23 @@ def test_plan_memory_matches_the_recorded_2_layer_gpu_peak():
     assert abs(sum(parts.values()) / GiB - 7.62) <= 0.1 * 7.62
     plan = make_plan(cfg, gpus=1, nodes=1, gpu="h100-80gb", counts=c, data=DataStats(100, 150.2, "given", 226 / 49))
     assert plan.fits and not plan.checkpointing and plan.micro_batch == 4
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention", "auto"])
+def test_packed_rows_pay_for_a_t_by_t_mask_only_on_sdpa(attn):
+    """One padding-free row of 8 x 512 tokens at 8B width: SDPA keeps a bf16 [T, T] mask in each of the 32 layers (as
+    measured on the CPU: test_memory.test_packed_rows_keep_a_bf16_mask_in_every_layer), 1 GiB at T = 4096; flash-attn
+    and FlexAttention take the sequence boundaries, and auto picks one of them for packed rows on a GPU."""
+    def parts(implementation: str) -> dict[str, int]:
+        cfg = config_from_dict({"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct", "attn_implementation": implementation},
+                                "train": {"packing": True}, "tasks": [{"name": "claims"}]})
+        return memory(count(cfg), cfg, Layout("1gpu.yaml", 1), micro_batch=8, seq=512, world=1, checkpointing=False)
+
+    T = 8 * 512
+    sdpa, other = parts("sdpa"), parts(attn)
+    assert sdpa["attention mask"] >= 32 * 2 * T * T
+    assert "attention mask" not in other
+    assert other == {k: v for k, v in sdpa.items() if k != "attention mask"}
 
 
 @pytest.mark.parametrize("gpu", ["a100-40gb", "h100-80gb"])

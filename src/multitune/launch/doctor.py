@@ -89,7 +89,7 @@ def check_kernels(cfg: Config | None) -> list[Check]:
     wants_flash = cfg is not None and cfg.model.attn_implementation == "flash_attention_2"
     has_flash = importlib.util.find_spec("flash_attn") is not None
     out.append(Check("flash-attn", "ok" if has_flash else ("fail" if wants_flash else "ok"),
-                     "installed" if has_flash else "not installed (SDPA attention is used)",
+                     "installed" if has_flash else "not installed (attn_implementation auto: FlexAttention for packed rows, else SDPA)",
                      "pip install flash-attn --no-build-isolation, or model.attn_implementation=sdpa" if wants_flash and not has_flash else ""))
     has_liger = importlib.util.find_spec("liger_kernel") is not None
     wants_liger = cfg is not None and cfg.train.liger is not False  # off by default (benchmarks/RESULTS.md, 2026-11-27)

@@ -15,7 +15,8 @@ Modelled, because the CPU cannot show it (each said where it is used):
 - the attention kernel: SDPA on a GPU runs flash / memory-efficient kernels that keep O(T) per row, as the
   CPU's flash kernel does; an explicit mask (padding, or packed sequences in one padding-free row) is
   converted to a bf16 [rows, 1, T, T] bias that each layer keeps for backward (seen on the CPU, the same
-  conversion in PyTorch's SDPA front end); flash_attention_2 takes no mask; eager keeps the T x T scores;
+  conversion in PyTorch's SDPA front end); flash_attention_2 (cu_seqlens) and flex_attention (a BlockMask: one
+  int32 index per 128 x 128 tile, under 0.1 MiB at T = 8192) keep no T x T term; eager keeps the T x T scores;
 - Liger's RMSNorm and SwiGLU kernels (CUDA only) keep the bf16 input and the gate and up projections
   instead of the fp32 normalised copy and the SiLU output: 4d + 2I bytes less per token and layer;
 - dropout: CUDA's fused kernel keeps a 1-byte mask per dropped element where the CPU keeps its noise tensor
@@ -226,7 +227,7 @@ class Step:
     supervised: int  # positions carrying loss (loss "all": every position)
     masked: bool  # an explicit mask reaches attention: padded rows, or several sequences in one padding-free row
     checkpointing: bool = False
-    attention: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    attention: str = "sdpa"  # sdpa | flash_attention_2 | flex_attention | eager (multitune.modeling.load.attention)
     liger: bool = False
     loss: str = "supervised"  # supervised (multitune) | all (the model's own loss) | trl-fused (TRL's chunked head on a
     # GPU, labelled positions only) | trl-fused-all (the same head without Triton: every position)
@@ -259,7 +260,7 @@ def activation_parts(coef: Coefficients, arch: Arch, step: Step, method: str = "
         mask_layers = L
     parts = {"activations": int(layers)}
     elements = step.rows * step.length**2
-    if step.masked and step.attention == "sdpa":
+    if step.masked and step.attention == "sdpa":  # flash_attention_2 and flex_attention take the boundaries: no T x T
         parts["attention mask"] = int((mask_layers * coef.mask_per_layer + coef.mask_working) * elements)
     elif step.attention == "eager":  # modelled: fp32 scores and bf16 probabilities of every head, kept by each layer
         heads = d // 128

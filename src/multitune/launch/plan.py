@@ -130,8 +130,8 @@ def count(cfg: Config, compute_dtype: torch.dtype = torch.bfloat16, hf_config=No
     layer_bytes = sum(p.numel() for p in layer.parameters()) * size if layer is not None else 0
 
     with torch.device("meta"):
-        # multitune's own adapter setup; for QLoRA it includes PEFT's prepare_model_for_kbit_training, which
-        # upcasts every parameter that is not 4-bit (embeddings, norms, output head) to fp32
+        # multitune's own adapter setup; for QLoRA it includes model.prepare_4bit, which leaves every parameter that
+        # is not 4-bit (embeddings, norms, output head) in the compute dtype
         trained = apply_peft(model, cfg, False) if cfg.peft.method != "full" else model
     weight_bytes = sum(nf4_bytes(p.numel()) if key in nf4 else p.numel() * p.element_size() for key, p in base.items())
     trainable = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
@@ -164,6 +164,7 @@ def step_for(c: Counts, cfg: Config, micro_batch: int, seq: int, checkpointing: 
     case), or with train.packing one padding-free row of them; the loss on every position, or (train.loss_positions:
     supervised) on the answers: ``answer_tokens`` per example (the longest seen in the data), all positions if unknown."""
     from multitune.launch.memory import Step
+    from multitune.modeling.load import attention
     from multitune.modeling.speed import liger_available
 
     packed = cfg.train.packing
@@ -173,7 +174,7 @@ def step_for(c: Counts, cfg: Config, micro_batch: int, seq: int, checkpointing: 
         share = min(1.0, answer_tokens / tokens_per_example) if packed and tokens_per_example else None
         supervised = math.ceil(micro_batch * seq * share) if share else micro_batch * min(seq, math.ceil(answer_tokens))
     liger = cfg.train.liger is True or (cfg.train.liger == "auto" and liger_available())
-    return Step(rows, length, supervised, masked=True, checkpointing=checkpointing, attention=cfg.model.attn_implementation,
+    return Step(rows, length, supervised, masked=True, checkpointing=checkpointing, attention=attention(cfg, for_training=True, cuda=True),
                 liger=liger, loss="supervised" if cfg.train.loss_positions == "supervised" else "all")
 
 
@@ -347,6 +348,8 @@ def _gib(n: float) -> str:
 
 
 def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> str:
+    from multitune.modeling.load import attention
+
     c, p, seq = plan.counts, plan, cfg.model.max_length
     out = [f"plan for {config_name} on {p.nodes} node(s) x {p.gpus} {p.gpu.name} ({p.gpu.memory / GiB:.1f} GiB each)"]
     out += [f"note: {n}" for n in c.notes]
@@ -362,7 +365,8 @@ def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> st
     rows = f"one padding-free row of {p.micro_batch} x {seq}" if cfg.train.packing else f"{p.micro_batch} row(s) of {seq}"
     answers = (f"{p.data.answer_tokens:.0f} answer tokens an example (the longest seen)" if p.data.answer_tokens
                and cfg.train.loss_positions == "supervised" else "every position")
-    out.append(f"\nper-GPU memory at its peak, {rows} tokens (model.max_length), loss on {answers}:")
+    attn = attention(cfg, for_training=True, cuda=True)
+    out.append(f"\nper-GPU memory at its peak, {rows} tokens (model.max_length), attention {attn}, loss on {answers}:")
     for name, value in p.parts.items():
         out.append(f"  {name:24s}{_gib(value)}")
     _, note = coefficients_for(cfg.peft.method, cfg.peft.dropout)

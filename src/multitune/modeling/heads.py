@@ -24,7 +24,7 @@ from multitune import hub
 from multitune.config import Config
 from multitune.errors import UserError
 from multitune.data.formatting import Formatter
-from multitune.modeling.load import device, load_model, peft_config
+from multitune.modeling.load import device, load_model, peft_config, prepare_4bit
 from multitune.tasks import Example
 
 HEADS_FILE = "heads.json"
@@ -124,7 +124,7 @@ def build_model(cfg: Config, heads: Heads, tokenizer):
     model = _load_base(cfg, heads, tokenizer, AutoModelForSequenceClassification, for_training=True)
     init_from_label_words(model, heads, tokenizer, lambda: _output_embeddings(cfg, model))
     if cfg.peft.method == "qlora":
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        model = prepare_4bit(model, cfg.train.gradient_checkpointing)
     pc = peft_config(cfg.peft, model)
     if pc is None:
         return model

@@ -58,6 +58,36 @@ def weights_dtype(cfg: Config, *, for_training: bool) -> torch.dtype:
     return resolve_dtype(cfg.model.dtype)
 
 
+def attention(cfg: Config, *, for_training: bool, cuda: bool | None = None) -> str:
+    """The attention implementation the model is loaded with: model.attn_implementation, or what ``auto`` picks.
+
+    Packed rows (train.packing, train.padding_free: several examples in one row, position_ids restarting at each)
+    on SDPA make transformers build a block-diagonal [rows, 1, T, T] mask that every layer keeps, which rules out
+    the flash kernel and copies the key/value heads. On a GPU ``auto`` gives them an attention that takes the
+    sequence boundaries instead: flash-attn's variable-length kernel (cu_seqlens from position_ids) where flash-attn
+    imports, else PyTorch's FlexAttention with a document BlockMask (transformers' masking_utils builds it from the
+    position_ids; one block index per 128 x 128 tile). FlexAttention has no backward on the CPU (torch 2.13), so
+    on the CPU, unpacked rows and inference, ``auto`` is SDPA. ``cuda``: decide for a GPU (None: this machine).
+    """
+    impl = cfg.model.attn_implementation
+    if impl != "auto":
+        return impl
+    packed = for_training and (cfg.train.packing or cfg.train.padding_free)
+    if not (packed and (torch.cuda.is_available() if cuda is None else cuda)):
+        return "sdpa"
+    return "flash_attention_2" if flash_attn_imports() else "flex_attention"
+
+
+def flash_attn_imports() -> bool:
+    import importlib
+
+    try:  # installed but built for another torch or CUDA fails at import (undefined symbol, missing library): not usable
+        importlib.import_module("flash_attn")
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
 def check_requirements(cfg: Config) -> None:
     """Optional packages the config needs, checked before anything is loaded or written."""
     import importlib.util
@@ -76,6 +106,12 @@ def check_requirements(cfg: Config) -> None:
                             f"(pip install --force-reinstall {pip}), or {_INSTEAD[package]}") from None
     if cfg.model.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
+
+
+def check_training_attention(cfg: Config) -> None:
+    if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise UserError("model.attn_implementation=flex_attention trains only on a GPU (PyTorch's FlexAttention has no "
+                        "backward on the CPU); use auto or sdpa on this machine")
 
 
 _NEEDS = {"flash_attn": "model.attn_implementation=flash_attention_2", "bitsandbytes": "peft.method=qlora"}
@@ -98,6 +134,32 @@ def adapters_in_fp32(model) -> None:
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def prepare_4bit(model, gradient_checkpointing: bool):
+    """PEFT's preparation of a 4-bit model for training, its residual stream left in the 4-bit layers' compute dtype.
+
+    ``peft.prepare_model_for_kbit_training`` freezes the base, makes the embedding output require grad and enables
+    checkpointing when asked, and upcasts every weight that is not 4-bit (embeddings, output head, norms) to fp32,
+    for fp16 training's range. On a bf16 base that turns the residual stream fp32 (the embedding output is fp32 and
+    every residual add promotes): activations x1.375, the fp32 head copied to bf16 by autocast every step. The
+    frozen weights go back to the compute dtype (what load_model loaded them in: ``bnb_4bit_compute_dtype``); the
+    adapters, added after this, are fp32 (:func:`adapters_in_fp32`). An fp16 base keeps PEFT's fp32 upcast.
+    """
+    import peft
+
+    compute = model.get_input_embeddings().weight.dtype  # load_model loads every weight that is not 4-bit in it
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if compute == torch.bfloat16:
+        frozen_to(model, compute)
+    return model
+
+
+def frozen_to(model, dtype: torch.dtype) -> None:
+    """Cast every frozen floating-point weight that is not 4-bit to ``dtype``; trainable ones (adapters) are left."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(dtype)
 
 
 def _from_pretrained(loader, ref: str, mcfg: ModelConfig, mirror: Path | None, **kwargs):
@@ -124,11 +186,13 @@ def load_tokenizer(mcfg: ModelConfig, mirror: Path | None, source: str | None = 
 
 def load_model(cfg: Config, *, quantize: bool | None = None, for_training: bool = False, loader=AutoModelForCausalLM, **extra):
     """The base causal LM (or ``loader``'s head on it, with ``extra`` from_pretrained kwargs): bf16 on a
-    bf16-capable GPU, fp32 on CPU (and for full fine-tuning), SDPA attention; 4-bit NF4 for QLoRA."""
+    bf16-capable GPU, fp32 on CPU (and for full fine-tuning), the attention of :func:`attention`; 4-bit NF4 for QLoRA."""
     check_requirements(cfg)
+    if for_training:
+        check_training_attention(cfg)
     mcfg = cfg.model
     dtype = weights_dtype(cfg, for_training=for_training)
-    kwargs = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation, **extra}
+    kwargs = {"dtype": dtype, "attn_implementation": attention(cfg, for_training=for_training), **extra}
     if quantize if quantize is not None else cfg.peft.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -198,7 +262,7 @@ def apply_peft(model, cfg: Config, gradient_checkpointing: bool = False):
     import peft
 
     if cfg.peft.method == "qlora":
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_4bit(model, gradient_checkpointing)
     pc = peft_config(cfg.peft, model, tokenizer_path=hub.resolve(cfg.model.name_or_path, "model", hub.mirror_root(cfg.hub_mirror)))
     if pc is None:
         return model

@@ -29,7 +29,7 @@ from multitune.distributed import checked, gather_checked, main_print, node_prin
 from multitune.errors import UserError
 from multitune.data.formatting import Formatter
 from multitune.hub import mirror_root
-from multitune.modeling.load import check_requirements, load_tokenizer
+from multitune.modeling.load import check_requirements, check_training_attention, load_tokenizer
 from multitune.modeling.speed import use_liger
 from multitune.data.prepared import Prepared, prepare
 from multitune.results.selection import check_rows_left
@@ -83,6 +83,7 @@ def check_node(cfg: Config, args: SFTConfig) -> None:
     through ``checked``, once the process group is up (multitune.launch.runner), so that one node's refusal is
     one clear error on every rank, never ranks left waiting for it in their next collective."""
     check_requirements(cfg)
+    check_training_attention(cfg)
     use_liger(cfg.train.liger)
     refuse_unresumable(cfg)
     if args.n_gpu > 1:  # Trainer would wrap the model in DataParallel: slow, and its replicas share one loss hook
