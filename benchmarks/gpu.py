@@ -116,6 +116,37 @@ def release_gpu() -> None:
         torch.cuda.empty_cache()
 
 
+GPU_TARGETS = {  # the issue's goals for 8B LoRA on one H100/H200: name -> (goal, kind)
+    "gpu_vs_trl_expert": (1.3, "at least"),  # multitune's tokens/s over the TRL expert's
+    "gpu_tokens_per_s": (12_500.0, "at least"),  # NeMo AutoModel's published 8B LoRA figure on one H100
+    "gpu_memory_vs_plan": (0.10, "within"),  # the worst side's |peak / plan's prediction - 1|
+}
+
+
+def targets(record: dict) -> list[dict]:
+    """One verdict per goal from this run's rows (multitune's speed and every side's memory against the model)."""
+    by = {r["side"]: r for r in record["rows"] if "error" not in r}
+    ours = by.get("multitune")
+    values = {
+        "gpu_vs_trl_expert": ours.get("vs_trl-expert") if ours else None,
+        "gpu_tokens_per_s": ours["tokens_per_s"] if ours else None,
+        "gpu_memory_vs_plan": max((abs(r["peak_allocated_gib"] / r["plan_gib"] - 1) for r in by.values()
+                                   if r.get("peak_allocated_gib") and r.get("plan_gib")), default=None),
+    }
+    out = []
+    for name, (goal, kind) in GPU_TARGETS.items():
+        v = values[name]
+        met = v is not None and (v >= goal if kind == "at least" else v <= goal)
+        out.append({"target": name, "value": v, "goal": goal, "met": met})
+    return out
+
+
+def target_line(t: dict) -> str:
+    shown = "n/a" if t["value"] is None else f"{t['value']:.3g}"
+    kind = GPU_TARGETS[t["target"]][1]
+    return f"target {t['target']}: {shown} (goal: {kind} {t['goal']:g}) {'met' if t['met'] else 'missed'}"
+
+
 def predicted_gib(shape: dict) -> float:
     """The memory model's peak (`multitune plan`'s) at a side's recorded shape (``memory_shape``), in GiB."""
     from transformers import LlamaConfig
@@ -265,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         sheet = "-" if r["mfu_datasheet"] is None else f"{r['mfu_datasheet']:.1%}"
         print(f"{r['side']:22s} {r['tokens_per_s']:10.0f} {cells[0]:>11s} {cells[1]:>9s} {r['mfu_measured']:8.1%} {sheet:>9s} "
               f"{mem[0]:>9s} {mem[1]:>8s} {mem[2]:>8s} {r['val_answer_loss']:8.3f}")
+    record["targets"] = targets(record)
+    for t in record["targets"]:
+        print(target_line(t))
     results_path.write_text(json.dumps(record, indent=2))
     return 0 if all("error" not in r for r in record["rows"]) else 1
 

@@ -43,10 +43,11 @@ RUNS = {1: ("a", "b"), 2: ("c", "d", "e")}  # b loads the 8B model a built: the 
 # Seconds, sized from the H100 run of 2026-11-27 (a's TRL-defaults side took 52 s, its 8B build ~30 s; b 68 s
 # with its own build, which it no longer does; c's first two sides 68 s after a 10 s build; d's train + resume
 # + likelihood eval 64 s, its generation eval, now on 8 rows, was cut at 40 rows; e 68 s; b's auto-fit run loads
-# the 8B model again, ~20 s, and trains 2 steps; c has four 2-layer sides, FlexAttention's compile last). The sums,
-# 350 + 340 s (11.5 minutes), leave about 4 minutes of a 15-minute lease for the machine's start (1-2) and the transfers.
-TIMEOUTS = {"a": 210, "b": 140, "c": 140, "d": 120, "e": 80}
+# the 8B model again, ~20 s, and trains 2 steps; c has four 2-layer sides; every side scores 8 rows a task, not 50).
+# The sums, 330 + 315 s (10.75 minutes) and ~10 s of installs, leave about 4 minutes of a 15-minute lease for the machine's start (1-2) and the transfers.
+TIMEOUTS = {"a": 200, "b": 130, "c": 130, "d": 110, "e": 75}
 # 2 micro-batches per step on every side: 3 examples each, or 2 packed rows of 256 (rounded to an even count)
+GPU_ARGS = ["--eval-rows", "8"]  # a side's validation loss and multitune's end-of-run evaluation: time, not a figure
 TINY_GPU_ARGS = ["--shape", "tiny", "--seq-len", "256", "--steps", "3", "--warmup", "1", "--examples", "6", "--eval-rows", "8",
                  "--grad-accum", "2"]
 
@@ -133,8 +134,8 @@ def _gpu_bench(s: Section, work: Path, bench_cfg: Path, extra: list[str]) -> dic
 
 
 def section_a(s: Section, ctx: dict) -> bool:
-    # the honest ratio first: if the section runs out of time, trl-defaults (the slowest, checkpointed) is what is lost
-    sides = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], "--sides", "trl-expert", "multitune", "trl-defaults"])
+    # multitune, then the honest ratio's baseline: if the section runs out of time, trl-defaults (the slowest) is lost
+    sides = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], "--sides", "multitune", "trl-expert", "trl-defaults"])
     ours = sides.get("multitune")
     if ours:
         s.note(summary={"vs_trl_expert": ours.get("vs_trl-expert"), "vs_trl_defaults": ours.get("vs_trl-defaults"),
@@ -170,7 +171,7 @@ def _auto_fit(s: Section, ctx: dict) -> bool:
     said = [line for line in proc.stdout.splitlines() if "batch_size=auto" in line or "auto-fit probe" in line]
     launch = json.loads((run_dir / "launch.json").read_text()) if (run_dir / "launch.json").exists() else {}
     s.note(auto_fit={"rc": proc.returncode, "said": said, "trained": {k: v for k, v in launch.items() if "batch" in k
-                                                                      or "checkpointing" in k or "accum" in k}})
+                                                                      or "checkpointing" in k or "accum" in k or "peak" in k}})
     return proc.returncode == 0 and bool(said)
 
 
@@ -179,15 +180,16 @@ def section_c(s: Section, ctx: dict) -> bool:
     # default was flipped on one short measurement), then packed rows on FlexAttention (no T x T mask; compiled in its
 # first steps, last so that its warm-up costs nothing else); no torch.compile of the model: its warm-up ran past the
 # section's time on the H100
-    sides = ["multitune", "multitune+grouped", "multitune+liger", "multitune+flex"]
+    sides = ["multitune+grouped", "multitune+flex", "multitune", "multitune+liger"]
     if ctx["tiny"]:  # the code path only: no Liger on a CPU, no FlexAttention backward on a CPU
-        sides = ["multitune", "multitune+grouped"]
+        sides = ["multitune+grouped", "multitune"]
     layers = [] if ctx["tiny"] else ["--layers", "2"]
     got = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], *layers, "--sides", *sides])
     base = got.get("multitune")
     if base:
-        s.note(summary={f"{k} tokens/s": got[k]["tokens_per_s"] / base["tokens_per_s"] for k in sides[1:] if k in got}
-               | {f"{k} memory": _ratio(got[k], base, "peak_allocated_gib") for k in sides[1:] if k in got})
+        others = [k for k in sides if k != "multitune" and k in got]  # against packed rows on SDPA
+        s.note(summary={f"{k} tokens/s": got[k]["tokens_per_s"] / base["tokens_per_s"] for k in others}
+               | {f"{k} memory": _ratio(got[k], base, "peak_allocated_gib") for k in others})
     return len(got) == len(sides)
 
 
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     else:  # build them here (a machine without a bundle)
         assets = build_assets(work / "assets")
     ctx = {"out": args.out, "work": work, "assets": assets, "tiny": args.tiny,
-           "gpu_args": TINY_GPU_ARGS if args.tiny else [], "bench_cfg": bench_config(assets)}
+           "gpu_args": TINY_GPU_ARGS if args.tiny else GPU_ARGS, "bench_cfg": bench_config(assets)}
     for name in names:
         s = Section(name, args.out, TIMEOUTS[name] * (3 if args.tiny else 1), env)
         print(f"section {name} ...", flush=True)

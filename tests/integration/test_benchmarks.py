@@ -78,7 +78,8 @@ def test_gpu_check_writes_every_section_at_a_tiny_shape(assets, tmp_path):
     failed = {n: (r.get("error"), r["steps"][-1:]) for n, r in sections.items() if not r["ok"]}
     assert not failed, failed
     a = {r["side"]: r for r in sections["a"]["results"]["rows"]}
-    assert list(a) == ["trl-expert", "multitune", "trl-defaults"]
+    assert list(a) == ["multitune", "trl-expert", "trl-defaults"]
+    assert [t["target"] for t in sections["a"]["results"]["targets"]] == ["gpu_vs_trl_expert", "gpu_tokens_per_s", "gpu_memory_vs_plan"]
     assert all(r["mfu_measured"] > 0 and r["adapter_params"] > 0 for r in a.values())
     assert a["trl-expert"]["adapter_params"] == a["multitune"]["adapter_params"]  # the same LoRA on both sides
     # each optimizer step in 2 micro-batches on every side (how 8B fits an 80 GB card without checkpointing): what each
@@ -95,7 +96,7 @@ def test_gpu_check_writes_every_section_at_a_tiny_shape(assets, tmp_path):
     fit = sections["b"]["auto_fit"]
     assert any("micro-batch" in line for line in fit["said"]), fit
     assert fit["trained"]["per_device_train_batch_size"] * fit["trained"]["gradient_accumulation_steps"] == 16
-    assert set(sections["c"]["summary"]) == {"multitune+grouped tokens/s", "multitune+grouped memory"}  # tiny: no Liger on a CPU
+    assert set(sections["c"]["summary"]) == {"multitune+grouped tokens/s", "multitune+grouped memory"}  # tiny: no Liger, no flex
     assert all(r["liger"] is False for r in sections["c"]["results"]["rows"])  # none applied on a CPU
     for n in "de":  # SIGTERM stopped the first run at a checkpoint, the same command resumed and finished
         facts = sections[n]["stop_resume"]

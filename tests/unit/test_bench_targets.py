@@ -60,3 +60,17 @@ def test_the_head_share_model_has_llama3_8b_head_share():
         small = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=4096, tie_word_embeddings=False, **HEAD_SHARE_8B))
     assert abs(head_share(eight_b) - by_hand) < 1e-9
     assert abs(head_share(small) - by_hand) < 0.005  # vocabulary 4,096, as the tiny model's tokenizer
+
+
+def test_gpu_goals_are_judged_from_the_rows():
+    """The GPU record's target lines: multitune's speed against the TRL expert and the 12,500 tokens/s bar, and the
+    worst side's peak against the memory model (a side off by 12% misses the 10% goal)."""
+    from benchmarks.gpu import target_line, targets
+
+    rows = [{"side": "multitune", "tokens_per_s": 13_000.0, "vs_trl-expert": 1.25, "peak_allocated_gib": 50.0, "plan_gib": 48.0},
+            {"side": "trl-expert", "tokens_per_s": 10_400.0, "peak_allocated_gib": 56.0, "plan_gib": 50.0},
+            {"side": "trl-defaults", "error": "out of memory"}]
+    verdicts = {t["target"]: t for t in targets({"rows": rows})}
+    assert not verdicts["gpu_vs_trl_expert"]["met"] and verdicts["gpu_tokens_per_s"]["met"]
+    assert abs(verdicts["gpu_memory_vs_plan"]["value"] - 0.12) < 1e-9 and not verdicts["gpu_memory_vs_plan"]["met"]
+    assert target_line(verdicts["gpu_tokens_per_s"]) == "target gpu_tokens_per_s: 1.3e+04 (goal: at least 12500) met"

@@ -285,4 +285,6 @@ def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps * getattr(trainer, "oom_split", 1),
         "per_device_train_batch_size": _per(trainer.args.per_device_train_batch_size, getattr(trainer, "oom_split", 1)),
         "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
+        # this process's peak of allocated GPU memory over the launch (the probe included), beside `plan`'s prediction
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
