@@ -101,7 +101,7 @@ def test_torch_save_cut_short_by_a_real_full_disk_counts_as_a_full_disk():
         try:
             raise RuntimeError("basic_ios::clear: iostream error")
         except RuntimeError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 172544 vs 172432")  # noqa: B904
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 172544 vs 172432")
 
     with pytest.raises(RuntimeError) as e:
         save()
