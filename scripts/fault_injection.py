@@ -1,10 +1,11 @@
-"""Kill training with SIGKILL, relaunch the same command, and check that the result is bitwise the run
-that was never interrupted: same final adapter, same loss and learning rate at every logged step.
+"""Inject the faults a rented pod meets into real training runs and check that none loses work.
 
-The kills cycle through four moments, as a pod start script that reruns the same command after every
-restart meets them: at a random step, during a checkpoint save, after the last checkpoint (while the
-final adapter is saved and evaluated), and after the run finished (the relaunch must then say so and
-exit 0). Each cycle prints where the kill landed.
+--cycles N (the default mode): kill training with SIGKILL, relaunch the same command, and check that the result
+is bitwise the run that was never interrupted: same final adapter, same loss and learning rate at every logged
+step. The kills cycle through four moments, as a pod start script that reruns the same command after every
+restart meets them: at a random step, during a checkpoint save, after the last checkpoint (while the final
+adapter is saved and evaluated), and after the run finished (the relaunch must then say so and exit 0). Each
+cycle prints where the kill landed.
 
     python scripts/fault_injection.py --cycles 4            # prints "4/4 resumed identical"
     python scripts/fault_injection.py --cycles 10 --nproc 2  # the same under 2-process DDP (torchrun, gloo)
@@ -13,6 +14,35 @@ exit 0). Each cycle prints where the kill landed.
 --fsdp launches `accelerate launch --config_file configs/accelerate/fsdp2-1x4.yaml`; on CPU it goes
 through the test-only shim tests/distributed/fsdp_on_cpu.py, since accelerate runs FSDP as DDP there.
 
+--matrix: every other fault kind once (one process, 12 steps), each judged by an oracle of what must happen
+(scripts/fault_matrix.py has each kind's oracle in its docstring); one `FAULT <kind>: survived|lost (...)` line
+per kind, then `N/9 faults survived`; exit status 0 only when every kind survived.
+
+    nan                      train.learning_rate=1e30: one `error:` line naming the step and a lower learning rate,
+                             exit 2, no DONE/final/metrics, every kept checkpoint finite and older, the last good kept
+    nan-checkpoint           a NaN in the newest checkpoint's saved weights: the relaunch refuses it by name and
+                             keeps it; deleted as the error says, the run resumes and ends identical
+    disk-full                the run directory a size-limited tmpfs (its own mount namespace, `unshare`): one
+                             `error:` line, nothing cut off marked complete; grown, the relaunch ends identical
+    damaged-optimizer        the newest checkpoint's optimizer.pt with a byte flipped in its middle (same size)
+    truncated-rng            the newest checkpoint's rng_state.pth cut to half: for both, the relaunch warns, resumes
+                             from the previous complete checkpoint and ends identical
+    concurrent               a second launch, and a second --no-resume, while the first trains: each refused
+                             naming the holder's host and pid, nothing written; the first ends identical
+    sigterm-save             SIGTERM while a checkpoint is written: that save completes, exit 0; relaunch identical
+    sigterm-after-last-step  SIGTERM after the last step (tests/distributed/late_signal.py): the final adapter is
+                             saved, no DONE, exit 0; the relaunch evaluates it and ends identical
+    hub-newer                train.hub_checkpoints, a volume older than the Hub (tests/fake_hub.py's, in the training
+                             process): the relaunch resumes from the Hub's newest, ends identical, the Hub holding
+                             the run's newest checkpoints
+
+    python scripts/fault_injection.py --matrix                  # prints "9/9 faults survived"
+    python scripts/fault_injection.py --matrix --only concurrent --only nan
+
+"Identical" is bitwise against one uninterrupted run of the same config. Each kind's run directory, config
+and launch logs stay in WORKDIR/matrix/<kind>/ until the next --matrix in that WORKDIR, which starts every kind
+and the reference afresh (WORKDIR: --workdir, where the data and tiny model are reused, or a new temporary folder).
+
 On CPU, on the offline demo's data and tiny model, with LoRA dropout on so that the RNG state has to
 be restored too.
 """
@@ -20,62 +50,29 @@ be restored too.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import fault_matrix  # this folder is sys.path[0] when the script runs
 import yaml
-from safetensors.torch import load_file
-from processes import kill_tree  # this folder is sys.path[0] when the script runs
+from fault_run import STEPS, recipe, same_weights, weights, write_config
+from fault_run import checkpoints as _checkpoints
+from fault_run import command as _command
+from fault_run import history as _history
+from processes import kill_tree
 
 from multitune.commands.demo import offline_config, prepare_offline
 
-STEPS = 24
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _config(workdir: Path, run_dir: Path) -> Path:
-    raw = offline_config(workdir)
-    raw["run_dir"] = str(run_dir)
-    raw["peft"] = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1}
-    raw["tasks"] = [{**t, "max_rows": 200} for t in raw["tasks"][:3]]
-    raw["train"].update(max_steps=STEPS, save_steps=2, logging_steps=1, eval_rows_during_training=0, eval_steps=10_000, learning_rate=2e-3)
-    path = run_dir.parent / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _command(config: Path, nproc: int, fsdp: bool) -> list[str]:
-    if fsdp:
-        on_cpu = [] if _cuda() else [str(REPO / "tests" / "distributed" / "fsdp_on_cpu.py")]
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "fsdp2-1x4.yaml"),
-                "--num_processes", str(nproc), "--main_process_port", str(_free_port()),
-                *(on_cpu or ["-m", "multitune.cli"]), "train", str(config)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
-    return [*(launcher if nproc > 1 else [sys.executable]), "-m", "multitune.cli", "train", str(config)]
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return write_config(recipe(offline_config(workdir), run_dir))
 
 
 KINDS = ("at a random step", "during a save", "after the last checkpoint", "after the run finished")
-
-
-def _checkpoints(ckpts: Path) -> dict[int, bool]:
-    """Each checkpoint folder's step, and whether it is marked complete."""
-    found = {}
-    for p in ckpts.glob("checkpoint-*") if ckpts.exists() else []:
-        if p.name.split("-")[1].isdigit():
-            found[int(p.name.split("-")[1])] = (p / "COMPLETE").exists()
-    return found
 
 
 def _due(kind: str, run_dir: Path, kill_at: int) -> bool:
@@ -93,7 +90,7 @@ def _train(config: Path, nproc: int = 1, fsdp: bool = False, kill: tuple[str, in
     """Run training to its end, or SIGKILL it at the moment ``kill`` names."""
     cmd = _command(config, nproc, fsdp)
     if kill is None:
-        return subprocess.run(cmd, capture_output=True, text=True)
+        return subprocess.run(cmd, check=False, capture_output=True, text=True)
     kind, kill_at = kill
     run_dir = Path(yaml.safe_load(config.read_text())["run_dir"])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -121,59 +118,61 @@ def _landed(run_dir: Path) -> str:
     return f"after checkpoint {newest}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _history(run_dir: Path) -> dict[int, tuple[float, float]]:
-    logs = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
-    return {e["step"]: (e["loss"], e["learning_rate"]) for e in logs if "loss" in e}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--cycles", type=int, default=3, help="kill -9 cycles (the default mode)")
+    ap.add_argument("--matrix", action="store_true", help="every fault kind once, each judged by its own oracle")
+    ap.add_argument("--only", action="append", choices=list(fault_matrix.KINDS), default=None,
+                    help="with --matrix: this kind only (repeat for several)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--nproc", type=int, default=1, help="processes (DDP on CPU through torchrun when > 1)")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 through the shipped accelerate config instead of DDP")
     args = ap.parse_args(argv)
+    if args.matrix and (args.nproc != 1 or args.fsdp):
+        ap.error("--matrix runs one process; --nproc and --fsdp are for --cycles")
+    if args.only and not args.matrix:
+        ap.error("--only needs --matrix")
     random.seed(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="multitune-faults-"))
     prepare_offline(work)
+    if args.matrix:
+        bench = fault_matrix.Bench(work, offline_config(work), seed=args.seed)
+        return fault_matrix.run(bench, args.only or list(fault_matrix.KINDS))
+    return cycles(work, args.cycles, args.nproc, args.fsdp)
+
+
+def cycles(work: Path, n: int, nproc: int, fsdp: bool) -> int:
+    """``n`` kill -9 cycles, each against the uninterrupted reference run; 0 when every one resumed identical."""
     ref_dir = work / "reference"
-    ref = _train(_config(work, ref_dir), nproc=args.nproc, fsdp=args.fsdp)
+    ref = _train(_config(work, ref_dir), nproc=nproc, fsdp=fsdp)
     if ref.returncode:
         print(f"the uninterrupted reference run failed:\n{ref.stderr[-3000:]}")
         return 1
-    ref_weights, ref_hist = load_file(str(ref_dir / "final" / "adapter_model.safetensors")), _history(ref_dir)
+    ref_weights, ref_hist = weights(ref_dir), _history(ref_dir)
     identical = after_finish = 0
-    for k in range(args.cycles):
+    for k in range(n):
         run_dir = work / f"faulty-{k}"
         config = _config(work, run_dir)
         kind = KINDS[k % len(KINDS)]
         kill_at = random.randint(2, STEPS - 4)
-        _train(config, nproc=args.nproc, fsdp=args.fsdp, kill=(kind, kill_at))
+        _train(config, nproc=nproc, fsdp=fsdp, kill=(kind, kill_at))
         landed = _landed(run_dir)
         after_finish += landed == "after the run finished"
-        again = _train(config, nproc=args.nproc, fsdp=args.fsdp)  # the same command again: must exit 0
+        again = _train(config, nproc=nproc, fsdp=fsdp)  # the same command again: must exit 0
         if again.returncode:
             print(f"cycle {k + 1}: SIGKILL {kind} (from step {kill_at}), landed {landed}; the relaunch FAILED "
                   f"(exit {again.returncode}):\n{again.stderr[-2000:]}")
             continue
         finished_said = "holds a finished run with this config" in again.stdout
-        weights, hist = load_file(str(run_dir / "final" / "adapter_model.safetensors")), _history(run_dir)
-        same_weights = weights.keys() == ref_weights.keys() and all((weights[n] == ref_weights[n]).all() for n in weights)
-        same_hist = hist == ref_hist
+        same_w, same_hist = same_weights(weights(run_dir), ref_weights), _history(run_dir) == ref_hist
         relaunch_ok = finished_said == (landed == "after the run finished")
-        identical += same_weights and same_hist and relaunch_ok
+        identical += same_w and same_hist and relaunch_ok
         print(f"cycle {k + 1}: SIGKILL {kind} (from step {kill_at}), landed {landed}; relaunch "
               f"{'said finished' if finished_said else 'resumed'}{'' if relaunch_ok else ' (WRONG)'}; "
-              f"weights {'identical' if same_weights else 'DIFFER'}, loss/lr {'identical' if same_hist else 'DIFFER'}")
-    print(f"{identical}/{args.cycles} resumed identical ({after_finish} of the kills landed after the run had finished)")
-    return 0 if identical == args.cycles else 1
+              f"weights {'identical' if same_w else 'DIFFER'}, loss/lr {'identical' if same_hist else 'DIFFER'}")
+    print(f"{identical}/{n} resumed identical ({after_finish} of the kills landed after the run had finished)")
+    return 0 if identical == n else 1
 
 
 if __name__ == "__main__":

@@ -2,11 +2,17 @@
 
 Commits apply huggingface_hub's own CommitOperationAdd/Delete objects, and downloads select files with
 huggingface_hub's own pattern filter, so what a test sees is what the real operations would leave on the Hub.
+
+    python tests/fake_hub.py HUB_ROOT train CONFIG   # the CLI, its Hub calls applied to HUB_ROOT
+
+runs a whole process against a fake Hub that outlives it (scripts/fault_matrix.py's hub-newer fault).
 """
 
 from __future__ import annotations
 
+import runpy
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -100,3 +106,17 @@ def install(monkeypatch, hub: FakeHub) -> FakeHub:
     monkeypatch.setattr(hub_checkpoints, "snapshot_download", hub.snapshot_download)
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **k: hub)
     return hub
+
+
+def serve(root: Path) -> FakeHub:
+    """For the whole process: a FakeHub on ``root`` as an earlier process left it (each OWNER/NAME folder a private
+    repo), with multitune's Hub calls routed to it."""
+    hub = FakeHub(root)
+    for repo in sorted(p for p in Path(root).glob("*/*") if p.is_dir()):
+        hub.repos[f"{repo.parent.name}/{repo.name}"] = True
+    return install(SimpleNamespace(setattr=setattr), hub)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv.pop(1)))
+    runpy.run_module("multitune.cli", run_name="__main__", alter_sys=True)

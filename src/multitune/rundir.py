@@ -48,8 +48,11 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-# how a full disk shows: OSError ENOSPC, safetensors' Rust IoError, torch's zip writer (which loses the errno)
-DISK_FULL = ("No space left on device", "StorageFull", "PytorchStreamWriter failed writing file")
+# how a full disk shows: OSError ENOSPC, safetensors' Rust IoError, and torch's zip writer, which loses the errno and
+# says it three ways: a failed write, or, when writing to a file name, its C++ stream failing and then the archive
+# ending short when closed (what torch.save raised on a real full tmpfs: scripts/fault_injection.py --matrix)
+DISK_FULL = ("No space left on device", "StorageFull", "PytorchStreamWriter failed writing file",
+             "basic_ios::clear: iostream error", "unexpected pos ")
 
 
 def disk_full(err: BaseException | None) -> bool:

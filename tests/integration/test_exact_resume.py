@@ -2,12 +2,14 @@
 2-process DDP, and 2-process FSDP2 through the shipped accelerate config (CPU, gloo)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fault_injection.py"
+sys.path.insert(0, str(SCRIPT.parent))  # its helpers (fault_run, fault_matrix, processes), as when it runs as a script
 
 
 @pytest.mark.parametrize("nproc,fsdp", [(1, False), (2, False), (2, True)], ids=["1proc", "ddp", "fsdp2"])

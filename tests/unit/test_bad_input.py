@@ -90,3 +90,20 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_nothing_is_m
     assert_one_error_line(res, "No space left", str(ckpts / "checkpoint-4"), "1.2 MB free", f"{needed / 1e6:.1f} MB")
     assert not (ckpts / "checkpoint-4" / MARKER).exists() and latest_complete(ckpts) == ckpts / "checkpoint-2"
     assert not (tmp_path / "run" / "DONE").exists()
+
+
+def test_torch_save_cut_short_by_a_real_full_disk_counts_as_a_full_disk():
+    """What torch.save raised when a checkpoint's optimizer.pt met a full tmpfs (scripts/fault_injection.py --matrix
+    --only disk-full): its C++ writer loses the errno, first in a write, then again when closing the archive."""
+    from multitune.rundir import disk_full
+
+    def save():
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 172544 vs 172432")
+
+    with pytest.raises(RuntimeError) as e:
+        save()
+    assert disk_full(e.value)
+    assert not disk_full(RuntimeError("[enforce fail at inline_container.cc:319] . file not found: archive/data.pkl"))

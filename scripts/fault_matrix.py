@@ -1,0 +1,321 @@
+"""`fault_injection.py --matrix`: each fault a rented pod meets, injected once into a real `multitune train`
+(the CLI in a subprocess, on the tiny model), and judged by an oracle of what must happen for that kind.
+
+Every kind runs in its own folder under WORKDIR/matrix/<kind>/ (the run directory, its config and the
+stdout/stderr of every launch), and prints `FAULT <kind>: survived` or `FAULT <kind>: lost (why)`. The
+runs that must end where the uninterrupted run does are compared with one uninterrupted reference run of
+the same config (bitwise final adapter, every logged loss and learning rate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fault_run import (
+    REPO,
+    TIMEOUT,
+    Bench,
+    Lost,
+    Outcome,
+    check,
+    checkpoints,
+    clean_error,
+    command,
+    digests,
+    finished,
+    finite,
+    strict_json,
+    whole,
+)
+
+# ---------------------------------------------------------------- the kinds
+
+
+def nan(b: Bench) -> str:
+    """A learning rate that diverges: one error naming the step and a lower learning rate, nothing of it kept."""
+    config = b.config("nan", train={"learning_rate": 1e30, "save_steps": 1, "save_total_limit": 2})
+    run = config.parent / "run"
+    steps = []
+    for log in ("train", "relaunch"):  # the same command again (a pod start script) stops the same way
+        line = clean_error(b.launch(config, log), "step", "learning_rate")
+        at, lower = re.search(r"\bstep (\d+)", line), re.search(r"learning_rate=([0-9.eE+-]+)", line)
+        check(at and lower and float(lower.group(1)) < 1e30, f"the error names no step or no lower learning rate: {line}")
+        step = int(at.group(1))
+        check(not (run / "DONE").exists() and not (run / "final").exists(), "the diverged run was marked DONE or saved final/")
+        check(not (run / "metrics.json").exists() or strict_json(run / "metrics.json"), "metrics.json is not strict JSON")
+        kept = checkpoints(run / "checkpoints")
+        check(all(s < step for s in kept), f"a checkpoint from step {step} on was kept: {sorted(kept)}")
+        check(all(finite(run / "checkpoints" / f"checkpoint-{s}") for s in kept), "a kept checkpoint holds NaN or inf")
+        # a checkpoint every step, 2 kept: NaN checkpoints saved from the divergence on would rotate the last good one away
+        check(step == 1 or kept.get(step - 1), f"the last good checkpoint, checkpoint-{step - 1}, is gone: {sorted(kept)}")
+        steps.append(step)
+    return f"diverged at step {steps[0]}, again at {steps[1]} on relaunch; checkpoint-{steps[1] - 1} kept, finite"
+
+
+def nan_checkpoint(b: Bench) -> str:
+    """A checkpoint whose saved weights hold a NaN: the relaunch refuses it, naming it and touching nothing; once
+    it is deleted, as the error says, the run resumes from the one before and ends as if never interrupted."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from multitune.training.manifest import read_marker, write_marker
+
+    config = b.config("nan-checkpoint")
+    step = b.interrupt(config, "train", b.rng.randint(4, b.steps - 4))
+    folder = config.parent / "run" / "checkpoints" / f"checkpoint-{step}"
+    path = folder / "adapter_model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = min(tensors)
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata=meta)
+    # as a save that wrote these weights would have recorded them (a version without the divergence guard)
+    write_marker(folder, {k: v for k, v in read_marker(folder).items() if k != "files"})
+    before = digests(folder)
+    clean_error(b.launch(config, "relaunch"), str(folder), "NaN")
+    check(digests(folder) == before, f"{folder} was changed or deleted")
+    check(not (config.parent / "run" / "DONE").exists(), "marked DONE")
+    check(max(checkpoints(folder.parent)) == step, "the refused launch saved a newer checkpoint")
+    shutil.rmtree(folder)  # what the error line says to do
+    finished(b.launch(config, "after-delete"), "the relaunch after deleting it")
+    b.identical(config.parent / "run")
+    return f"checkpoint-{step} refused and kept; after deleting it, resumed from the one before, identical"
+
+
+def _damaged(b: Bench, kind: str, damage: Callable[[Path], None], file: str) -> str:
+    """The newest complete checkpoint damaged on disk: the relaunch warns, falls back to the previous complete
+    one and ends as if never interrupted."""
+    config = b.config(kind)
+    step = b.interrupt(config, "train", b.rng.randint(4, b.steps - 4))
+    ckpts = config.parent / "run" / "checkpoints"
+    previous = max((s for s, ok in checkpoints(ckpts).items() if ok and s < step), default=None)
+    damage(ckpts / f"checkpoint-{step}" / file)
+    again = b.launch(config, "relaunch")
+    finished(again, "the relaunch")
+    check(any(line.startswith("warning:") and f"checkpoint-{step}" in line for line in again.lines),
+          f"no warning names the damaged checkpoint-{step}")
+    if previous is not None:
+        check(f"resuming from {ckpts / f'checkpoint-{previous}'}" in again.out, f"did not resume from checkpoint-{previous}")
+    b.identical(config.parent / "run")
+    return f"{file} of checkpoint-{step} damaged; warned, resumed from checkpoint-{previous}, identical"
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: what a bad block leaves
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def damaged_optimizer(b: Bench) -> str:
+    return _damaged(b, "damaged-optimizer", _flip_middle_byte, "optimizer.pt")
+
+
+def truncated_rng(b: Bench) -> str:
+    return _damaged(b, "truncated-rng", _truncate, "rng_state.pth")
+
+
+def _blocks(*paths: Path) -> int:
+    """Bytes these files take on a tmpfs (whole 4 KiB pages)."""
+    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in files)
+
+
+DISK_FULL = """set -u
+size=$1 run=$2 logs=$3 bigger=$4; shift 4
+mount -t tmpfs -o size="$size" tmpfs "$run" || exit 90
+"$@" >"$logs/train.out" 2>"$logs/train.err"; echo $? >"$logs/train.code"
+mkdir -p "$logs/after-train" && cp -a "$run/." "$logs/after-train/"
+mount -o remount,size="$bigger" "$run" || exit 91
+"$@" >"$logs/relaunch.out" 2>"$logs/relaunch.err"; echo $? >"$logs/relaunch.code"
+mkdir -p "$logs/after-relaunch" && cp -a "$run/." "$logs/after-relaunch/"
+"""
+
+
+def disk_full(b: Bench) -> str:
+    """The disk fills during a checkpoint save: one error line, nothing half-written marked complete; the same
+    command, once there is space, resumes and ends as if never interrupted.
+
+    The run directory is a tmpfs of room for the run's files and two and a half checkpoints (sized from the
+    reference run), in a mount namespace of its own (`unshare`), so the third save meets a real ENOSPC; then
+    the tmpfs is grown (space freed) and the same command relaunched. Copies of the run directory after each
+    launch are kept in WORKDIR/matrix/disk-full/after-*."""
+    b.reference()
+    ref = b.root / "reference" / "run"
+    checkpoint = _blocks(ref / "checkpoints" / f"checkpoint-{b.steps}")
+    size = _blocks(ref / "config.yaml", ref / "splits") + 64 * 1024 + checkpoint * 5 // 2
+    config = b.config("disk-full")
+    logs, run = config.parent, config.parent / "run"
+    run.mkdir()
+    ns = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    setup = subprocess.run([*ns, "bash", "-c", DISK_FULL, "bash", str(size), str(run), str(logs), str(size + (64 << 20)),
+                            *command(config)], check=False, capture_output=True, text=True, timeout=2 * TIMEOUT)
+    check(setup.returncode == 0, f"could not mount a size-limited tmpfs in a mount namespace (exit {setup.returncode}: "
+          f"{setup.stderr.strip()[-300:]}); this kind needs `unshare` (root, or unprivileged user namespaces)")
+    train, relaunch = (Outcome(int((logs / f"{n}.code").read_text()), (logs / f"{n}.out").read_text(),
+                               (logs / f"{n}.err").read_text()) for n in ("train", "relaunch"))
+    clean_error(train, "No space left")
+    first = logs / "after-train"
+    found = checkpoints(first / "checkpoints")
+    check(not (first / "DONE").exists(), "marked DONE on a full disk")
+    broken = {s: whole(first / "checkpoints" / f"checkpoint-{s}") for s, ok in found.items() if ok}
+    check(not any(broken.values()), f"a checkpoint marked complete holds a cut-off file: {broken}")
+    cut = [s for s, ok in found.items() if not ok]
+    finished(relaunch, "the relaunch with space")
+    b.identical(logs / "after-relaunch")
+    return (f"full during the save of checkpoint-{max(cut)}" if cut else "full outside a checkpoint save") + \
+        f" ({size >> 10} KiB tmpfs); relaunch with space identical"
+
+
+def _holds_lock(run: Path, pid: int) -> bool:
+    try:
+        return json.loads((run / ".multitune.lock").read_text()).get("pid") == pid
+    except (OSError, ValueError):
+        return False
+
+
+def concurrent(b: Bench) -> str:
+    """A second launch into the run directory while the first trains, plain and with --no-resume: each refused
+    with the holder's host and pid, nothing written; the first finishes as if alone."""
+    config = b.config("concurrent")
+    run = config.parent / "run"
+    first = b.start(config, "first")
+    ckpts = run / "checkpoints"
+    check(first.wait_for(lambda: _holds_lock(run, first.proc.pid) and any(checkpoints(ckpts).values())),
+          f"the first launch ended before training (see {first.log}.err)")
+    watched = [run / "config.yaml", *sorted((run / "splits").glob("*"))]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in watched}
+    seconds = [b.start(config, "second"), b.start(config, "second-no-resume", "--no-resume")]
+    outcomes = [s.finish() for s in seconds]
+    check(first.proc.poll() is None, "inconclusive: the first launch ended before the second ones were refused")
+    for o in outcomes:
+        clean_error(o, f"pid {first.proc.pid}", socket.gethostname())
+    check({p: (p.stat().st_mtime_ns, p.read_bytes()) for p in watched} == before, "a refused launch rewrote the config or split")
+    finished(first.finish(), "the first launch")
+    b.identical(run)
+    return f"both refused naming pid {first.proc.pid}; the first finished identical"
+
+
+def sigterm_save(b: Bench) -> str:
+    """SIGTERM while a checkpoint is being written: that save finishes, a checkpoint at the step's end, exit 0;
+    the relaunch ends as if never interrupted."""
+    config = b.config("sigterm-save")
+    ckpts = config.parent / "run" / "checkpoints"
+    at = b.rng.randint(2, b.steps - 4)
+    first = b.start(config, "train")
+    saving = lambda: [s for s, ok in checkpoints(ckpts).items() if not ok and s >= at]
+    check(first.wait_for(lambda: bool(saving())), f"the run ended before saving checkpoint {at} (see {first.log}.err)")
+    os.kill(first.proc.pid, signal.SIGTERM)
+    step = saving()[0] if saving() else None  # still being written after the signal: it landed during the save
+    o = first.finish()
+    finished(o, "the signalled launch")
+    found = checkpoints(ckpts)
+    check(not (config.parent / "run" / "DONE").exists(), "a stopped launch marked the run DONE")
+    check(step is None or found.get(step), f"the save of checkpoint-{step} under way was not finished")
+    finished(b.launch(config, "relaunch"), "the relaunch")
+    b.identical(config.parent / "run")
+    landed = f"during the save of checkpoint-{step}" if step else f"just after a save (from step {at})"
+    return f"landed {landed}; stopped with checkpoint-{max(s for s, ok in found.items() if ok)}; relaunch identical"
+
+
+def sigterm_last(b: Bench) -> str:
+    """SIGTERM right after the last training step (tests/distributed/late_signal.py sends it from the process's
+    own on_train_end): the final save finishes, the launch stops before evaluating, exit 0, no DONE; the
+    relaunch evaluates that saved model and finishes, as if never interrupted."""
+    config = b.config("sigterm-after-last-step")
+    run = config.parent / "run"
+    shim = [str(REPO / "tests" / "distributed" / "late_signal.py")]
+    o = b.launch(config, "train", env={"MULTITUNE_TEST_LATE_SIGNAL": "0"}, entry=shim)
+    finished(o, "the signalled launch")
+    check(any(line.startswith("received SIGTERM") for line in o.lines), "the signal was not received")
+    check((run / "final" / "adapter_model.safetensors").exists(), "the final adapter was not saved")
+    check(not (run / "DONE").exists(), "marked DONE although stopped before evaluating")
+    finished(b.launch(config, "relaunch"), "the relaunch")
+    b.identical(run)
+    return "final adapter saved, stopped before evaluating; relaunch finished identical"
+
+
+def _hub_steps(on_hub: Path) -> list[int]:
+    """The steps of the Hub folder's checkpoints whose COMPLETE marker is there whole (a commit adds it last)."""
+    steps = []
+    for step, marked in checkpoints(on_hub).items():
+        try:
+            steps += [step] if marked and json.loads((on_hub / f"checkpoint-{step}" / "COMPLETE").read_text()) else []
+        except (OSError, ValueError):  # the fake Hub copies a commit's files one by one: a kill can cut the last short
+            pass
+    return sorted(steps)
+
+
+def hub_newer(b: Bench) -> str:
+    """train.hub_checkpoints, a pod whose volume holds an older checkpoint than the Hub (a lost pod got further):
+    the relaunch resumes from the Hub's newest and the run ends as if never interrupted, the Hub then holding
+    this run's newest checkpoints. The Hub is tests/fake_hub.py's (a folder), in the training process itself."""
+    hub = b.root / "hub-newer" / "hub"
+    hub.mkdir(parents=True, exist_ok=True)
+    config = b.config("hub-newer", train={"hub_checkpoints": True}, hub={"repo_id": "me/tuned"})
+    run = config.parent / "run"
+    on_hub = hub / "me" / "tuned-checkpoints" / run.name / "checkpoints"
+    kw = {"env": {"HF_TOKEN": "hf_fake"}, "entry": [str(REPO / "tests" / "fake_hub.py"), str(hub)]}
+    first = b.start(config, "pod-1", **kw)
+    check(first.wait_for(lambda: any(checkpoints(run / "checkpoints").values())), f"pod 1 ended early (see {first.log}.err)")
+    first.finish(kill=True)
+    volume = config.parent / "volume"
+    shutil.copytree(run, volume, symlinks=True)  # what this pod's volume keeps
+    later = b.rng.randint(6, b.steps - 4)
+    second = b.start(config, "pod-2", **kw)  # a pod that got further before it too was lost
+    check(second.wait_for(lambda: any(s >= later for s in _hub_steps(on_hub))),
+          f"pod 2 ended before uploading checkpoint {later} (see {second.log}.err)")
+    second.finish(kill=True)
+    shutil.rmtree(run)
+    volume.rename(run)  # pod 3 comes back with pod 1's volume
+    local = max(s for s, ok in checkpoints(run / "checkpoints").items() if ok)
+    newest = max(_hub_steps(on_hub))
+    check(newest > local, f"the setup failed: the Hub's newest (checkpoint-{newest}) is not newer than the volume's")
+    o = b.launch(config, "pod-3", **kw)
+    finished(o, "pod 3's launch")
+    check(f"resuming from {run / 'checkpoints' / f'checkpoint-{newest}'}" in o.out,
+          f"did not resume from the Hub's newest, checkpoint-{newest}")
+    b.identical(run)
+    left = _hub_steps(on_hub)
+    check(left == [b.steps - 2, b.steps], f"the Hub ends holding {left}, not the run's newest two")
+    return f"volume at checkpoint-{local}, Hub at {newest}: resumed from the Hub's, identical; Hub holds {left}"
+
+
+KINDS: dict[str, Callable[[Bench], str]] = {
+    "nan": nan, "nan-checkpoint": nan_checkpoint, "disk-full": disk_full, "damaged-optimizer": damaged_optimizer,
+    "truncated-rng": truncated_rng, "concurrent": concurrent, "sigterm-save": sigterm_save,
+    "sigterm-after-last-step": sigterm_last, "hub-newer": hub_newer,
+}
+
+
+def run(bench: Bench, kinds: list[str], table: dict[str, Callable[[Bench], str]] = KINDS) -> int:
+    """Each kind once: one `FAULT <kind>: survived|lost (...)` line each, then the count; 0 when all survived."""
+    survived = 0
+    started = time.monotonic()
+    for kind in kinds:
+        t = time.monotonic()
+        if bench is not None:
+            shutil.rmtree(bench.root / kind, ignore_errors=True)  # what an earlier matrix left there: it starts afresh
+        try:
+            detail, ok = table[kind](bench), True
+        except Lost as e:
+            detail, ok = str(e), False
+        except Exception as e:  # noqa: BLE001 - the harness itself failed: the kind is not shown survived
+            detail, ok = f"the harness failed: {type(e).__name__}: {e}", False
+        survived += ok
+        where = "" if ok else f"; logs in {bench.root / kind}" if bench is not None else ""
+        print(f"FAULT {kind}: {'survived' if ok else 'lost'} ({detail}{where}; {time.monotonic() - t:.0f} s)", flush=True)
+    print(f"{survived}/{len(kinds)} faults survived ({time.monotonic() - started:.0f} s)", flush=True)
+    return 0 if survived == len(kinds) else 1

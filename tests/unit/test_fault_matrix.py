@@ -1,0 +1,89 @@
+"""scripts/fault_injection.py --matrix: its wiring (one line per kind, the count, the exit status) and the
+oracles' reading of a launch, without training (tests/integration/test_fault_matrix.py runs a real kind)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import fault_injection
+import fault_matrix
+from fault_run import Lost, Outcome, clean_error, strict_json, whole
+
+
+def _fine(bench):
+    return "as it should"
+
+
+def _lost(bench):
+    raise Lost("the checkpoint was rotated away")
+
+
+def _broken(bench):
+    raise KeyError("no such file")
+
+
+def test_every_kind_survived_is_status_0(capsys):
+    assert fault_matrix.run(None, ["a", "b"], {"a": _fine, "b": _fine}) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["FAULT a: survived", "FAULT b: survived", "2/2 faults survived"]
+
+
+def test_one_kind_lost_is_status_1_and_the_others_still_run(capsys):
+    table = {"a": _lost, "b": _broken, "c": _fine}
+    assert fault_matrix.run(None, ["a", "b", "c"], table) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("FAULT a: lost (the checkpoint was rotated away")
+    assert lines[1].startswith("FAULT b: lost (the harness failed: KeyError")  # a failing harness is never "survived"
+    assert lines[2].startswith("FAULT c: survived") and lines[3].startswith("1/3 faults survived")
+
+
+def test_the_matrix_knows_every_fault_kind_of_the_issue():
+    assert set(fault_matrix.KINDS) == {"nan", "nan-checkpoint", "disk-full", "damaged-optimizer", "truncated-rng", "concurrent",
+                                       "sigterm-save", "sigterm-after-last-step", "hub-newer"}
+
+
+@pytest.mark.parametrize("argv", [["--only", "nan"], ["--matrix", "--only", "no-such-kind"], ["--matrix", "--nproc", "2"]])
+def test_option_mistakes_stop_before_anything_runs(argv, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        fault_injection.main([*argv, "--workdir", str(tmp_path)])
+    assert e.value.code == 2 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("outcome,why", [
+    (Outcome(1, "", "error: training diverged at step 2\n"), "exit status 1"),
+    (Outcome(2, "", "Traceback (most recent call last):\n  ...\nerror: training diverged at step 2\n"), "traceback"),
+    (Outcome(2, "", "error: training diverged at step 2\nerror: training diverged at step 2\n"), "2 error line"),
+    (Outcome(2, "", "error: training diverged at step 2\nwarning: something after it\n"), "1 error line"),
+    (Outcome(2, "", "error: the disk is full\n"), "lacks ['step']"),
+])
+def test_an_error_that_is_not_one_clean_line_is_lost(outcome, why):
+    with pytest.raises(Lost, match=why.replace("[", r"\[").replace("]", r"\]")):
+        clean_error(outcome, "step")
+
+
+def test_one_clean_error_line_is_accepted():
+    o = Outcome(2, "training...\n", "50%|##   | 3/6\rerror: training diverged at step 3: lower it\n")
+    assert clean_error(o, "step 3") == "error: training diverged at step 3: lower it"
+
+
+def test_whole_finds_a_cut_off_torch_file(tmp_path):
+    torch.save({"exp_avg": torch.randn(4096)}, tmp_path / "optimizer.pt")
+    (tmp_path / "trainer_state.json").write_text("{}")
+    assert whole(tmp_path) is None
+    data = (tmp_path / "optimizer.pt").read_bytes()
+    (tmp_path / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    assert whole(tmp_path) == "optimizer.pt"
+
+
+def test_strict_json_refuses_a_bare_nan(tmp_path):
+    (tmp_path / "m.json").write_text('{"loss": NaN}')
+    assert not strict_json(tmp_path / "m.json")
+    (tmp_path / "m.json").write_text('{"loss": 0.5}')
+    assert strict_json(tmp_path / "m.json")
