@@ -12,7 +12,16 @@ from transformers import set_seed
 from multitune.config import config_from_dict
 from multitune.errors import UserError
 from multitune.data.formatting import Formatter
-from multitune.modeling.heads import START_LOGIT_STD, Heads, SlicedLoss, build_model, load_trained, probabilities, prompt_ids
+from multitune.modeling.heads import (
+    START_LOGIT_STD,
+    Heads,
+    SlicedLoss,
+    build_model,
+    init_at_logit_scale,
+    load_trained,
+    probabilities,
+    prompt_ids,
+)
 from multitune.tasks import Example
 from tests.conftest import tiny_config
 from tests.unit.test_cli import assert_clean_error
@@ -167,3 +176,56 @@ def test_head_starts_random_with_logits_of_the_set_scale(lora_cfg, tokenizer):
     # independent rows: the label words shared one direction ("intent"), random rows are nearly orthogonal
     cos = F.normalize(rows, dim=1) @ F.normalize(rows, dim=1).T
     assert cos[~torch.eye(len(rows), dtype=torch.bool)].abs().mean().item() < 0.25
+
+
+class _Trunk(torch.nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+
+class _Classifier(torch.nn.Module):
+    """What init_at_logit_scale reads: ``score`` and the base model's final ``norm``."""
+
+    def __init__(self, hidden: int, labels: int, norm):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden, labels, bias=False)
+        self.base_model = _Trunk(norm)
+
+
+def _norms(hidden: int) -> dict:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(1)
+    rms = LlamaRMSNorm(hidden)
+    rms.weight.data = 3 * (0.5 + torch.rand(hidden, generator=g))  # x3 and uneven: the length is not sqrt(hidden)
+    layer = torch.nn.LayerNorm(hidden)  # mean-subtracting: a flat vector would come out as zeros
+    layer.weight.data = 0.5 + torch.rand(hidden, generator=g)
+    return {"rmsnorm x3": rms, "layernorm": layer}
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm x3", "layernorm"])
+def test_head_logits_start_at_the_set_scale_whatever_the_final_norm(kind):
+    """Oracle: the logits of the drawn rows on the norm's output for random hidden states, std over 500 labels."""
+    hidden = 128
+    model = _Classifier(hidden, 500, _norms(hidden)[kind])
+    set_seed(0)
+    init_at_logit_scale(model)
+    with torch.no_grad():
+        logits = model.score(model.base_model.norm(torch.randn(64, hidden)))
+    assert logits.std(-1).mean().item() == pytest.approx(START_LOGIT_STD, rel=0.1)
+
+
+def test_head_draw_is_reproducible_and_skipped_on_the_meta_device():
+    hidden = 64
+    rows = []
+    for _ in range(2):
+        model = _Classifier(hidden, 10, _norms(hidden)["rmsnorm x3"])
+        set_seed(3)
+        init_at_logit_scale(model)
+        rows.append(model.score.weight.detach().clone())
+    assert torch.equal(rows[0], rows[1])  # set_seed decides the rows: a relaunch draws the same head
+    with torch.device("meta"):  # an FSDP rank that loads no weights: nothing drawn, nothing raised
+        meta = _Classifier(hidden, 10, _norms(hidden)["rmsnorm x3"])
+    init_at_logit_scale(meta)
+    assert meta.score.weight.is_meta

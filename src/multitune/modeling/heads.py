@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from multitune.config import Config
+from multitune.distributed import main_print
 from multitune.errors import UserError
 from multitune.data.formatting import Formatter
 from multitune.modeling.load import device, load_model, peft_config, prepare_4bit
@@ -145,18 +146,27 @@ def init_at_logit_scale(model) -> None:
     is that of the norm applied to a flat vector (its weights times sqrt(hidden)); the rows' std is the wanted
     logit std over that length. transformers' start (std ``initializer_range`` = 0.02) gives a 4096-wide model with
     unit norm weights logits of std 1.3 but a 128-wide one 0.22, and the LM's label words (the start this
-    replaced) picked one label for every row. Under FSDP's RAM-efficient loading only rank 0 holds weights (the others are on
-    the meta device) and its rows are broadcast, so the others draw nothing.
+    replaced) picked one label for every row. Under FSDP's RAM-efficient loading only the ranks that load the
+    checkpoint (local rank 0 of each node) hold weights, the others sit on the meta device and draw nothing, and
+    global rank 0's rows are broadcast (``sync_module_states``).
+
+    The norm's output length is measured on a Gaussian vector from a private generator (the global RNG is
+    untouched): a flat vector would be zero after a mean-subtracting LayerNorm. A model without a findable final
+    norm is taken to have a unit-weight one (length sqrt(hidden)), said once.
     """
     score = model.score.weight
-    norm = getattr(model.base_model, "norm", None)
     if score.is_meta:
         return
-    if norm is None or getattr(norm, "weight", None) is None or norm.weight.is_meta:
-        print("note: the base model's final norm was not found; the classifier head keeps transformers' start")
-        return
-    flat = torch.ones(1, score.shape[1], device=norm.weight.device, dtype=norm.weight.dtype)
-    score.normal_(0.0, START_LOGIT_STD / norm(flat).float().norm().item())
+    hidden = score.shape[1]
+    norm = getattr(model.base_model, "norm", None)
+    length = 0.0
+    if norm is not None and getattr(norm, "weight", None) is not None and not norm.weight.is_meta:
+        probe = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0))
+        length = norm(probe.to(norm.weight.device, norm.weight.dtype)).float().norm().item()
+    if not length > 1e-3:
+        main_print("note: the base model's final norm was not found; the classifier head assumes a unit-weight one")
+        length = hidden**0.5
+    score.normal_(0.0, START_LOGIT_STD / length)
 
 
 def _load_base(cfg: Config, heads: Heads, tokenizer, loader, *, for_training: bool = False):
