@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,7 @@ from multitune.errors import UserError
 from multitune.launch.plan import DataStats, GiB, Gpu, Layout, count, fit_on, memory, total_with_overhead
 from multitune.training.args import fsdp_launch
 from multitune.training.autofit import OomBackoff, confirm
+from multitune.training.checkpoints import saved_layout, saved_oom_split
 
 BUDGET_ENV = "MULTITUNE_GPU_MEMORY_GIB"  # a simulated card: its memory in GiB
 WATCH_STEPS = 10  # optimizer steps in which an out-of-memory backs off (multitune.training.autofit.OomBackoff)
@@ -136,9 +138,10 @@ def eval_rows(cfg: Config, counts, gpu: Gpu, world: int, data: DataStats, layout
     return 1
 
 
-def confirm_on(trainer, fit: AutoFit | None, cfg: Config) -> None:
+def confirm_on(trainer, fit: AutoFit | None, cfg: Config, checkpoint: Path | None = None) -> None:
     """Before step 1: the probe steps down from the choice until a worst-case micro-batch fits on every rank; the
-    first WATCH_STEPS steps then back off once from out-of-memory (multitune.training.autofit)."""
+    launch's first WATCH_STEPS steps then back off once from out-of-memory (multitune.training.autofit). Resuming a
+    ``checkpoint`` trained after a back-off keeps it while the micro-batch is at least the one that ran out of memory."""
     if fit is None:
         return
     if not isinstance(trainer, OomBackoff):  # head: classifier: the choice counts an LM head's logits it never makes
@@ -153,3 +156,10 @@ def confirm_on(trainer, fit: AutoFit | None, cfg: Config) -> None:
         main_print(f"auto-fit probe: micro-batch {micro} x {fit.per_rank // micro} accumulation, gradient checkpointing "
                    f"{'on' if checkpointing else 'off'} (stepped down from {fit.micro_batch})")
     trainer.watch_steps = WATCH_STEPS
+    saved = saved_layout(checkpoint) if checkpoint else None
+    # every rank the same number of pieces (watched micro-batches agree once per piece): the largest any rank read
+    split = max_over_ranks(saved_oom_split(checkpoint) if saved and micro >= saved.batch_size else 1)
+    if split > 1:
+        trainer.split_micro_batches(split)
+        main_print(f"resuming {checkpoint.name}: keeps the checkpoint's out-of-memory back-off: micro-batch "
+                   f"{micro / split:g} x {fit.per_rank // micro * split} accumulation")

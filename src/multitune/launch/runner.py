@@ -128,7 +128,7 @@ def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Lau
     if launch.grad_accum is not None:
         args.gradient_accumulation_steps = launch.grad_accum
     trainer = kind.trainer(cfg, part, args, setup, launch.checkpoint, started_over)
-    autofit.confirm_on(trainer, chosen, cfg)
+    autofit.confirm_on(trainer, chosen, cfg, launch.checkpoint)
     if not fit(trainer, launch.checkpoint):
         return None
     restore_best(trainer)  # train.keep_best: the kept checkpoint's weights, on every rank

@@ -7,11 +7,12 @@ card and keeps the run alive when the card disagrees, without changing what is t
   tokens a row, the most supervised tokens the data holds) with the gradients and AdamW's two moments allocated (and
   DDP's gradient buckets beside several processes). Out of memory there: the next micro-batch down (then
   checkpointing), agreed across ranks. Nothing in it is a collective, so a rank that fails leaves none waiting.
-- :class:`OomBackoff`: a CUDA out-of-memory in the first ``watch_steps`` optimizer steps halves the micro-batch and
-  doubles the accumulation, once: every micro-batch the data loader yields is run as two halves, so the data order,
+- :class:`OomBackoff`: a CUDA out-of-memory in the first ``watch_steps`` optimizer steps of the launch (a resume's
+  first steps too, not only the run's) halves the micro-batch and doubles the accumulation, once: every micro-batch the data loader yields is run as two halves, so the data order,
   the examples per optimizer step, the schedule and the step counter are those of the run so far, and the step that
   failed is redone from its first micro-batch (its gradients are zeroed; weights and optimizer are untouched until its
-  optimizer step).
+  optimizer step). The checkpoints record the back-off (their COMPLETE marker's ``oom_split``), so a launch that
+  resumes one keeps the halved micro-batch (multitune.launch.autofit.confirm_on).
 
 Why not transformers' ``auto_find_batch_size`` (accelerate's ``find_executable_batch_size``): it restarts the
 training loop from step 0 with half the per-device batch and the same accumulation, so the global batch (and with it
@@ -35,6 +36,7 @@ import torch
 
 from multitune.distributed import any_rank, main_print, world_size
 from multitune.errors import UserError
+from multitune.training.checkpoints import CompleteMarker
 
 
 class AgreedOom(Exception):
@@ -95,9 +97,19 @@ class OomBackoff:
     watch_steps = 0  # optimizer steps watched (the launch sets it for train.batch_size: auto; 0 under FSDP)
     oom_split = 1  # every micro-batch from the data loader runs as this many pieces (2 after the back-off)
     _kept: tuple[int, list] = (-1, [])  # the watched step and its micro-batches so far (to redo it)
+    _first_step: int | None = None  # the launch's first step: a resume starts past the run's first steps
+
+    def split_micro_batches(self, parts: int) -> None:
+        """Run every micro-batch as ``parts`` pieces from now on, and record it in the checkpoints' markers."""
+        self.oom_split = parts
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, CompleteMarker):
+                cb.oom_split = parts
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.state.global_step >= self.watch_steps:
+        if self._first_step is None:
+            self._first_step = self.state.global_step  # set by a resume before the first micro-batch
+        if self.state.global_step >= self._first_step + self.watch_steps:
             self._kept = (-1, [])
             return self._pieces(model, inputs, num_items_in_batch, agree=False)
         if self._kept[0] != self.state.global_step:
@@ -181,7 +193,7 @@ class OomBackoff:
                             "model.max_length, or train on a larger GPU")
         free_memory()
         model.zero_grad(set_to_none=True)  # the failed step's partial gradients; weights and optimizer are untouched
-        self.oom_split = 2
+        self.split_micro_batches(2)
         main_print(f"out of memory at step {step + 1} (micro-batch {micro} x {accumulation} accumulation): continuing at "
                    f"micro-batch {micro / 2:g} x {2 * accumulation}, the same examples a step in the same order; step "
                    f"{step + 1} is redone from its first micro-batch")
