@@ -12,7 +12,7 @@ from multitune.config import config_from_dict
 from multitune.errors import UserError
 from multitune.launch import autofit
 from multitune.launch.plan import CUDA_CONTEXT, FRAGMENTATION, GiB, Layout, count, memory
-from multitune.training.autofit import split_batch
+from multitune.training.autofit import OomBackoff, split_batch
 from multitune.training.checkpoints import write_marker
 
 
@@ -216,3 +216,43 @@ def test_a_single_sequence_cannot_be_halved():
     inputs = {"input_ids": torch.arange(6)[None], "position_ids": torch.arange(6)[None]}
     with pytest.raises(UserError, match="cannot be halved"):
         split_batch(inputs, 2)
+
+
+class _Steps:
+    """The Trainer under OomBackoff: records the micro-batches it runs."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.ran.append(inputs["input_ids"].shape[0])
+        return torch.tensor(1.0)
+
+
+class _Backed(OomBackoff, _Steps):
+    def __init__(self):
+        import contextlib
+
+        self.ran, self.current_gradient_accumulation_steps, self.oom_split = [], 1, 2
+        self.state = SimpleNamespace(global_step=5)
+        self.accelerator = SimpleNamespace(no_sync=lambda m: contextlib.nullcontext(), sync_gradients=True)
+
+
+def test_a_batch_another_rank_cannot_halve_is_every_rank_s_error(monkeypatch):
+    """After the back-off, a packed row of one sequence cannot be halved on one rank: this rank, which can halve its
+    own, answers the agreement and raises the same error instead of running its halves into DDP's collectives."""
+    import multitune.training.autofit as training_autofit
+
+    asked = []
+    monkeypatch.setattr(training_autofit, "any_rank", lambda flag: (asked.append(flag), True)[1])  # the other rank cannot
+    trainer = _Backed()
+    with pytest.raises(UserError, match="cannot be halved"):
+        trainer.training_step(None, {"input_ids": torch.zeros(4, 3, dtype=torch.long)})
+    assert trainer.ran == [] and asked == [False]
+
+
+def test_the_rank_that_cannot_halve_joins_the_agreement(monkeypatch):
+    import multitune.training.autofit as training_autofit
+
+    asked = []
+    monkeypatch.setattr(training_autofit, "any_rank", lambda flag: (asked.append(flag), flag)[1])
+    with pytest.raises(UserError, match="cannot be halved"):
+        _Backed().training_step(None, {"input_ids": torch.arange(6)[None], "position_ids": torch.arange(6)[None]})
+    assert asked == [True]

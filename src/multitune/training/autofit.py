@@ -134,8 +134,22 @@ class OomBackoff:
         with local, self._agreeing_gathers():
             return self._pieces(model, inputs, num_items_in_batch, agree=True)
 
+    def _split(self, inputs) -> list[dict]:
+        """The micro-batch's pieces; a batch that one rank cannot halve (a packed row of one sequence) is one error on
+        every rank, agreed (one all-reduce, every rank, each split micro-batch) before any rank runs a piece."""
+        if self.oom_split == 1:
+            return [inputs]
+        try:
+            pieces, error = split_batch(inputs, self.oom_split), None
+        except UserError as e:
+            pieces, error = None, e
+        if any_rank(error is not None):
+            raise error or UserError("out of memory on another rank's micro-batch, which cannot be halved; set a shorter "
+                                     "model.max_length, peft.method=qlora, or train on a larger GPU")
+        return pieces
+
     def _pieces(self, model, inputs, num_items_in_batch, *, agree: bool):
-        pieces = [inputs] if self.oom_split == 1 else split_batch(inputs, self.oom_split)
+        pieces = self._split(inputs)
         accumulation = self.current_gradient_accumulation_steps
         # a loss that is a mean per micro-batch is divided by the accumulation: each piece weighs what a micro-batch of
         # its size would (a loss normalised by num_items_in_batch, multitune's, is exact either way)
