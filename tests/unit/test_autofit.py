@@ -256,3 +256,27 @@ def test_the_rank_that_cannot_halve_joins_the_agreement(monkeypatch):
     with pytest.raises(UserError, match="cannot be halved"):
         _Backed().training_step(None, {"input_ids": torch.arange(6)[None], "position_ids": torch.arange(6)[None]})
     assert asked == [True]
+
+
+def test_a_global_batch_that_does_not_split_is_refused_before_the_data(monkeypatch, tmp_path):
+    """4 processes: refused from the config before the data is prepared or the run directory locked."""
+    from multitune.launch import runner
+
+    monkeypatch.setattr(runner, "sft_config", lambda cfg, run: SimpleNamespace(world_size=4))
+    monkeypatch.setattr(runner, "prepare_run", lambda *a, **k: pytest.fail("the data was prepared"))
+    cfg = cfg_with(batch_size="auto", global_batch_size=10).model_copy(update={"run_dir": str(tmp_path / "run")})
+    with pytest.raises(UserError, match="train.global_batch_size=10 does not split over 4 processes"):
+        runner.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_another_rank_s_refused_card_is_every_rank_s_error(monkeypatch):
+    """Rank 1's MULTITUNE_GPU_MEMORY_GIB is not a number: this rank, whose own is, raises the same error at the same
+    collective instead of going on into the all-reduce of the cards."""
+    from multitune import distributed
+
+    monkeypatch.setenv(autofit.BUDGET_ENV, "64")
+    monkeypatch.setattr(distributed, "all_gather", lambda obj: [obj, "MULTITUNE_GPU_MEMORY_GIB='x' is not a number"])
+    monkeypatch.setattr(autofit, "max_over_ranks", lambda v: pytest.fail("the cards' all-reduce before the agreement"))
+    with pytest.raises(UserError, match="rank 1 refused: MULTITUNE_GPU_MEMORY_GIB='x'"):
+        autofit.at_launch(cfg_with(batch_size="auto", global_batch_size=8), prepared_with([3]), 1, False)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from multitune.config import Config
-from multitune.distributed import main_print, max_over_ranks
+from multitune.distributed import checked, main_print, max_over_ranks
 from multitune.errors import UserError
 from multitune.launch.plan import DataStats, GiB, Gpu, Layout, count, fit_on, memory, total_with_overhead
 from multitune.training.args import fsdp_launch
@@ -54,19 +54,25 @@ class AutoFit:
     supervised: int  # the most supervised tokens of one training example (the probe's worst case)
 
 
-def card() -> Gpu:
-    """The smallest card of the launch (every rank calls it: one all-reduce)."""
+def this_card() -> tuple[int, str]:
+    """This rank's card: its memory in bytes and its name (a UserError for a simulated budget that is not a number)."""
     if os.environ.get(BUDGET_ENV):
         try:
             mem = int(float(os.environ[BUDGET_ENV]) * GiB)
-            name = f"a simulated {mem / GiB:.1f} GiB card"
         except ValueError:
-            raise UserError(f"{BUDGET_ENV}={os.environ[BUDGET_ENV]!r} is not a number of GiB") from None
-    elif torch.cuda.is_available():
+            raise UserError(f"{BUDGET_ENV}={os.environ[BUDGET_ENV]!r} is not a number of GiB: set it to the card's "
+                            "memory, e.g. 80, or unset it") from None
+        return mem, f"a simulated {mem / GiB:.1f} GiB card"
+    if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        mem, name = props.total_memory, props.name
-    else:
-        mem, name = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's memory (no GPU)"
+        return props.total_memory, props.name
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's memory (no GPU)"
+
+
+def card() -> Gpu:
+    """The smallest card of the launch: every rank calls it, and makes the same two collectives (the agreed reading of
+    its own card, which may refuse, then one all-reduce), so a refusal on one rank is one error on every rank."""
+    mem, name = checked(this_card)
     smallest = -max_over_ranks(-mem)
     return Gpu(name if smallest == mem else "the smallest card of the launch", smallest, 0.0)
 
@@ -85,33 +91,47 @@ def ladder(per_rank: int) -> list[tuple[int, bool]]:
     return [(m, False) for m in divisors] + [(m, True) for m in divisors]
 
 
+def check_global_batch(cfg: Config, world: int) -> None:
+    """train.global_batch_size against the processes and a fixed micro-batch: from the config alone (every rank
+    refuses alike), before the data is prepared."""
+    t, g = cfg.train, cfg.train.global_batch_size
+    if g is None:
+        return
+    if g % world:
+        raise UserError(f"train.global_batch_size={g} does not split over {world} processes: set a multiple of {world}")
+    if t.batch_size != "auto" and (g // world) % t.batch_size:
+        raise UserError(f"train.global_batch_size={g} on {world} processes is {g // world} examples each, not a multiple "
+                        f"of train.batch_size={t.batch_size}: choose a batch_size dividing {g // world}, or batch_size=auto")
+
+
 def at_launch(cfg: Config, prepared, world: int, bf16: bool) -> tuple[Config, AutoFit | None]:
     """The config the trainers run with (every rank alike): batch sizes resolved, grad_accum from the global batch;
-    and the choice to confirm when train.batch_size is auto."""
+    and the choice to confirm when train.batch_size is auto. Every rank makes the same collectives: what can refuse
+    (the model's config read from this node's disk, the data, the card) is agreed (``checked``)."""
     t, g = cfg.train, cfg.train.global_batch_size
     if t.batch_size != "auto" and g is None and cfg.eval.batch_size != "auto":
         return cfg, None
-    if g is not None and g % world:
-        raise UserError(f"train.global_batch_size={g} does not split over {world} processes: set a multiple of {world}")
+    check_global_batch(cfg, world)
+    if t.batch_size != "auto" and cfg.eval.batch_size != "auto":
+        return cfg.model_copy(update={"train": t.model_copy(update={"grad_accum": g // world // t.batch_size})}), None
+    gpu = card()  # its collectives outside the part that can refuse
+    return checked(lambda: _resolve(cfg, prepared, world, bf16, gpu))
+
+
+def _resolve(cfg: Config, prepared, world: int, bf16: bool, gpu: Gpu) -> tuple[Config, AutoFit | None]:
+    t, g = cfg.train, cfg.train.global_batch_size
     per_rank = g // world if g is not None else None
-    train, fit = {}, None
-    if t.batch_size != "auto" and per_rank is not None:
-        if per_rank % t.batch_size:
-            raise UserError(f"train.global_batch_size={g} on {world} processes is {per_rank} examples each, not a multiple "
-                            f"of train.batch_size={t.batch_size}: choose a batch_size dividing {per_rank}, or batch_size=auto")
-        train = {"grad_accum": per_rank // t.batch_size}
-    evals = {}
-    if t.batch_size == "auto" or cfg.eval.batch_size == "auto":
-        gpu, data = card(), data_of(prepared)
-        counts = count(cfg, torch.bfloat16 if bf16 else torch.float32)
-        layout = Layout("this launch", int(os.environ.get("LOCAL_WORLD_SIZE", world)) if fsdp_launch() else 1)
-        if t.batch_size == "auto":
-            fit = _choose(cfg, counts, gpu, world, per_rank, data, layout)
-            train = {"batch_size": fit.micro_batch, "grad_accum": per_rank // fit.micro_batch,
-                     "gradient_checkpointing": fit.checkpointing}
-        if cfg.eval.batch_size == "auto":
-            evals = {"batch_size": eval_rows(cfg, counts, gpu, world, data, layout)}
-            main_print(f"eval.batch_size=auto: {evals['batch_size']} rows a scoring batch on {gpu.name}")
+    train, evals, fit = ({"grad_accum": per_rank // t.batch_size} if t.batch_size != "auto" and g else {}), {}, None
+    data = data_of(prepared)
+    counts = count(cfg, torch.bfloat16 if bf16 else torch.float32)
+    layout = Layout("this launch", int(os.environ.get("LOCAL_WORLD_SIZE", world)) if fsdp_launch() else 1)
+    if t.batch_size == "auto":
+        fit = _choose(cfg, counts, gpu, world, per_rank, data, layout)
+        train = {"batch_size": fit.micro_batch, "grad_accum": per_rank // fit.micro_batch,
+                 "gradient_checkpointing": fit.checkpointing}
+    if cfg.eval.batch_size == "auto":
+        evals = {"batch_size": eval_rows(cfg, counts, gpu, world, data, layout)}
+        main_print(f"eval.batch_size=auto: {evals['batch_size']} rows a scoring batch on {gpu.name}")
     return cfg.model_copy(update={"train": t.model_copy(update=train), "eval": cfg.eval.model_copy(update=evals)}), fit
 
 
