@@ -280,3 +280,55 @@ def test_another_rank_s_refused_card_is_every_rank_s_error(monkeypatch):
     monkeypatch.setattr(autofit, "max_over_ranks", lambda v: pytest.fail("the cards' all-reduce before the agreement"))
     with pytest.raises(UserError, match="rank 1 refused: MULTITUNE_GPU_MEMORY_GIB='x'"):
         autofit.at_launch(cfg_with(batch_size="auto", global_batch_size=8), prepared_with([3]), 1, False)
+
+
+# ---------------------------------------------------------------- length grouping by the global batch
+
+
+def grouped_steps(world: int, micro: int, accum: int, lengths: list[int], global_batch: int | None, epoch: int = 0):
+    """The examples of each optimizer step with train.group_by_length on ``world`` processes: the trainer's sampler,
+    cut by accelerate's own per-process batch sampler (BatchSamplerShard, as Trainer's data loader is prepared)."""
+    import datasets
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from multitune.training.lm import MultitaskTrainer
+
+    trainer = object.__new__(MultitaskTrainer)
+    trainer.args = SimpleNamespace(train_sampling_strategy="group_by_length", train_batch_size=micro, world_size=world,
+                                   gradient_accumulation_steps=accum, length_column_name="length", data_seed=3, seed=3)
+    trainer.train_dataset = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    trainer.processing_class = None
+    trainer.mt_cfg = cfg_with(batch_size=micro, **({"global_batch_size": global_batch} if global_batch else {"grad_accum": accum}))
+    sampler = trainer._get_train_sampler()
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    shards = []
+    for r in range(world):  # each process its own, equally seeded, global generator (transformers' sampler draws from it)
+        torch.manual_seed(0)
+        shards.append(list(BatchSamplerShard(BatchSampler(sampler, micro, False), world, r)))
+    steps = len(shards[0]) // accum
+    return [sorted(i for shard in shards for batch in shard[k * accum:(k + 1) * accum] for i in batch) for k in range(steps)]
+
+
+def test_length_grouping_gives_each_step_the_same_examples_on_any_number_of_processes():
+    """Global batch 8: 1 process x 4 x 2 and 2 processes x 2 x 2 train the same examples in each optimizer step, in the
+    same order of steps, each epoch; the steps group by length (a step's lengths are closer than a random step's)."""
+    lengths = [int(v) for v in torch.randint(5, 400, (120,), generator=torch.Generator().manual_seed(1))]
+    for epoch in (0, 1):
+        one = grouped_steps(1, 4, 2, lengths, 8, epoch)
+        two = grouped_steps(2, 2, 2, lengths, 8, epoch)
+        assert len(one) == 15 and one == two
+    assert grouped_steps(1, 4, 2, lengths, 8, 0) != grouped_steps(1, 4, 2, lengths, 8, 1)  # a new order each epoch
+    spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in one) / len(one)
+    assert spread < 0.5 * (400 - 5)
+
+
+def test_a_grouped_run_with_a_global_batch_resumes_on_another_number_of_processes(tmp_path):
+    from multitune.training.stages import _resume_grad_accum
+
+    cfg = cfg_with(batch_size="auto", global_batch_size=8, group_by_length=True)
+    assert _resume_grad_accum(cfg, SimpleNamespace(world_size=2), checkpoint_of(tmp_path, 1, 4, 2), False) is None
+    fixed = cfg_with(batch_size=4, grad_accum=2, group_by_length=True)  # without the global batch: the refusal stands
+    with pytest.raises(UserError, match=r"without train.global_batch_size .* resume on 1 process\(es\)"):
+        _resume_grad_accum(fixed, SimpleNamespace(world_size=2), tmp_path / "checkpoint-4", False)
