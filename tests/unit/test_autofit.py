@@ -332,3 +332,30 @@ def test_a_grouped_run_with_a_global_batch_resumes_on_another_number_of_processe
     fixed = cfg_with(batch_size=4, grad_accum=2, group_by_length=True)  # without the global batch: the refusal stands
     with pytest.raises(UserError, match=r"without train.global_batch_size .* resume on 1 process\(es\)"):
         _resume_grad_accum(fixed, SimpleNamespace(world_size=2), tmp_path / "checkpoint-4", False)
+
+
+# ---------------------------------------------------------------- nothing fits and no probe can check it
+
+
+@pytest.mark.parametrize("case", ["fsdp", "classifier", "full-fsdp"])
+def test_nothing_fits_without_a_probe_is_refused_before_the_model_loads(assets, monkeypatch, case):
+    """Under FSDP (no probe) or with a classifier head (no back-off), a card on which even micro-batch 1 with
+    checkpointing does not fit by the memory model is one error with the plan's advice, at launch (before loading)."""
+    cfg = cfg_with(assets, batch_size="auto", global_batch_size=8)
+    if case == "classifier":
+        cfg = cfg.model_copy(update={"head": "classifier"})
+    else:
+        monkeypatch.setattr(autofit, "fsdp_launch", lambda: True)
+    if case == "full-fsdp":
+        cfg = cfg.model_copy(update={"peft": cfg.peft.model_copy(update={"method": "full"})})
+    monkeypatch.setenv(autofit.BUDGET_ENV, "0.001")
+    with pytest.raises(UserError, match="does not fit .* even at micro-batch 1 with gradient checkpointing") as e:
+        autofit.at_launch(cfg, prepared_with([9]), 1, False)
+    assert "\n" not in str(e.value) and "to fit: " in str(e.value) and "a shorter model.max_length" in str(e.value)
+    assert ("FSDP over more GPUs" in str(e.value)) == (case == "full-fsdp")
+
+
+def test_nothing_fits_with_the_probe_leaves_it_to_the_probe(assets, monkeypatch, capsys):
+    monkeypatch.setenv(autofit.BUDGET_ENV, "0.001")
+    _, fit = autofit.at_launch(cfg_with(assets, batch_size="auto", global_batch_size=8), prepared_with([9]), 1, False)
+    assert fit.ladder == ((1, True),) and "DOES NOT FIT: the probe decides" in capsys.readouterr().out

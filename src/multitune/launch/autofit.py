@@ -27,7 +27,7 @@ import torch
 from multitune.config import Config
 from multitune.distributed import checked, main_print, max_over_ranks
 from multitune.errors import UserError
-from multitune.launch.plan import DataStats, GiB, Gpu, Layout, count, fit_on, memory, total_with_overhead
+from multitune.launch.plan import DataStats, GiB, Gpu, Layout, count, fit_advice, fit_on, memory, total_with_overhead
 from multitune.training.args import fsdp_launch
 from multitune.training.autofit import OomBackoff, confirm
 from multitune.training.checkpoints import saved_layout, saved_oom_split
@@ -138,6 +138,11 @@ def _resolve(cfg: Config, prepared, world: int, bf16: bool, gpu: Gpu) -> tuple[C
 def _choose(cfg: Config, counts, gpu: Gpu, world: int, per_rank: int, data: DataStats, layout) -> AutoFit:
     _, micro, checkpointing, parts, fits = fit_on(counts, cfg, gpu, world, 1, per_rank, data, layout)
     total = total_with_overhead(parts)
+    unchecked = "under FSDP" if fsdp_launch() else "with head: classifier" if cfg.head == "classifier" else None
+    if not fits and unchecked:  # no probe or back-off would catch it: refused before the model loads
+        raise UserError(f"train.batch_size=auto: the training step does not fit {gpu.name} ({gpu.memory / GiB:.1f} GiB) "
+                        f"even at micro-batch 1 with gradient checkpointing (the memory model: {total / GiB:.1f} GiB with "
+                        f"slack and CUDA context), and {unchecked} no probe checks it on the card; to fit: {fit_advice(cfg)}")
     main_print(f"train.batch_size=auto on {gpu.name} ({gpu.memory / GiB:.1f} GiB): micro-batch {micro} x "
                f"{per_rank // micro} accumulation x {world} process(es) = {per_rank * world} examples a step, gradient "
                f"checkpointing {'on' if checkpointing else 'off'}; the memory model's peak {total / GiB:.1f} GiB "

@@ -343,6 +343,14 @@ def fit_on(c: Counts, cfg: Config, card: Gpu, gpus: int, nodes: int, per_gpu: in
     raise AssertionError("unreachable: micro-batch 1 with checkpointing always returns")
 
 
+def fit_advice(cfg: Config) -> str:
+    """What makes a config that does not fit the card fit."""
+    if cfg.peft.method == "full":
+        return ("an adapter (peft.method=lora or qlora), a shorter model.max_length, FSDP over more GPUs (it shards the "
+                "weights, gradients and optimizer state), or a larger GPU")
+    return "peft.method=qlora, a shorter model.max_length, more GPUs (FSDP shards the weights), or a larger GPU"
+
+
 def _gib(n: float) -> str:
     return f"{n / GiB:7.2f} GiB"
 
@@ -375,7 +383,7 @@ def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> st
     out.append(f"  {'total':24s}{_gib(total)}  (+{FRAGMENTATION:.0%} allocator slack, +{CUDA_CONTEXT / GiB:.0f} GiB CUDA context) "
                f"of {p.gpu.memory / GiB:.1f} GiB: {'fits' if p.fits else 'DOES NOT FIT'}")
     if not p.fits:
-        out.append("  to fit: peft.method=qlora, a shorter model.max_length, more GPUs (FSDP shards the weights), or a larger GPU")
+        out.append(f"  to fit: {fit_advice(cfg)}")
     if p.checkpointing != cfg.train.gradient_checkpointing and cfg.train.batch_size != "auto":
         out.append(f"  set train.gradient_checkpointing={str(p.checkpointing).lower()} (or train.batch_size=auto)")
     if p.world == 1:
