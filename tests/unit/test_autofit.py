@@ -359,3 +359,15 @@ def test_nothing_fits_with_the_probe_leaves_it_to_the_probe(assets, monkeypatch,
     monkeypatch.setenv(autofit.BUDGET_ENV, "0.001")
     _, fit = autofit.at_launch(cfg_with(assets, batch_size="auto", global_batch_size=8), prepared_with([9]), 1, False)
     assert fit.ladder == ((1, True),) and "DOES NOT FIT: the probe decides" in capsys.readouterr().out
+
+
+def test_the_card_is_its_free_memory_beside_another_process(monkeypatch):
+    """The H100 record's out-of-memory errors came beside another process holding 15.74 GiB: the card auto-fit sizes
+    for is what is free before the model loads, not the card's total, and both are printed."""
+    monkeypatch.delenv(autofit.BUDGET_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * GiB, name="H100"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *d: (int(64.26 * GiB), 80 * GiB))
+    gpu = autofit.card()
+    assert gpu.memory == int(64.26 * GiB) and "64.3 GiB free of 80.0 GiB" in gpu.name and "H100" in gpu.name

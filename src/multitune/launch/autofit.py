@@ -2,7 +2,7 @@
 
 Every rank, after the data is prepared (multitune.launch.runner):
 
-1. the card: the smallest of the launch (each rank's GPU memory, agreed by one all-reduce), or the simulated budget
+1. the card: the smallest of the launch (each rank's free GPU memory before the model loads, agreed by one all-reduce), or the simulated budget
    ``MULTITUNE_GPU_MEMORY_GIB`` (tests, and `plan`-like dry runs on a CPU; without either, the host's memory);
 2. the choice: :func:`multitune.launch.plan.fit_on`, the function `multitune plan` prints, on this model's exact
    counts and the prepared data's longest answer: the largest micro-batch dividing the examples per process that fits
@@ -55,7 +55,8 @@ class AutoFit:
 
 
 def this_card() -> tuple[int, str]:
-    """This rank's card: its memory in bytes and its name (a UserError for a simulated budget that is not a number)."""
+    """This rank's card: the memory free on it (taken before the model loads; the CUDA context this process created is
+    then counted twice, the margin's 1 GiB included: on the safe side), and its name (a UserError for a simulated budget that is not a number)."""
     if os.environ.get(BUDGET_ENV):
         try:
             mem = int(float(os.environ[BUDGET_ENV]) * GiB)
@@ -63,9 +64,10 @@ def this_card() -> tuple[int, str]:
             raise UserError(f"{BUDGET_ENV}={os.environ[BUDGET_ENV]!r} is not a number of GiB: set it to the card's "
                             "memory, e.g. 80, or unset it") from None
         return mem, f"a simulated {mem / GiB:.1f} GiB card"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # before the model loads: what another process holds is not ours to use
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return props.total_memory, props.name
+        free = torch.cuda.mem_get_info(torch.cuda.current_device())[0]
+        return min(free, props.total_memory), f"{props.name} ({free / GiB:.1f} GiB free of {props.total_memory / GiB:.1f} GiB)"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's memory (no GPU)"
 
 
