@@ -371,3 +371,24 @@ def test_the_card_is_its_free_memory_beside_another_process(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *d: (int(64.26 * GiB), 80 * GiB))
     gpu = autofit.card()
     assert gpu.memory == int(64.26 * GiB) and "64.3 GiB free of 80.0 GiB" in gpu.name and "H100" in gpu.name
+
+
+# ---------------------------------------------------------------- eval.batch_size: auto
+
+
+@pytest.mark.parametrize("rows_that_fit", [3, 20])
+def test_eval_auto_chooses_the_scoring_batch_under_a_simulated_budget(assets, monkeypatch, rows_that_fit):
+    """By hand: scoring (multitune.scoring.scorer._row_nll) runs one forward without gradients beside the training state
+    (weights, fp32 adapters, their gradients, AdamW's two moments and a step counter per tensor); at its peak a row of
+    model.max_length tokens holds the bf16 logits at every position, their fp32 copy (.float()) and cross-entropy's
+    fp32 log-softmax: T x V x (2 + 4 + 4) bytes, larger on this model than a layer's MLP temporaries (3 x T x I x 2)."""
+    cfg = cfg_with(assets, batch_size=4)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": "auto"})})
+    c = count(cfg, torch.bfloat16)
+    static = c.weight_bytes + 4 * c.trainable_bytes + 4 * c.trainable_tensors
+    per_row = 128 * max(c.vocab * 10, 3 * c.intermediate * 2)
+    assert per_row == 128 * c.vocab * 10
+    budget = int((static + (rows_that_fit + 0.5) * per_row) * (1 + FRAGMENTATION) + CUDA_CONTEXT)
+    monkeypatch.setenv(autofit.BUDGET_ENV, str(budget / GiB))
+    resolved, _ = autofit.at_launch(cfg, prepared_with([9]), 1, True)
+    assert resolved.eval.batch_size == max(r for r in autofit.EVAL_ROWS if r <= rows_that_fit)

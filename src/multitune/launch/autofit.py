@@ -27,7 +27,9 @@ import torch
 from multitune.config import Config
 from multitune.distributed import checked, main_print, max_over_ranks
 from multitune.errors import UserError
-from multitune.launch.plan import DataStats, GiB, Gpu, Layout, count, fit_advice, fit_on, memory, total_with_overhead
+from multitune.launch.plan import (
+    STATIC_PARTS, DataStats, GiB, Gpu, Layout, count, fit_advice, fit_on, memory, total_with_overhead,
+)
 from multitune.training.args import fsdp_launch
 from multitune.training.autofit import OomBackoff, confirm
 from multitune.training.checkpoints import saved_layout, saved_oom_split
@@ -132,7 +134,7 @@ def _resolve(cfg: Config, prepared, world: int, bf16: bool, gpu: Gpu) -> tuple[C
         train = {"batch_size": fit.micro_batch, "grad_accum": per_rank // fit.micro_batch,
                  "gradient_checkpointing": fit.checkpointing}
     if cfg.eval.batch_size == "auto":
-        evals = {"batch_size": eval_rows(cfg, counts, gpu, world, data, layout)}
+        evals = {"batch_size": eval_rows(cfg, counts, gpu, world, layout, bf16)}
         main_print(f"eval.batch_size=auto: {evals['batch_size']} rows a scoring batch on {gpu.name}")
     return cfg.model_copy(update={"train": t.model_copy(update=train), "eval": cfg.eval.model_copy(update=evals)}), fit
 
@@ -155,12 +157,24 @@ def _choose(cfg: Config, counts, gpu: Gpu, world: int, per_rank: int, data: Data
     return AutoFit(micro, checkpointing, per_rank, tuple(rungs[start:]), int(data.answer_tokens))
 
 
-def eval_rows(cfg: Config, counts, gpu: Gpu, world: int, data: DataStats, layout) -> int:
-    """The largest scoring batch whose training step with checkpointing (a forward and a layer's backward, an upper bound
-    for a forward without gradients) fits beside the training state."""
+def scoring_bytes(c, cfg: Config, rows: int, seq: int, bf16: bool) -> int:
+    """The peak of one scoring batch (multitune.scoring.scorer: a forward without gradients, logits at every position):
+    at the loss, the logits in the weights' dtype, their fp32 copy (``.float()``; none when already fp32) and
+    cross-entropy's fp32 log-softmax; earlier, a layer's MLP temporaries (gate, up and their product). Modelled, not
+    measured on a GPU; the layers' other transients are smaller than either."""
+    fp32 = not bf16 or cfg.model.dtype == "float32" or (cfg.peft.method == "full" and cfg.model.dtype == "auto")
+    size = 4 if fp32 else 2
+    per_token = max(c.vocab * (size + (0 if fp32 else 4) + 4), 3 * c.intermediate * size)
+    return rows * seq * per_token
+
+
+def eval_rows(cfg: Config, counts, gpu: Gpu, world: int, layout, bf16: bool) -> int:
+    """The largest scoring batch of model.max_length tokens a row that fits beside the training state (scoring runs
+    during training too: weights, trainable parameters, gradients, AdamW's moments, DDP's buckets)."""
+    static = sum(v for k, v in memory(counts, cfg, layout, 1, cfg.model.max_length, world, True).items() if k in STATIC_PARTS)
     for rows in EVAL_ROWS:
-        parts = memory(counts, cfg, layout, rows, cfg.model.max_length, world, True, data.answer_tokens, data.tokens)
-        if total_with_overhead(parts) <= gpu.memory:
+        need = static + scoring_bytes(counts, cfg, rows, cfg.model.max_length, bf16)
+        if total_with_overhead({"scoring": need}) <= gpu.memory:
             return rows
     return 1
 

@@ -194,6 +194,9 @@ class Layout:
     shards: int  # how many GPUs share one copy of weights/gradients/optimizer (1: replicated)
 
 
+STATIC_PARTS = ("weights", "trainable params", "gradients", "optimizer (AdamW)", "DDP gradient buckets")  # not activations
+
+
 def memory(c: Counts, cfg: Config, layout: Layout, micro_batch: int, seq: int, world: int, checkpointing: bool,
            answer_tokens: float | None = None, tokens_per_example: float | None = None) -> dict[str, int]:
     """Per-GPU bytes by component (peak of live tensors, comparable to torch.cuda.max_memory_allocated)."""
