@@ -392,3 +392,49 @@ def test_eval_auto_chooses_the_scoring_batch_under_a_simulated_budget(assets, mo
     monkeypatch.setenv(autofit.BUDGET_ENV, str(budget / GiB))
     resolved, _ = autofit.at_launch(cfg, prepared_with([9]), 1, True)
     assert resolved.eval.batch_size == max(r for r in autofit.EVAL_ROWS if r <= rows_that_fit)
+
+
+# ---------------------------------------------------------------- the probe runs the trainer's loss path
+
+
+def probe_trainer(assets, task_losses=None):
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets["model"])
+    return SimpleNamespace(model=model, mt_cfg=cfg_with(assets, batch_size="auto", global_batch_size=8),
+                           accelerator=SimpleNamespace(autocast=contextlib.nullcontext), args=SimpleNamespace(device="cpu"),
+                           task_losses=task_losses)
+
+
+def test_the_probe_runs_the_loss_path_s_log_statistics(assets, monkeypatch):
+    """token_stats' fp32 log-softmax over [supervised x vocabulary] is part of every training step: an out-of-memory
+    there (injected) is the probe's out-of-memory."""
+    import multitune.modeling.loss as loss_module
+    from multitune.training.autofit import probe
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected in token_stats)")
+
+    monkeypatch.setattr(loss_module, "token_stats", oom)
+    assert probe(probe_trainer(assets), 2, 32, 8, False)
+
+
+def test_the_probe_runs_each_task_s_loss_and_leaves_its_sums(assets):
+    """TaskLosses' fp32 cross-entropy copy runs in the probe (an out-of-memory there is the probe's); the window's sums
+    that the probe's synthetic batch adds to are put back."""
+    from multitune.modeling.loss import TaskLosses
+    from multitune.training.autofit import probe
+
+    class Failing(TaskLosses):
+        def recorder(self, labels, tags):
+            def record(logits, targets):
+                raise torch.OutOfMemoryError("CUDA out of memory (injected in TaskLosses)")
+            return record
+
+    assert probe(probe_trainer(assets, Failing(["a", "b"], False)), 2, 32, 8, False)
+    losses = TaskLosses(["a", "b"], False)
+    losses.sums = torch.tensor([[3.0, 4.0], [5.0, 6.0]])
+    assert not probe(probe_trainer(assets, losses), 2, 32, 8, False)
+    assert losses.sums.tolist() == [[3.0, 4.0], [5.0, 6.0]]

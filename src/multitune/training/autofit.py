@@ -245,7 +245,7 @@ def synthetic_batch(rows: int, length: int, supervised: int, vocab: int, packed:
 
 
 def _forward_backward(trainer, batch: dict, ddp_buckets: bool) -> None:
-    from multitune.modeling.loss import supervised_loss
+    from multitune.modeling import loss as losses
 
     model = trainer.model
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -255,12 +255,19 @@ def _forward_backward(trainer, batch: dict, ddp_buckets: bool) -> None:
     for p in trainable:
         p.grad = torch.zeros_like(p)
     model.train()
-    with trainer.accelerator.autocast():
-        if trainer.mt_cfg.train.loss_positions == "supervised":
-            loss = supervised_loss(model, batch, None)[0]
-        else:
-            loss = model(**batch, use_cache=False).loss
-    loss.backward()
+    task_losses = getattr(trainer, "task_losses", None)
+    kept = task_losses.sums.clone() if task_losses is not None and task_losses.sums is not None else None
+    try:
+        with trainer.accelerator.autocast():
+            if trainer.mt_cfg.train.loss_positions == "supervised":  # the trainer's loss path, without its gathers
+                record = task_losses.recorder(batch["labels"], torch.zeros_like(batch["labels"])) if task_losses else None
+                loss = losses.local_loss(model, batch, None, record)[0]
+            else:
+                loss = model(**batch, use_cache=False).loss
+        loss.backward()
+    finally:
+        if task_losses is not None:  # the synthetic batch's losses are not the window's
+            task_losses.sums = kept
     del held
 
 
