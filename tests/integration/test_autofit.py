@@ -134,3 +134,26 @@ def test_a_resumed_launch_watches_its_own_first_steps_and_keeps_the_back_off(ass
     launch = json.loads((tmp_path / "run" / "launch.json").read_text())
     assert (launch["per_device_train_batch_size"], launch["gradient_accumulation_steps"]) == (4, 2)
     assert_same_training(tmp_path / "run", halved)
+
+
+@pytest.fixture(scope="module")
+def halved_16(assets, tmp_path_factory):
+    """The oracle for a global batch of 16: micro-batch 4 x 4 accumulation from the first step."""
+    run_dir = tmp_path_factory.mktemp("halved16") / "run"
+    train(config_from_dict(run_config(assets, run_dir, batch_size=4, global_batch_size=16)))
+    return run_dir
+
+
+def test_oom_on_the_second_micro_batch_of_a_step(assets, tmp_path, monkeypatch, capsys, halved_16):
+    """Global batch 16 as micro-batch 8 x 2: the probe runs out of memory at 16 rows (forward 1) and fits 8 (2); step 3
+    is forwards 7 and 8, and 8 (its second micro-batch) runs out of memory. The step is redone from its first micro-batch as four halves; the run ends where
+    micro-batch 4 x 4 ends."""
+    monkeypatch.setenv("MULTITUNE_GPU_MEMORY_GIB", "64")
+    probe = InjectedOom(8, at={1})  # before the patch: it calls the embedding's own forward
+    oom = InjectedOom(4, at={8}).install(monkeypatch)
+    monkeypatch.setattr(oom, "forward", lambda module, ids: probe.call(module, ids))  # the probe's 16 rows, then the model
+    train(config_from_dict(run_config(assets, tmp_path / "run", batch_size="auto", global_batch_size=16)))
+    out = capsys.readouterr().out
+    assert probe.raised == 1 and oom.raised == 1 and "auto-fit probe: micro-batch 8 x 2 accumulation" in out
+    assert "out of memory at step 3 (micro-batch 8 x 2 accumulation): continuing at micro-batch 4 x 4" in out
+    assert_same_training(tmp_path / "run", halved_16)
