@@ -136,6 +136,11 @@ def test_a_resumed_launch_watches_its_own_first_steps_and_keeps_the_back_off(ass
     assert_same_training(tmp_path / "run", halved)
 
 
+def logged(run_dir, key: str) -> list[float]:
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return [h[key] for h in history if "loss" in h and "step" in h]
+
+
 @pytest.fixture(scope="module")
 def halved_16(assets, tmp_path_factory):
     """The oracle for a global batch of 16: micro-batch 4 x 4 accumulation from the first step."""
@@ -146,8 +151,9 @@ def halved_16(assets, tmp_path_factory):
 
 def test_oom_on_the_second_micro_batch_of_a_step(assets, tmp_path, monkeypatch, capsys, halved_16):
     """Global batch 16 as micro-batch 8 x 2: the probe runs out of memory at 16 rows (forward 1) and fits 8 (2); step 3
-    is forwards 7 and 8, and 8 (its second micro-batch) runs out of memory. The step is redone from its first micro-batch as four halves; the run ends where
-    micro-batch 4 x 4 ends."""
+    is forwards 7 and 8, and 8 (its second micro-batch) runs out of memory. The step is redone from its first
+    micro-batch as four halves; the run ends where micro-batch 4 x 4 ends, and what the step's first micro-batch logged
+    before the redo (each task's loss, the token count) is counted once, as in the oracle."""
     monkeypatch.setenv("MULTITUNE_GPU_MEMORY_GIB", "64")
     probe = InjectedOom(8, at={1})  # before the patch: it calls the embedding's own forward
     oom = InjectedOom(4, at={8}).install(monkeypatch)
@@ -157,3 +163,6 @@ def test_oom_on_the_second_micro_batch_of_a_step(assets, tmp_path, monkeypatch, 
     assert probe.raised == 1 and oom.raised == 1 and "auto-fit probe: micro-batch 8 x 2 accumulation" in out
     assert "out of memory at step 3 (micro-batch 8 x 2 accumulation): continuing at micro-batch 4 x 4" in out
     assert_same_training(tmp_path / "run", halved_16)
+    for key in ("loss/claims", "loss/banking77"):  # sums over tokens (TRL's entropy is a mean of micro-batch means)
+        assert logged(tmp_path / "run", key) == pytest.approx(logged(halved_16, key), rel=1e-4), key
+    assert logged(tmp_path / "run", "num_tokens") == logged(halved_16, "num_tokens")

@@ -97,6 +97,7 @@ class OomBackoff:
     watch_steps = 0  # optimizer steps watched (the launch sets it for train.batch_size: auto; 0 under FSDP)
     oom_split = 1  # every micro-batch from the data loader runs as this many pieces (2 after the back-off)
     _kept: tuple[int, list] = (-1, [])  # the watched step and its micro-batches so far (to redo it)
+    _logged: tuple = ()  # what the loss had logged when the watched step began (the redo logs its micro-batches again)
     _first_step: int | None = None  # the launch's first step: a resume starts past the run's first steps
 
     def split_micro_batches(self, parts: int) -> None:
@@ -113,7 +114,7 @@ class OomBackoff:
             self._kept = (-1, [])
             return self._pieces(model, inputs, num_items_in_batch, agree=False)
         if self._kept[0] != self.state.global_step:
-            self._kept = (self.state.global_step, [])
+            self._kept, self._logged = (self.state.global_step, []), self._log_state()
         self._kept[1].append(inputs)
         last = self.accelerator.sync_gradients  # this micro-batch ends the optimizer step
         failed = False
@@ -197,6 +198,22 @@ class OomBackoff:
             for name in names:
                 delattr(acc, name)  # the class's methods again
 
+    def _log_state(self) -> tuple:
+        """The loss path's running logs (each task's sums, the token count, TRL's per-micro-batch metrics)."""
+        losses = getattr(self, "task_losses", None)
+        sums = losses.sums.clone() if losses is not None and losses.sums is not None else None
+        metrics = getattr(self, "_metrics", {}).get("train", {})
+        return sums, getattr(self, "_total_train_tokens", 0), {k: len(v) for k, v in metrics.items()}
+
+    def _restore_log_state(self) -> None:
+        sums, tokens, lengths = self._logged
+        if getattr(self, "task_losses", None) is not None:
+            self.task_losses.sums = sums
+        if hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = tokens
+        for key, values in getattr(self, "_metrics", {}).get("train", {}).items():
+            del values[lengths.get(key, 0):]
+
     def _back_off(self, model, num_items_in_batch):
         """Half the micro-batch, twice the accumulation; the failed step redone from its first micro-batch."""
         step, kept = self._kept
@@ -207,6 +224,7 @@ class OomBackoff:
                             "model.max_length, or train on a larger GPU")
         free_memory()
         model.zero_grad(set_to_none=True)  # the failed step's partial gradients; weights and optimizer are untouched
+        self._restore_log_state()  # and what its micro-batches logged: the redo logs them once more
         self.split_micro_batches(2)
         main_print(f"out of memory at step {step + 1} (micro-batch {micro} x {accumulation} accumulation): continuing at "
                    f"micro-batch {micro / 2:g} x {2 * accumulation}, the same examples a step in the same order; step "
