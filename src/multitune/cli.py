@@ -296,7 +296,9 @@ def plan(
                             f"and {measured.source.rsplit('; pass', 1)[0]}")
         result.data = planner.DataStats(examples or measured.examples, tokens_per_example or measured.tokens, measured.source,
                                        measured.answer_tokens)
-    print(planner.report(cfg, result, price, str(config)), end="")
+    from multitune.launch.plan_report import report
+
+    print(report(cfg, result, price, str(config)), end="")
 
 
 def main() -> None:

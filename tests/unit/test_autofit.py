@@ -12,7 +12,7 @@ from multitune.config import config_from_dict
 from multitune.errors import UserError
 from multitune.launch import autofit
 from multitune.launch.plan import CUDA_CONTEXT, FRAGMENTATION, GiB, Layout, count, memory
-from multitune.training.autofit import split_batch
+from multitune.training.autofit import OomBackoff, split_batch
 from multitune.training.checkpoints import write_marker
 
 
@@ -216,3 +216,225 @@ def test_a_single_sequence_cannot_be_halved():
     inputs = {"input_ids": torch.arange(6)[None], "position_ids": torch.arange(6)[None]}
     with pytest.raises(UserError, match="cannot be halved"):
         split_batch(inputs, 2)
+
+
+class _Steps:
+    """The Trainer under OomBackoff: records the micro-batches it runs."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.ran.append(inputs["input_ids"].shape[0])
+        return torch.tensor(1.0)
+
+
+class _Backed(OomBackoff, _Steps):
+    def __init__(self):
+        import contextlib
+
+        self.ran, self.current_gradient_accumulation_steps, self.oom_split = [], 1, 2
+        self.state = SimpleNamespace(global_step=5)
+        self.accelerator = SimpleNamespace(no_sync=lambda m: contextlib.nullcontext(), sync_gradients=True)
+
+
+def test_a_batch_another_rank_cannot_halve_is_every_rank_s_error(monkeypatch):
+    """After the back-off, a packed row of one sequence cannot be halved on one rank: this rank, which can halve its
+    own, answers the agreement and raises the same error instead of running its halves into DDP's collectives."""
+    import multitune.training.autofit as training_autofit
+
+    asked = []
+    monkeypatch.setattr(training_autofit, "any_rank", lambda flag: (asked.append(flag), True)[1])  # the other rank cannot
+    trainer = _Backed()
+    with pytest.raises(UserError, match="cannot be halved"):
+        trainer.training_step(None, {"input_ids": torch.zeros(4, 3, dtype=torch.long)})
+    assert trainer.ran == [] and asked == [False]
+
+
+def test_the_rank_that_cannot_halve_joins_the_agreement(monkeypatch):
+    import multitune.training.autofit as training_autofit
+
+    asked = []
+    monkeypatch.setattr(training_autofit, "any_rank", lambda flag: (asked.append(flag), flag)[1])
+    with pytest.raises(UserError, match="cannot be halved"):
+        _Backed().training_step(None, {"input_ids": torch.arange(6)[None], "position_ids": torch.arange(6)[None]})
+    assert asked == [True]
+
+
+def test_a_global_batch_that_does_not_split_is_refused_before_the_data(monkeypatch, tmp_path):
+    """4 processes: refused from the config before the data is prepared or the run directory locked."""
+    from multitune.launch import runner
+
+    monkeypatch.setattr(runner, "sft_config", lambda cfg, run: SimpleNamespace(world_size=4))
+    monkeypatch.setattr(runner, "prepare_run", lambda *a, **k: pytest.fail("the data was prepared"))
+    cfg = cfg_with(batch_size="auto", global_batch_size=10).model_copy(update={"run_dir": str(tmp_path / "run")})
+    with pytest.raises(UserError, match="train.global_batch_size=10 does not split over 4 processes"):
+        runner.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_another_rank_s_refused_card_is_every_rank_s_error(monkeypatch):
+    """Rank 1's MULTITUNE_GPU_MEMORY_GIB is not a number: this rank, whose own is, raises the same error at the same
+    collective instead of going on into the all-reduce of the cards."""
+    from multitune import distributed
+
+    monkeypatch.setenv(autofit.BUDGET_ENV, "64")
+    monkeypatch.setattr(distributed, "all_gather", lambda obj: [obj, "MULTITUNE_GPU_MEMORY_GIB='x' is not a number"])
+    monkeypatch.setattr(autofit, "max_over_ranks", lambda v: pytest.fail("the cards' all-reduce before the agreement"))
+    with pytest.raises(UserError, match="rank 1 refused: MULTITUNE_GPU_MEMORY_GIB='x'"):
+        autofit.at_launch(cfg_with(batch_size="auto", global_batch_size=8), prepared_with([3]), 1, False)
+
+
+# ---------------------------------------------------------------- length grouping by the global batch
+
+
+def grouped_steps(world: int, micro: int, accum: int, lengths: list[int], global_batch: int | None, epoch: int = 0):
+    """The examples of each optimizer step with train.group_by_length on ``world`` processes: the trainer's sampler,
+    cut by accelerate's own per-process batch sampler (BatchSamplerShard, as Trainer's data loader is prepared)."""
+    import datasets
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from multitune.training.lm import MultitaskTrainer
+
+    trainer = object.__new__(MultitaskTrainer)
+    trainer.args = SimpleNamespace(train_sampling_strategy="group_by_length", train_batch_size=micro, world_size=world,
+                                   gradient_accumulation_steps=accum, length_column_name="length", data_seed=3, seed=3)
+    trainer.train_dataset = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    trainer.processing_class = None
+    trainer.mt_cfg = cfg_with(batch_size=micro, **({"global_batch_size": global_batch} if global_batch else {"grad_accum": accum}))
+    sampler = trainer._get_train_sampler()
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    shards = []
+    for r in range(world):  # each process its own, equally seeded, global generator (transformers' sampler draws from it)
+        torch.manual_seed(0)
+        shards.append(list(BatchSamplerShard(BatchSampler(sampler, micro, False), world, r)))
+    steps = len(shards[0]) // accum
+    return [sorted(i for shard in shards for batch in shard[k * accum:(k + 1) * accum] for i in batch) for k in range(steps)]
+
+
+def test_length_grouping_gives_each_step_the_same_examples_on_any_number_of_processes():
+    """Global batch 8: 1 process x 4 x 2 and 2 processes x 2 x 2 train the same examples in each optimizer step, in the
+    same order of steps, each epoch; the steps group by length (a step's lengths are closer than a random step's)."""
+    lengths = [int(v) for v in torch.randint(5, 400, (120,), generator=torch.Generator().manual_seed(1))]
+    for epoch in (0, 1):
+        one = grouped_steps(1, 4, 2, lengths, 8, epoch)
+        two = grouped_steps(2, 2, 2, lengths, 8, epoch)
+        assert len(one) == 15 and one == two
+    assert grouped_steps(1, 4, 2, lengths, 8, 0) != grouped_steps(1, 4, 2, lengths, 8, 1)  # a new order each epoch
+    spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in one) / len(one)
+    assert spread < 0.5 * (400 - 5)
+
+
+def test_a_grouped_run_with_a_global_batch_resumes_on_another_number_of_processes(tmp_path):
+    from multitune.training.stages import _resume_grad_accum
+
+    cfg = cfg_with(batch_size="auto", global_batch_size=8, group_by_length=True)
+    assert _resume_grad_accum(cfg, SimpleNamespace(world_size=2), checkpoint_of(tmp_path, 1, 4, 2), False) is None
+    fixed = cfg_with(batch_size=4, grad_accum=2, group_by_length=True)  # without the global batch: the refusal stands
+    with pytest.raises(UserError, match=r"without train.global_batch_size .* resume on 1 process\(es\)"):
+        _resume_grad_accum(fixed, SimpleNamespace(world_size=2), tmp_path / "checkpoint-4", False)
+
+
+# ---------------------------------------------------------------- nothing fits and no probe can check it
+
+
+@pytest.mark.parametrize("case", ["fsdp", "classifier", "full-fsdp"])
+def test_nothing_fits_without_a_probe_is_refused_before_the_model_loads(assets, monkeypatch, case):
+    """Under FSDP (no probe) or with a classifier head (no back-off), a card on which even micro-batch 1 with
+    checkpointing does not fit by the memory model is one error with the plan's advice, at launch (before loading)."""
+    cfg = cfg_with(assets, batch_size="auto", global_batch_size=8)
+    if case == "classifier":
+        cfg = cfg.model_copy(update={"head": "classifier"})
+    else:
+        monkeypatch.setattr(autofit, "fsdp_launch", lambda: True)
+    if case == "full-fsdp":
+        cfg = cfg.model_copy(update={"peft": cfg.peft.model_copy(update={"method": "full"})})
+    monkeypatch.setenv(autofit.BUDGET_ENV, "0.001")
+    with pytest.raises(UserError, match="does not fit .* even at micro-batch 1 with gradient checkpointing") as e:
+        autofit.at_launch(cfg, prepared_with([9]), 1, False)
+    assert "\n" not in str(e.value) and "to fit: " in str(e.value) and "a shorter model.max_length" in str(e.value)
+    assert ("FSDP over more GPUs" in str(e.value)) == (case == "full-fsdp")
+
+
+def test_nothing_fits_with_the_probe_leaves_it_to_the_probe(assets, monkeypatch, capsys):
+    monkeypatch.setenv(autofit.BUDGET_ENV, "0.001")
+    _, fit = autofit.at_launch(cfg_with(assets, batch_size="auto", global_batch_size=8), prepared_with([9]), 1, False)
+    assert fit.ladder == ((1, True),) and "DOES NOT FIT: the probe decides" in capsys.readouterr().out
+
+
+def test_the_card_is_its_free_memory_beside_another_process(monkeypatch):
+    """The H100 record's out-of-memory errors came beside another process holding 15.74 GiB: the card auto-fit sizes
+    for is what is free before the model loads, not the card's total, and both are printed."""
+    monkeypatch.delenv(autofit.BUDGET_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * GiB, name="H100"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *d: (int(64.26 * GiB), 80 * GiB))
+    gpu = autofit.card()
+    assert gpu.memory == int(64.26 * GiB) and "64.3 GiB free of 80.0 GiB" in gpu.name and "H100" in gpu.name
+
+
+# ---------------------------------------------------------------- eval.batch_size: auto
+
+
+@pytest.mark.parametrize("rows_that_fit", [3, 20])
+def test_eval_auto_chooses_the_scoring_batch_under_a_simulated_budget(assets, monkeypatch, rows_that_fit):
+    """By hand: scoring (multitune.scoring.scorer._row_nll) runs one forward without gradients beside the training state
+    (weights, fp32 adapters, their gradients, AdamW's two moments and a step counter per tensor); at its peak a row of
+    model.max_length tokens holds the bf16 logits at every position, their fp32 copy (.float()) and cross-entropy's
+    fp32 log-softmax: T x V x (2 + 4 + 4) bytes, larger on this model than a layer's MLP temporaries (3 x T x I x 2)."""
+    cfg = cfg_with(assets, batch_size=4)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": "auto"})})
+    c = count(cfg, torch.bfloat16)
+    static = c.weight_bytes + 4 * c.trainable_bytes + 4 * c.trainable_tensors
+    per_row = 128 * max(c.vocab * 10, 3 * c.intermediate * 2)
+    assert per_row == 128 * c.vocab * 10
+    budget = int((static + (rows_that_fit + 0.5) * per_row) * (1 + FRAGMENTATION) + CUDA_CONTEXT)
+    monkeypatch.setenv(autofit.BUDGET_ENV, str(budget / GiB))
+    resolved, _ = autofit.at_launch(cfg, prepared_with([9]), 1, True)
+    assert resolved.eval.batch_size == max(r for r in autofit.EVAL_ROWS if r <= rows_that_fit)
+
+
+# ---------------------------------------------------------------- the probe runs the trainer's loss path
+
+
+def probe_trainer(assets, task_losses=None):
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets["model"])
+    return SimpleNamespace(model=model, mt_cfg=cfg_with(assets, batch_size="auto", global_batch_size=8),
+                           accelerator=SimpleNamespace(autocast=contextlib.nullcontext), args=SimpleNamespace(device="cpu"),
+                           task_losses=task_losses)
+
+
+def test_the_probe_runs_the_loss_path_s_log_statistics(assets, monkeypatch):
+    """token_stats' fp32 log-softmax over [supervised x vocabulary] is part of every training step: an out-of-memory
+    there (injected) is the probe's out-of-memory."""
+    import multitune.modeling.loss as loss_module
+    from multitune.training.autofit import probe
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected in token_stats)")
+
+    monkeypatch.setattr(loss_module, "token_stats", oom)
+    assert probe(probe_trainer(assets), 2, 32, 8, False)
+
+
+def test_the_probe_runs_each_task_s_loss_and_leaves_its_sums(assets):
+    """TaskLosses' fp32 cross-entropy copy runs in the probe (an out-of-memory there is the probe's); the window's sums
+    that the probe's synthetic batch adds to are put back."""
+    from multitune.modeling.loss import TaskLosses
+    from multitune.training.autofit import probe
+
+    class Failing(TaskLosses):
+        def recorder(self, labels, tags):
+            def record(logits, targets):
+                raise torch.OutOfMemoryError("CUDA out of memory (injected in TaskLosses)")
+            return record
+
+    assert probe(probe_trainer(assets, Failing(["a", "b"], False)), 2, 32, 8, False)
+    losses = TaskLosses(["a", "b"], False)
+    losses.sums = torch.tensor([[3.0, 4.0], [5.0, 6.0]])
+    assert not probe(probe_trainer(assets, losses), 2, 32, 8, False)
+    assert losses.sums.tolist() == [[3.0, 4.0], [5.0, 6.0]]

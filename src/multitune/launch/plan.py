@@ -21,7 +21,6 @@ import torch
 
 from multitune.config import Config
 from multitune.errors import UserError
-from multitune.launch.memory import coefficients_for
 from multitune.launch.runpod import ADAPTER_METHODS, accelerate_config_for
 
 MiB, GiB = 1024**2, 1024**3
@@ -194,6 +193,9 @@ class Layout:
     shards: int  # how many GPUs share one copy of weights/gradients/optimizer (1: replicated)
 
 
+STATIC_PARTS = ("weights", "trainable params", "gradients", "optimizer (AdamW)", "DDP gradient buckets")  # not activations
+
+
 def memory(c: Counts, cfg: Config, layout: Layout, micro_batch: int, seq: int, world: int, checkpointing: bool,
            answer_tokens: float | None = None, tokens_per_example: float | None = None) -> dict[str, int]:
     """Per-GPU bytes by component (peak of live tensors, comparable to torch.cuda.max_memory_allocated)."""
@@ -343,74 +345,9 @@ def fit_on(c: Counts, cfg: Config, card: Gpu, gpus: int, nodes: int, per_gpu: in
     raise AssertionError("unreachable: micro-batch 1 with checkpointing always returns")
 
 
-def _gib(n: float) -> str:
-    return f"{n / GiB:7.2f} GiB"
-
-
-def report(cfg: Config, plan: Plan, price: float | None, config_name: str) -> str:
-    from multitune.modeling.load import attention
-
-    c, p, seq = plan.counts, plan, cfg.model.max_length
-    out = [f"plan for {config_name} on {p.nodes} node(s) x {p.gpus} {p.gpu.name} ({p.gpu.memory / GiB:.1f} GiB each)"]
-    out += [f"note: {n}" for n in c.notes]
-    method = cfg.peft.method + (f" r={cfg.peft.r}" if cfg.peft.method in ("lora", "qlora", "dora", "rslora") else "")
-    out.append(f"model: {cfg.model.name_or_path}, {c.params / 1e9:.2f}B parameters; {method}: {c.trainable / 1e6:.1f}M trainable "
-               f"({100 * c.trainable / c.params:.2f}%)")
-    ckpt = "on" if p.checkpointing else "off"
-    margin = f"{FRAGMENTATION:.0%} allocator slack and {CUDA_CONTEXT / GiB:.0f} GiB CUDA context"
-    out.append(f"auto-fit: micro-batch {p.micro_batch} x {seq} tokens, gradient checkpointing {ckpt} (the largest micro-batch "
-               f"dividing {p.micro_batch * p.grad_accum} examples per GPU that fits with {margin}; " + (
-                   "train.gradient_checkpointing: true keeps checkpointing on)" if checkpointing_options(cfg) == (True,)
-                   and cfg.train.batch_size == "auto" else "checkpointing only when none fits without)"))
-    rows = f"one padding-free row of {p.micro_batch} x {seq}" if cfg.train.packing else f"{p.micro_batch} row(s) of {seq}"
-    answers = (f"{p.data.answer_tokens:.0f} answer tokens an example (the longest seen)" if p.data.answer_tokens
-               and cfg.train.loss_positions == "supervised" else "every position")
-    attn = attention(cfg, for_training=True, cuda=True)
-    out.append(f"\nper-GPU memory at its peak, {rows} tokens (model.max_length), attention {attn}, loss on {answers}:")
-    for name, value in p.parts.items():
-        out.append(f"  {name:24s}{_gib(value)}")
-    _, note = coefficients_for(cfg.peft.method, cfg.peft.dropout)
-    out += [f"  ({note})"] if note else []
-    total = total_with_overhead(p.parts)
-    out.append(f"  {'total':24s}{_gib(total)}  (+{FRAGMENTATION:.0%} allocator slack, +{CUDA_CONTEXT / GiB:.0f} GiB CUDA context) "
-               f"of {p.gpu.memory / GiB:.1f} GiB: {'fits' if p.fits else 'DOES NOT FIT'}")
-    if not p.fits:
-        out.append("  to fit: peft.method=qlora, a shorter model.max_length, more GPUs (FSDP shards the weights), or a larger GPU")
-    if p.checkpointing != cfg.train.gradient_checkpointing and cfg.train.batch_size != "auto":
-        out.append(f"  set train.gradient_checkpointing={str(p.checkpointing).lower()} (or train.batch_size=auto)")
-    if p.world == 1:
-        why = "one process"
-    elif p.layout.shards == 1:
-        why = "replicated: only the trainable parameters' gradients are exchanged"
-    else:
-        why = f"weights, gradients and optimizer sharded over the {p.layout.shards} GPUs of a node"
-    out.append(f"\nlaunch: configs/accelerate/{p.layout.accelerate_config} ({why})")
-    global_batch = p.micro_batch * p.grad_accum * p.world
-    keys = (f"train.batch_size=auto chooses it at launch (train.global_batch_size={global_batch})" if cfg.train.batch_size == "auto"
-            else f"train.batch_size={p.micro_batch} train.grad_accum={p.grad_accum}")
-    out.append(f"batch: global {global_batch} = micro-batch {p.micro_batch} x {p.grad_accum} accumulation x {p.world} GPU(s)  ->  {keys}")
-    if p.data.examples is None:
-        out.append(f"data: {p.data.source}")
-        return "\n".join(out) + "\n"
-    steps = math.ceil(math.ceil(p.data.examples / (p.micro_batch * p.world)) / p.grad_accum) * cfg.train.epochs
-    out.append(f"data: {p.data.examples:,} training examples x {cfg.train.epochs:g} epochs, {p.data.tokens:.0f} tokens each "
-               f"on average ({p.data.source})")
-    fires = []
-    for what, every in (("evaluation", cfg.train.eval_steps), ("checkpoint", cfg.train.save_steps)):
-        if every:
-            n = int(steps // every)
-            fires.append(f"{what} every {every} steps -> {n}" + ("  (NEVER: lower it)" if n == 0 else ""))
-    out.append(f"schedule: ~{steps:.0f} optimizer steps of {global_batch} examples; " + "; ".join(fires))
-    flops = flops_per_token(c, cfg, round(p.data.tokens))
-    tps = p.mfu * p.world * p.gpu.bf16_flops / flops
-    tokens = p.data.examples * cfg.train.epochs * p.data.tokens
-    hours = tokens / tps / 3600
-    out.append(f"speed: {flops:.2e} FLOPs a token; at MFU {p.mfu:.2f} (assumed; --mfu) on {p.world} x "
-               f"{p.gpu.bf16_flops / 1e12:.0f} TFLOP/s: {tps:,.0f} tokens/s")
-    out.append(f"time: {tokens / 1e6:.1f}M tokens -> {hours * 60:.0f} min of training steps (loading, evaluation and "
-               "checkpoints not included; padding adds more)")
-    if price is not None:
-        out.append(f"cost: {p.world} GPU(s) x {hours:.2f} h x ${price:.2f}/GPU-hour = ${p.world * hours * price:.2f}")
-    else:
-        out.append("cost: pass --price DOLLARS_PER_GPU_HOUR")
-    return "\n".join(out) + "\n"
+def fit_advice(cfg: Config) -> str:
+    """What makes a config that does not fit the card fit."""
+    if cfg.peft.method == "full":
+        return ("an adapter (peft.method=lora or qlora), a shorter model.max_length, FSDP over more GPUs (it shards the "
+                "weights, gradients and optimizer state), or a larger GPU")
+    return "peft.method=qlora, a shorter model.max_length, more GPUs (FSDP shards the weights), or a larger GPU"

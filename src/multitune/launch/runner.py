@@ -68,6 +68,7 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     run = RunDir(Path(cfg.run_dir))
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
+    autofit.check_global_batch(cfg, args.world_size)  # the config and the processes alone: before the data is prepared
     checked(lambda: check_node(cfg, args))  # what one node can lack: one refusal on every rank, none left waiting
     lock_run(run, args.should_save)  # one launch per run directory, before anything is written there
     with STOP.held():  # a signal from here on stops the launch at its next stage boundary, on every rank
@@ -128,7 +129,7 @@ def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Lau
     if launch.grad_accum is not None:
         args.gradient_accumulation_steps = launch.grad_accum
     trainer = kind.trainer(cfg, part, args, setup, launch.checkpoint, started_over)
-    autofit.confirm_on(trainer, chosen, cfg)
+    autofit.confirm_on(trainer, chosen, cfg, launch.checkpoint)
     if not fit(trainer, launch.checkpoint):
         return None
     restore_best(trainer)  # train.keep_best: the kept checkpoint's weights, on every rank

@@ -182,6 +182,15 @@ class TaskLosses:
         return {f"loss/{n}": round(float(total[0, i] / total[1, i]), 4) for i, n in enumerate(self.names) if total[1, i] > 0}
 
 
+def local_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None, record=None):
+    """What :func:`trainer_loss` computes on this rank before its gathers (auto-fit's probe runs it alone, with every
+    temporary of a training step's loss): the loss, each task's (``record``), and the log statistics."""
+    loss, logits, targets = supervised_loss(model, inputs, num_items_in_batch)
+    if record is not None and model.training:
+        record(logits.detach(), targets)  # loss/<task> (TaskLosses)
+    return loss, token_stats(logits, targets)
+
+
 def trainer_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None, record=None) -> torch.Tensor:
     """`SFTTrainer.compute_loss` on the supervised positions: the same scaling and the same logged metrics.
 
@@ -190,14 +199,12 @@ def trainer_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any], num_it
     micro-batch (and, with `average_tokens_across_devices`, every rank), and DDP/FSDP average the
     gradients over ranks, so the loss is multiplied back by the number of processes.
     """
-    loss, logits, targets = supervised_loss(model, inputs, num_items_in_batch)
-    if record is not None and model.training:
-        record(logits.detach(), targets)  # loss/<task> (TaskLosses)
+    loss, stats = local_loss(model, inputs, num_items_in_batch, record)
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
         loss = loss * trainer.accelerator.num_processes
     mode = "train" if model.training else "eval"
     acc = trainer.accelerator
-    entropy, correct, count = (acc.gather_for_metrics(x).sum() for x in token_stats(logits, targets))
+    entropy, correct, count = (acc.gather_for_metrics(x).sum() for x in stats)
     metrics = trainer._metrics[mode]
     metrics["entropy"].append((entropy / count).item() if count > 0 else 0.0)
     metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)

@@ -7,11 +7,12 @@ card and keeps the run alive when the card disagrees, without changing what is t
   tokens a row, the most supervised tokens the data holds) with the gradients and AdamW's two moments allocated (and
   DDP's gradient buckets beside several processes). Out of memory there: the next micro-batch down (then
   checkpointing), agreed across ranks. Nothing in it is a collective, so a rank that fails leaves none waiting.
-- :class:`OomBackoff`: a CUDA out-of-memory in the first ``watch_steps`` optimizer steps halves the micro-batch and
-  doubles the accumulation, once: every micro-batch the data loader yields is run as two halves, so the data order,
+- :class:`OomBackoff`: a CUDA out-of-memory in the first ``watch_steps`` optimizer steps of the launch (a resume's
+  first steps too, not only the run's) halves the micro-batch and doubles the accumulation, once: every micro-batch the data loader yields is run as two halves, so the data order,
   the examples per optimizer step, the schedule and the step counter are those of the run so far, and the step that
   failed is redone from its first micro-batch (its gradients are zeroed; weights and optimizer are untouched until its
-  optimizer step).
+  optimizer step). The checkpoints record the back-off (their COMPLETE marker's ``oom_split``), so a launch that
+  resumes one keeps the halved micro-batch (multitune.launch.autofit.confirm_on).
 
 Why not transformers' ``auto_find_batch_size`` (accelerate's ``find_executable_batch_size``): it restarts the
 training loop from step 0 with half the per-device batch and the same accumulation, so the global batch (and with it
@@ -35,6 +36,7 @@ import torch
 
 from multitune.distributed import any_rank, main_print, world_size
 from multitune.errors import UserError
+from multitune.training.checkpoints import CompleteMarker
 
 
 class AgreedOom(Exception):
@@ -95,13 +97,24 @@ class OomBackoff:
     watch_steps = 0  # optimizer steps watched (the launch sets it for train.batch_size: auto; 0 under FSDP)
     oom_split = 1  # every micro-batch from the data loader runs as this many pieces (2 after the back-off)
     _kept: tuple[int, list] = (-1, [])  # the watched step and its micro-batches so far (to redo it)
+    _logged: tuple = ()  # what the loss had logged when the watched step began (the redo logs its micro-batches again)
+    _first_step: int | None = None  # the launch's first step: a resume starts past the run's first steps
+
+    def split_micro_batches(self, parts: int) -> None:
+        """Run every micro-batch as ``parts`` pieces from now on, and record it in the checkpoints' markers."""
+        self.oom_split = parts
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, CompleteMarker):
+                cb.oom_split = parts
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.state.global_step >= self.watch_steps:
+        if self._first_step is None:
+            self._first_step = self.state.global_step  # set by a resume before the first micro-batch
+        if self.state.global_step >= self._first_step + self.watch_steps:
             self._kept = (-1, [])
             return self._pieces(model, inputs, num_items_in_batch, agree=False)
         if self._kept[0] != self.state.global_step:
-            self._kept = (self.state.global_step, [])
+            self._kept, self._logged = (self.state.global_step, []), self._log_state()
         self._kept[1].append(inputs)
         last = self.accelerator.sync_gradients  # this micro-batch ends the optimizer step
         failed = False
@@ -122,8 +135,22 @@ class OomBackoff:
         with local, self._agreeing_gathers():
             return self._pieces(model, inputs, num_items_in_batch, agree=True)
 
+    def _split(self, inputs) -> list[dict]:
+        """The micro-batch's pieces; a batch that one rank cannot halve (a packed row of one sequence) is one error on
+        every rank, agreed (one all-reduce, every rank, each split micro-batch) before any rank runs a piece."""
+        if self.oom_split == 1:
+            return [inputs]
+        try:
+            pieces, error = split_batch(inputs, self.oom_split), None
+        except UserError as e:
+            pieces, error = None, e
+        if any_rank(error is not None):
+            raise error or UserError("out of memory on another rank's micro-batch, which cannot be halved; set a shorter "
+                                     "model.max_length, peft.method=qlora, or train on a larger GPU")
+        return pieces
+
     def _pieces(self, model, inputs, num_items_in_batch, *, agree: bool):
-        pieces = [inputs] if self.oom_split == 1 else split_batch(inputs, self.oom_split)
+        pieces = self._split(inputs)
         accumulation = self.current_gradient_accumulation_steps
         # a loss that is a mean per micro-batch is divided by the accumulation: each piece weighs what a micro-batch of
         # its size would (a loss normalised by num_items_in_batch, multitune's, is exact either way)
@@ -171,6 +198,22 @@ class OomBackoff:
             for name in names:
                 delattr(acc, name)  # the class's methods again
 
+    def _log_state(self) -> tuple:
+        """The loss path's running logs (each task's sums, the token count, TRL's per-micro-batch metrics)."""
+        losses = getattr(self, "task_losses", None)
+        sums = losses.sums.clone() if losses is not None and losses.sums is not None else None
+        metrics = getattr(self, "_metrics", {}).get("train", {})
+        return sums, getattr(self, "_total_train_tokens", 0), {k: len(v) for k, v in metrics.items()}
+
+    def _restore_log_state(self) -> None:
+        sums, tokens, lengths = self._logged
+        if getattr(self, "task_losses", None) is not None:
+            self.task_losses.sums = sums
+        if hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = tokens
+        for key, values in getattr(self, "_metrics", {}).get("train", {}).items():
+            del values[lengths.get(key, 0):]
+
     def _back_off(self, model, num_items_in_batch):
         """Half the micro-batch, twice the accumulation; the failed step redone from its first micro-batch."""
         step, kept = self._kept
@@ -181,7 +224,8 @@ class OomBackoff:
                             "model.max_length, or train on a larger GPU")
         free_memory()
         model.zero_grad(set_to_none=True)  # the failed step's partial gradients; weights and optimizer are untouched
-        self.oom_split = 2
+        self._restore_log_state()  # and what its micro-batches logged: the redo logs them once more
+        self.split_micro_batches(2)
         main_print(f"out of memory at step {step + 1} (micro-batch {micro} x {accumulation} accumulation): continuing at "
                    f"micro-batch {micro / 2:g} x {2 * accumulation}, the same examples a step in the same order; step "
                    f"{step + 1} is redone from its first micro-batch")
@@ -219,7 +263,7 @@ def synthetic_batch(rows: int, length: int, supervised: int, vocab: int, packed:
 
 
 def _forward_backward(trainer, batch: dict, ddp_buckets: bool) -> None:
-    from multitune.modeling.loss import supervised_loss
+    from multitune.modeling import loss as losses
 
     model = trainer.model
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -229,12 +273,19 @@ def _forward_backward(trainer, batch: dict, ddp_buckets: bool) -> None:
     for p in trainable:
         p.grad = torch.zeros_like(p)
     model.train()
-    with trainer.accelerator.autocast():
-        if trainer.mt_cfg.train.loss_positions == "supervised":
-            loss = supervised_loss(model, batch, None)[0]
-        else:
-            loss = model(**batch, use_cache=False).loss
-    loss.backward()
+    task_losses = getattr(trainer, "task_losses", None)
+    kept = task_losses.sums.clone() if task_losses is not None and task_losses.sums is not None else None
+    try:
+        with trainer.accelerator.autocast():
+            if trainer.mt_cfg.train.loss_positions == "supervised":  # the trainer's loss path, without its gathers
+                record = task_losses.recorder(batch["labels"], torch.zeros_like(batch["labels"])) if task_losses else None
+                loss = losses.local_loss(model, batch, None, record)[0]
+            else:
+                loss = model(**batch, use_cache=False).loss
+        loss.backward()
+    finally:
+        if task_losses is not None:  # the synthetic batch's losses are not the window's
+            task_losses.sums = kept
     del held
 
 

@@ -56,7 +56,11 @@ class CompleteMarker(TrainerCallback):
 
     The marker records the batch layout and the manifest of the folder (every file's size and sha256), which
     is what later judges the checkpoint whole. Put it after every callback that writes into the checkpoint.
+    ``oom_split``: each micro-batch ran as this many pieces after an out-of-memory back-off (multitune.training.autofit),
+    which a resume keeps.
     """
+
+    oom_split = 1
 
     def on_save(self, args, state, control, **kwargs):
         _barrier()  # every rank has written its part and RNG state
@@ -64,7 +68,7 @@ class CompleteMarker(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             layout = {"world_size": args.world_size, "batch_size": args.per_device_train_batch_size,
                       "grad_accum": args.gradient_accumulation_steps}
-            write_marker(folder, {"global_step": state.global_step, "time": time.time(), **layout})
+            write_marker(folder, {"global_step": state.global_step, "time": time.time(), **layout, "oom_split": self.oom_split})
         _barrier()
         return control
 
@@ -287,6 +291,14 @@ def saved_layout(folder: Path) -> Layout | None:
         return Layout(marker["world_size"], marker["batch_size"], marker["grad_accum"])
     except (OSError, ValueError, KeyError):
         return None
+
+
+def saved_oom_split(folder: Path) -> int:
+    """How many pieces each micro-batch of the checkpoint's launch ran as (1: no out-of-memory back-off)."""
+    try:
+        return int(json.loads((folder / MARKER).read_text()).get("oom_split", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
 
 
 def grad_accum_for_resume(saved: Layout | None, now: Layout, *, grad_accum_from_user: bool) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTConfig, SFTTrainer
 
 from multitune.config import Config
@@ -28,6 +30,25 @@ from multitune.training.keep_best import KeepBest
 from multitune.training.stages import Setup
 
 
+class GlobalLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length grouping (shuffled, then sorted by length within mega-batches of whole batches) over the
+    global batch, from a generator seeded by the data seed and the epoch: the examples of each optimizer step, and the
+    order of the steps, are the same on any number of processes (accelerate deals each step's consecutive indices out
+    to the processes). transformers groups by each process's batch (micro-batch x accumulation) and draws from the
+    global generator, so its order changes with the number of processes."""
+
+    def __init__(self, global_batch: int, lengths: list[int], seed: int):
+        super().__init__(global_batch, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Trainer at each epoch (and by a resume, at its epoch)
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class MultitaskTrainer(OomBackoff, TaskEvaluation, DivergenceGuard, PortableAdapterCheckpoints, SFTTrainer):
     """SFTTrainer whose evaluation also reports each task's label accuracy (not just validation loss), and which backs
     off once from out-of-memory in its first steps when the launch chose its micro-batch (OomBackoff).
@@ -46,6 +67,16 @@ class MultitaskTrainer(OomBackoff, TaskEvaluation, DivergenceGuard, PortableAdap
         self.task_data, self.formatter, self.mt_cfg = task_data, formatter, cfg
         if self.task_losses is not None:
             self.data_collator = self.task_losses.collator(self.data_collator)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """train.group_by_length with train.global_batch_size: grouped by the global batch (GlobalLengthGroupedSampler),
+        so a resume on another number of processes trains the same examples each step."""
+        sampler = super()._get_train_sampler(train_dataset)
+        g = self.mt_cfg.train.global_batch_size
+        if not isinstance(sampler, LengthGroupedSampler) or g is None:
+            return sampler
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return GlobalLengthGroupedSampler(g, sampler.lengths, seed)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

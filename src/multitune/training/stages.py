@@ -136,10 +136,11 @@ def _resume_grad_accum(cfg: Config, args: SFTConfig, checkpoint: Path, grad_accu
         raise UserError(f"{checkpoint} was written without FSDP; resume full fine-tuning without FSDP, as it started, "
                         "or start over with --no-resume")
     saved, g = saved_layout(checkpoint), cfg.train.global_batch_size
-    if saved and saved.world_size != args.world_size and cfg.train.group_by_length and not cfg.train.packing:
-        raise UserError(f"train.group_by_length groups examples by each process's batch, so resuming {checkpoint} "
-                        f"({saved}) on {args.world_size} process(es) would reorder the data; resume on "
-                        f"{saved.world_size} process(es)")
+    grouped = cfg.train.group_by_length and not cfg.train.packing
+    if saved and saved.world_size != args.world_size and grouped and g is None:  # with it: grouped by the global batch
+        raise UserError(f"train.group_by_length without train.global_batch_size groups examples by each process's batch, "
+                        f"so resuming {checkpoint} ({saved}) on {args.world_size} process(es) would reorder the data; "
+                        f"resume on {saved.world_size} process(es)")
     if g is not None:  # the micro-batch may differ (another card, batch_size: auto): the global batch may not
         if saved and saved.global_batch != g:
             raise UserError(f"the checkpoint was trained with a global batch of {saved.global_batch} examples per step "
