@@ -259,9 +259,10 @@ def _hub_steps(on_hub: Path) -> list[int]:
 
 
 def hub_newer(b: Bench) -> str:
-    """train.hub_checkpoints, a pod whose volume holds an older checkpoint than the Hub (a lost pod got further):
-    the relaunch resumes from the Hub's newest and the run ends as if never interrupted, the Hub then holding
-    this run's newest checkpoints. The Hub is tests/fake_hub.py's (a folder), in the training process itself."""
+    """train.hub_checkpoints, a pod whose volume holds an older checkpoint than the Hub (a lost pod got further),
+    the Hub's newer ones unloadable: the relaunch warns for each, falls back to the volume's and trains; its first
+    upload deletes no Hub checkpoint newer than itself (a resume never deletes the Hub's newer steps); relaunched,
+    the run ends as if never interrupted. The Hub is tests/fake_hub.py's (a folder), in the training process."""
     hub = b.root / "hub-newer" / "hub"
     hub.mkdir(parents=True, exist_ok=True)
     config = b.config("hub-newer", train={"hub_checkpoints": True}, hub={"repo_id": "me/tuned"})
@@ -273,24 +274,38 @@ def hub_newer(b: Bench) -> str:
     first.finish(kill=True)
     volume = config.parent / "volume"
     shutil.copytree(run, volume, symlinks=True)  # what this pod's volume keeps
-    later = b.rng.randint(6, b.steps - 4)
+    local = max(s for s, ok in checkpoints(volume / "checkpoints").items() if ok)
+    later = b.rng.randint(local + 4, b.steps - 2)  # past the step of pod 3's first upload
     second = b.start(config, "pod-2", **kw)  # a pod that got further before it too was lost
     check(second.wait_for(lambda: any(s >= later for s in _hub_steps(on_hub))),
           f"pod 2 ended before uploading checkpoint {later} (see {second.log}.err)")
     second.finish(kill=True)
     shutil.rmtree(run)
     volume.rename(run)  # pod 3 comes back with pod 1's volume
-    local = max(s for s, ok in checkpoints(run / "checkpoints").items() if ok)
-    newest = max(_hub_steps(on_hub))
-    check(newest > local, f"the setup failed: the Hub's newest (checkpoint-{newest}) is not newer than the volume's")
-    o = b.launch(config, "pod-3", **kw)
-    finished(o, "pod 3's launch")
-    check(f"resuming from {run / 'checkpoints' / f'checkpoint-{newest}'}" in o.out,
-          f"did not resume from the Hub's newest, checkpoint-{newest}")
+    damaged = [s for s in _hub_steps(on_hub) if s > local]
+    check(damaged, f"the setup failed: the Hub holds nothing newer than the volume's checkpoint-{local}")
+    for s in damaged:  # a bad block on the Hub's side: what its save recorded no longer matches
+        _flip_middle_byte(on_hub / f"checkpoint-{s}" / "optimizer.pt")
+    third = b.start(config, "pod-3", **kw)
+    uploaded = lambda: re.search(r"^uploaded checkpoint-(\d+) ", Path(f"{third.log}.out").read_text(), re.MULTILINE)
+    check(third.wait_for(lambda: bool(uploaded())), f"pod 3 ended before uploading a checkpoint (see {third.log}.err)")
+    o = third.finish(kill=True)
+    first_upload = int(uploaded().group(1))
+    for s in damaged:
+        check(any(line.startswith("warning:") and f"checkpoint-{s} " in line and "damaged" in line for line in o.lines),
+              f"pod 3 gave no warning for the Hub's damaged checkpoint-{s}")
+    check(f"resuming from {run / 'checkpoints' / f'checkpoint-{local}'}" in o.out,
+          f"pod 3 did not fall back to the volume's checkpoint-{local}")
+    newer = [s for s in damaged if s > first_upload]
+    check(newer, f"inconclusive: pod 3's first upload, checkpoint-{first_upload}, is not older than the Hub's {damaged}")
+    gone = [s for s in newer if not (on_hub / f"checkpoint-{s}").is_dir()]
+    check(not gone, f"uploading checkpoint-{first_upload} deleted the Hub's newer checkpoint(s) {gone}")
+    finished(b.launch(config, "pod-4", **kw), "pod 4's launch")
     b.identical(run)
     left = _hub_steps(on_hub)
     check(left == [b.steps - 2, b.steps], f"the Hub ends holding {left}, not the run's newest two")
-    return f"volume at checkpoint-{local}, Hub at {newest}: resumed from the Hub's, identical; Hub holds {left}"
+    return (f"volume at checkpoint-{local}, Hub's {damaged} damaged: warned, fell back; uploading "
+            f"checkpoint-{first_upload} kept {newer}; relaunch identical; Hub holds {left}")
 
 
 KINDS: dict[str, Callable[[Bench], str]] = {
