@@ -33,7 +33,10 @@ from fault_run import (
     digests,
     finished,
     finite,
+    newest_complete,
+    resumed,
     strict_json,
+    trained_steps,
     whole,
 )
 
@@ -86,7 +89,10 @@ def nan_checkpoint(b: Bench) -> str:
     check(not (config.parent / "run" / "DONE").exists(), "marked DONE")
     check(max(checkpoints(folder.parent)) == step, "the refused launch saved a newer checkpoint")
     shutil.rmtree(folder)  # what the error line says to do
-    finished(b.launch(config, "after-delete"), "the relaunch after deleting it")
+    previous = newest_complete(folder.parent)
+    o = b.launch(config, "after-delete")
+    finished(o, "the relaunch after deleting it")
+    resumed(o, folder.parent, previous, b.steps)
     b.identical(config.parent / "run")
     return f"checkpoint-{step} refused and kept; after deleting it, resumed from the one before, identical"
 
@@ -103,8 +109,7 @@ def _damaged(b: Bench, kind: str, damage: Callable[[Path], None], file: str) -> 
     finished(again, "the relaunch")
     check(any(line.startswith("warning:") and f"checkpoint-{step}" in line for line in again.lines),
           f"no warning names the damaged checkpoint-{step}")
-    if previous is not None:
-        check(f"resuming from {ckpts / f'checkpoint-{previous}'}" in again.out, f"did not resume from checkpoint-{previous}")
+    resumed(again, ckpts, previous, b.steps)
     b.identical(config.parent / "run")
     return f"{file} of checkpoint-{step} damaged; warned, resumed from checkpoint-{previous}, identical"
 
@@ -174,6 +179,7 @@ def disk_full(b: Bench) -> str:
     check(not any(broken.values()), f"a checkpoint marked complete holds a cut-off file: {broken}")
     cut = [s for s, ok in found.items() if not ok]
     finished(relaunch, "the relaunch with space")
+    resumed(relaunch, run / "checkpoints", newest_complete(first / "checkpoints"), b.steps)
     b.identical(logs / "after-relaunch")
     return (f"full during the save of checkpoint-{max(cut)}" if cut else "full outside a checkpoint save") + \
         f" ({size >> 10} KiB tmpfs); relaunch with space identical"
@@ -224,7 +230,9 @@ def sigterm_save(b: Bench) -> str:
     found = checkpoints(ckpts)
     check(not (config.parent / "run" / "DONE").exists(), "a stopped launch marked the run DONE")
     check(step is None or found.get(step), f"the save of checkpoint-{step} under way was not finished")
-    finished(b.launch(config, "relaunch"), "the relaunch")
+    again = b.launch(config, "relaunch")
+    finished(again, "the relaunch")
+    resumed(again, ckpts, newest_complete(ckpts), b.steps)
     b.identical(config.parent / "run")
     landed = f"during the save of checkpoint-{step}" if step else f"just after a save (from step {at})"
     return f"landed {landed}; stopped with checkpoint-{max(s for s, ok in found.items() if ok)}; relaunch identical"
@@ -242,7 +250,9 @@ def sigterm_last(b: Bench) -> str:
     check(any(line.startswith("received SIGTERM") for line in o.lines), "the signal was not received")
     check((run / "final" / "adapter_model.safetensors").exists(), "the final adapter was not saved")
     check(not (run / "DONE").exists(), "marked DONE although stopped before evaluating")
-    finished(b.launch(config, "relaunch"), "the relaunch")
+    again = b.launch(config, "relaunch")
+    finished(again, "the relaunch")
+    check(trained_steps(again) == 0, f"the relaunch trained {trained_steps(again)} step(s) again after the last one")
     b.identical(run)
     return "final adapter saved, stopped before evaluating; relaunch finished identical"
 
@@ -300,7 +310,10 @@ def hub_newer(b: Bench) -> str:
     check(newer, f"inconclusive: pod 3's first upload, checkpoint-{first_upload}, is not older than the Hub's {damaged}")
     gone = [s for s in newer if not (on_hub / f"checkpoint-{s}").is_dir()]
     check(not gone, f"uploading checkpoint-{first_upload} deleted the Hub's newer checkpoint(s) {gone}")
-    finished(b.launch(config, "pod-4", **kw), "pod 4's launch")
+    last = newest_complete(run / "checkpoints")
+    pod4 = b.launch(config, "pod-4", **kw)
+    finished(pod4, "pod 4's launch")
+    resumed(pod4, run / "checkpoints", last, b.steps)
     b.identical(run)
     left = _hub_steps(on_hub)
     check(left == [b.steps - 2, b.steps], f"the Hub ends holding {left}, not the run's newest two")

@@ -215,6 +215,27 @@ def finished(o: Outcome, what: str) -> None:
     check(o.code == 0, f"{what} failed (exit {o.code}): {o.lines[-3:]}")
 
 
+def trained_steps(o: Outcome) -> int:
+    """Training steps a launch ran: one `{'loss': ...}` line on its stdout each (the recipe logs every step)."""
+    return sum(line.startswith("{'loss':") for line in o.out.splitlines())
+
+
+def resumed(o: Outcome, ckpts: Path, step: int | None, steps: int) -> None:
+    """The launch resumed from ``ckpts/checkpoint-<step>`` (None: started afresh) and trained only the steps after
+    it: training is deterministic, so a relaunch that trained again from step 0 would end identical too."""
+    if step is None:
+        check("resuming from" not in o.out, "the relaunch resumed, though no checkpoint was complete")
+    else:
+        check(f"resuming from {ckpts / f'checkpoint-{step}'}" in o.out, f"the relaunch did not resume from checkpoint-{step}")
+    n, due = trained_steps(o), steps - (step or 0)
+    check(n == due, f"the relaunch trained {n} step(s), not the {due} after {f'checkpoint-{step}' if step else 'step 0'}")
+
+
+def newest_complete(ckpts: Path) -> int | None:
+    """The newest step marked complete (read without multitune)."""
+    return max((s for s, ok in checkpoints(ckpts).items() if ok), default=None)
+
+
 def finite(folder: Path) -> bool:
     import torch
     from safetensors.torch import load_file

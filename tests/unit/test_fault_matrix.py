@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import fault_injection
 import fault_matrix
-from fault_run import Lost, Outcome, clean_error, strict_json, whole
+from fault_run import Lost, Outcome, clean_error, resumed, strict_json, trained_steps, whole
 
 
 def _fine(bench):
@@ -87,3 +87,33 @@ def test_strict_json_refuses_a_bare_nan(tmp_path):
     assert not strict_json(tmp_path / "m.json")
     (tmp_path / "m.json").write_text('{"loss": 0.5}')
     assert strict_json(tmp_path / "m.json")
+
+
+def _relaunch(resumed_from: str | None, steps: int) -> Outcome:
+    lines = [f"resuming from {resumed_from}"] if resumed_from else []
+    lines += [f"{{'loss': '2.5', 'grad_norm': '3.3', 'learning_rate': '0.001', 'epoch': '{i}'}}" for i in range(steps)]
+    lines += ["{'eval_claims_loss': '1.287', 'epoch': '0.4'}", "{'train_runtime': '46.31', 'train_loss': '2.463'}"]
+    return Outcome(0, "\n".join(lines) + "\n", "")
+
+
+def test_a_relaunch_that_resumed_and_trained_the_rest_is_accepted(tmp_path):
+    resumed(_relaunch(f"{tmp_path}/checkpoint-6", 6), tmp_path, 6, 12)
+    resumed(_relaunch(None, 12), tmp_path, None, 12)
+
+
+@pytest.mark.parametrize("outcome,step,why", [
+    (_relaunch(None, 12), 6, "did not resume from checkpoint-6"),  # trained from step 0: ends identical all the same
+    ("checkpoint-6", 6, "trained 12 step"),  # said it resumed, yet trained every step again
+    ("checkpoint-4", 6, "did not resume from checkpoint-6"),
+    ("checkpoint-6", None, "resumed, though no checkpoint"),
+])
+def test_a_relaunch_that_did_not_resume_where_it_should_is_lost(tmp_path, outcome, step, why):
+    if isinstance(outcome, str):
+        outcome = _relaunch(f"{tmp_path}/{outcome}", 12)
+    with pytest.raises(Lost, match=why):
+        resumed(outcome, tmp_path, step, 12)
+
+
+def test_trained_steps_counts_only_the_training_log_lines():
+    assert trained_steps(_relaunch(None, 5)) == 5
+    assert trained_steps(Outcome(0, "final: trained by an earlier launch\n{'eval_claims_loss': '1.2'}\n", "")) == 0
