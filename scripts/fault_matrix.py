@@ -39,6 +39,7 @@ from fault_run import (
     trained_steps,
     whole,
 )
+from processes import kill_tree
 
 # ---------------------------------------------------------------- the kinds
 
@@ -141,7 +142,20 @@ def _blocks(*paths: Path) -> int:
 DISK_FULL = """set -u
 size=$1 run=$2 logs=$3 bigger=$4; shift 4
 mount -t tmpfs -o size="$size" tmpfs "$run" || exit 90
+mkdir -p "$logs/seen"
+(  # a copy of each checkpoint as soon as it is marked complete, outside the tmpfs: its bytes before the failed save
+  while [ ! -e "$logs/train.code" ]; do
+    for c in "$run"/checkpoints/checkpoint-*; do
+      seen="$logs/seen/${c##*/}"
+      if [ -e "$c/COMPLETE" ] && [ ! -e "$seen" ] && [ ! -e "$seen.gone" ]; then
+        cp -a "$c" "$seen.tmp" 2>/dev/null && mv "$seen.tmp" "$seen" || mv "$seen.tmp" "$seen.gone"
+      fi
+    done
+    sleep 0.02
+  done
+) &
 "$@" >"$logs/train.out" 2>"$logs/train.err"; echo $? >"$logs/train.code"
+wait
 mkdir -p "$logs/after-train" && cp -a "$run/." "$logs/after-train/"
 mount -o remount,size="$bigger" "$run" || exit 91
 "$@" >"$logs/relaunch.out" 2>"$logs/relaunch.err"; echo $? >"$logs/relaunch.code"
@@ -149,14 +163,31 @@ mkdir -p "$logs/after-relaunch" && cp -a "$run/." "$logs/after-relaunch/"
 """
 
 
+def _in_namespace(b: Bench, config: Path, size: int) -> None:
+    """DISK_FULL in a mount namespace of its own (`unshare`): the run directory a tmpfs of ``size`` bytes."""
+    logs, run = config.parent, config.parent / "run"
+    ns = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    proc = subprocess.Popen([*ns, "bash", "-c", DISK_FULL, "bash", str(size), str(run), str(logs), str(size + (64 << 20)),
+                             *command(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=2 * TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)  # the namespace's shell, its snapshot loop and the training under it
+        proc.communicate()
+        raise Lost(f"hung: the launches on the full disk took over {2 * TIMEOUT} s (logs in {logs})") from None
+    check(proc.returncode == 0, f"could not mount a size-limited tmpfs in a mount namespace (exit {proc.returncode}: "
+          f"{err.strip()[-300:]}); this kind needs `unshare` (root, or unprivileged user namespaces)")
+
+
 def disk_full(b: Bench) -> str:
-    """The disk fills during a checkpoint save: one error line, nothing half-written marked complete; the same
-    command, once there is space, resumes and ends as if never interrupted.
+    """The disk fills during a checkpoint save: one error line naming that checkpoint, nothing half-written marked
+    complete, every checkpoint complete before it kept unchanged; the same command, once there is space, resumes
+    from the newest of those and ends as if never interrupted.
 
     The run directory is a tmpfs of room for the run's files and two and a half checkpoints (sized from the
     reference run), in a mount namespace of its own (`unshare`), so the third save meets a real ENOSPC; then
     the tmpfs is grown (space freed) and the same command relaunched. Copies of the run directory after each
-    launch are kept in WORKDIR/matrix/disk-full/after-*."""
+    launch, and of each checkpoint once complete (seen/), are kept in WORKDIR/matrix/disk-full/."""
     b.reference()
     ref = b.root / "reference" / "run"
     checkpoint = _blocks(ref / "checkpoints" / f"checkpoint-{b.steps}")
@@ -164,25 +195,28 @@ def disk_full(b: Bench) -> str:
     config = b.config("disk-full")
     logs, run = config.parent, config.parent / "run"
     run.mkdir()
-    ns = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
-    setup = subprocess.run([*ns, "bash", "-c", DISK_FULL, "bash", str(size), str(run), str(logs), str(size + (64 << 20)),
-                            *command(config)], check=False, capture_output=True, text=True, timeout=2 * TIMEOUT)
-    check(setup.returncode == 0, f"could not mount a size-limited tmpfs in a mount namespace (exit {setup.returncode}: "
-          f"{setup.stderr.strip()[-300:]}); this kind needs `unshare` (root, or unprivileged user namespaces)")
+    _in_namespace(b, config, size)
     train, relaunch = (Outcome(int((logs / f"{n}.code").read_text()), (logs / f"{n}.out").read_text(),
                                (logs / f"{n}.err").read_text()) for n in ("train", "relaunch"))
-    clean_error(train, "No space left")
     first = logs / "after-train"
     found = checkpoints(first / "checkpoints")
+    cut = [s for s, ok in found.items() if not ok]
+    check(cut, f"inconclusive: the disk did not fill during a checkpoint save ({size >> 10} KiB tmpfs; exit "
+          f"{train.code}: {train.lines[-1:]})")
+    clean_error(train, "No space left", str(run / "checkpoints" / f"checkpoint-{max(cut)}"))
     check(not (first / "DONE").exists(), "marked DONE on a full disk")
     broken = {s: whole(first / "checkpoints" / f"checkpoint-{s}") for s, ok in found.items() if ok}
     check(not any(broken.values()), f"a checkpoint marked complete holds a cut-off file: {broken}")
-    cut = [s for s, ok in found.items() if not ok]
+    seen = checkpoints(logs / "seen") if (logs / "seen").exists() else {}
+    kept = sorted(s for s, ok in found.items() if ok)
+    check(seen and max(seen) in kept, f"the last checkpoint complete before the failed save, of {sorted(seen)}, is gone: {kept}")
+    changed = [s for s in kept if s not in seen
+               or digests(first / "checkpoints" / f"checkpoint-{s}") != digests(logs / "seen" / f"checkpoint-{s}")]
+    check(not changed, f"complete checkpoint(s) {changed} changed after they were complete")
     finished(relaunch, "the relaunch with space")
     resumed(relaunch, run / "checkpoints", newest_complete(first / "checkpoints"), b.steps)
     b.identical(logs / "after-relaunch")
-    return (f"full during the save of checkpoint-{max(cut)}" if cut else "full outside a checkpoint save") + \
-        f" ({size >> 10} KiB tmpfs); relaunch with space identical"
+    return f"full during the save of checkpoint-{max(cut)} ({size >> 10} KiB tmpfs); {kept} kept unchanged; relaunch identical"
 
 
 def _holds_lock(run: Path, pid: int) -> bool:
