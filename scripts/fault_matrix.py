@@ -163,7 +163,7 @@ mkdir -p "$logs/after-relaunch" && cp -a "$run/." "$logs/after-relaunch/"
 """
 
 
-def _in_namespace(b: Bench, config: Path, size: int) -> None:
+def _in_namespace(config: Path, size: int) -> None:
     """DISK_FULL in a mount namespace of its own (`unshare`): the run directory a tmpfs of ``size`` bytes."""
     logs, run = config.parent, config.parent / "run"
     ns = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
@@ -195,7 +195,7 @@ def disk_full(b: Bench) -> str:
     config = b.config("disk-full")
     logs, run = config.parent, config.parent / "run"
     run.mkdir()
-    _in_namespace(b, config, size)
+    _in_namespace(config, size)
     train, relaunch = (Outcome(int((logs / f"{n}.code").read_text()), (logs / f"{n}.out").read_text(),
                                (logs / f"{n}.err").read_text()) for n in ("train", "relaunch"))
     first = logs / "after-train"
@@ -249,27 +249,36 @@ def concurrent(b: Bench) -> str:
 
 
 def sigterm_save(b: Bench) -> str:
-    """SIGTERM while a checkpoint is being written: that save finishes, a checkpoint at the step's end, exit 0;
-    the relaunch ends as if never interrupted."""
+    """SIGTERM while a checkpoint is being written: that save finishes, a checkpoint at the step the launch stopped
+    at, exit 0; the relaunch resumes from it and ends as if never interrupted."""
     config = b.config("sigterm-save")
     ckpts = config.parent / "run" / "checkpoints"
     at = b.rng.randint(2, b.steps - 4)
     first = b.start(config, "train")
-    saving = lambda: [s for s, ok in checkpoints(ckpts).items() if not ok and s >= at]
-    check(first.wait_for(lambda: bool(saving())), f"the run ended before saving checkpoint {at} (see {first.log}.err)")
+    saving: list[int] = []  # the save seen under way, recorded when seen (a read after the signal could miss it)
+
+    def under_way() -> bool:
+        saving.extend(s for s, ok in checkpoints(ckpts).items() if not ok and s >= at)
+        return bool(saving)
+
+    check(first.wait_for(under_way), f"the run ended before saving checkpoint {at} (see {first.log}.err)")
     os.kill(first.proc.pid, signal.SIGTERM)
-    step = saving()[0] if saving() else None  # still being written after the signal: it landed during the save
+    step = saving[0]
     o = first.finish()
     finished(o, "the signalled launch")
     found = checkpoints(ckpts)
     check(not (config.parent / "run" / "DONE").exists(), "a stopped launch marked the run DONE")
-    check(step is None or found.get(step), f"the save of checkpoint-{step} under way was not finished")
+    check(found.get(step), f"the save of checkpoint-{step} under way at the signal was not finished")
+    last = trained_steps(o)
+    states = {s: json.loads((ckpts / f"checkpoint-{s}" / "trainer_state.json").read_text())["global_step"]
+              for s, ok in found.items() if ok}
+    check(last in states.values(), f"no complete checkpoint at step {last}, the last the launch trained: {states}")
+    newest = newest_complete(ckpts)
     again = b.launch(config, "relaunch")
     finished(again, "the relaunch")
-    resumed(again, ckpts, newest_complete(ckpts), b.steps)
+    resumed(again, ckpts, newest, b.steps)
     b.identical(config.parent / "run")
-    landed = f"during the save of checkpoint-{step}" if step else f"just after a save (from step {at})"
-    return f"landed {landed}; stopped with checkpoint-{max(s for s, ok in found.items() if ok)}; relaunch identical"
+    return f"signalled during the save of checkpoint-{step}; stopped with checkpoint-{last}; relaunch resumed there, identical"
 
 
 def sigterm_last(b: Bench) -> str:
