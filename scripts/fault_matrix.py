@@ -377,16 +377,17 @@ def run(bench: Bench, kinds: list[str], table: dict[str, Callable[[Bench], str]]
     started = time.monotonic()
     for kind in kinds:
         t = time.monotonic()
-        if bench is not None:
-            shutil.rmtree(bench.root / kind, ignore_errors=True)  # what an earlier matrix left there: it starts afresh
+        bench.begin(kind)
         try:
             detail, ok = table[kind](bench), True
         except Lost as e:
             detail, ok = str(e), False
         except Exception as e:  # noqa: BLE001 - the harness itself failed: the kind is not shown survived
             detail, ok = f"the harness failed: {type(e).__name__}: {e}", False
+        finally:
+            bench.end()
         survived += ok
-        where = "" if ok else f"; logs in {bench.root / kind}" if bench is not None else ""
+        where = "" if ok else f"; logs in {bench.root / kind}"
         print(f"FAULT {kind}: {'survived' if ok else 'lost'} ({detail}{where}; {time.monotonic() - t:.0f} s)", flush=True)
     print(f"{survived}/{len(kinds)} faults survived ({time.monotonic() - started:.0f} s)", flush=True)
     return 0 if survived == len(kinds) else 1
