@@ -24,8 +24,8 @@ after it (a relaunch that trained again from step 0 would end identical too).
                              exit 2, no DONE or final/, metrics.json (if any) strict JSON, every kept checkpoint
                              finite and older than that step, the last good one kept; the same command again stops
                              the same way
-    nan-checkpoint           a NaN in the newest checkpoint's saved weights: the relaunch refuses it by name and
-                             keeps it; deleted as the error says, the run resumes and ends identical
+    nan-checkpoint           a NaN in the newest checkpoint's saved weights: the relaunch warns naming it, resumes
+                             from the previous complete checkpoint and ends identical
     disk-full                the run directory a size-limited tmpfs (its own mount namespace, `unshare`): one
                              `error:` line naming the checkpoint being written, nothing cut off marked complete,
                              every checkpoint complete before it unchanged (a fill outside a save is inconclusive,

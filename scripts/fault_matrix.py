@@ -66,8 +66,9 @@ def nan(b: Bench) -> str:
 
 
 def nan_checkpoint(b: Bench) -> str:
-    """A checkpoint whose saved weights hold a NaN: the relaunch refuses it, naming it and touching nothing; once
-    it is deleted, as the error says, the run resumes from the one before and ends as if never interrupted."""
+    """A checkpoint whose saved weights hold a NaN (its manifest recorded as the save that wrote them would have):
+    the relaunch warns naming it, resumes from the one before, trains only the steps after that and ends as if
+    never interrupted, as for a damaged checkpoint."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -75,7 +76,8 @@ def nan_checkpoint(b: Bench) -> str:
 
     config = b.config("nan-checkpoint")
     step = b.interrupt(config, "train", b.rng.randint(4, b.steps - 4))
-    folder = config.parent / "run" / "checkpoints" / f"checkpoint-{step}"
+    ckpts = config.parent / "run" / "checkpoints"
+    folder = ckpts / f"checkpoint-{step}"
     path = folder / "adapter_model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -84,18 +86,14 @@ def nan_checkpoint(b: Bench) -> str:
     save_file(tensors, str(path), metadata=meta)
     # as a save that wrote these weights would have recorded them (a version without the divergence guard)
     write_marker(folder, {k: v for k, v in read_marker(folder).items() if k != "files"})
-    before = digests(folder)
-    clean_error(b.launch(config, "relaunch"), str(folder), "NaN")
-    check(digests(folder) == before, f"{folder} was changed or deleted")
-    check(not (config.parent / "run" / "DONE").exists(), "marked DONE")
-    check(max(checkpoints(folder.parent)) == step, "the refused launch saved a newer checkpoint")
-    shutil.rmtree(folder)  # what the error line says to do
-    previous = newest_complete(folder.parent)
-    o = b.launch(config, "after-delete")
-    finished(o, "the relaunch after deleting it")
-    resumed(o, folder.parent, previous, b.steps)
+    previous = max((s for s, ok in checkpoints(ckpts).items() if ok and s < step), default=None)
+    o = b.launch(config, "relaunch")
+    finished(o, "the relaunch")
+    check(any(line.startswith("warning:") and str(folder) in line and "NaN" in line for line in o.lines),
+          f"no warning names the NaN in {folder}")
+    resumed(o, ckpts, previous, b.steps)
     b.identical(config.parent / "run")
-    return f"checkpoint-{step} refused and kept; after deleting it, resumed from the one before, identical"
+    return f"checkpoint-{step} with a NaN: warned, resumed from checkpoint-{previous}, identical"
 
 
 def _damaged(b: Bench, kind: str, damage: Callable[[Path], None], file: str) -> str:

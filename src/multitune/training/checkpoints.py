@@ -244,12 +244,14 @@ def is_sharded(folder: Path) -> bool:
     return (folder / DCP_DIRS[0]).is_dir() and not (folder / "adapter_model.safetensors").exists()
 
 
-def latest_complete(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint; incomplete or corrupt newer ones are skipped with a warning (once per node)."""
+def latest_complete(checkpoints: Path, below: int | None = None) -> Path | None:
+    """The newest complete checkpoint (of a step under ``below`` if given); incomplete or corrupt newer ones are
+    skipped with a warning (once per node)."""
     if not checkpoints.is_dir():
         return None
     found = sorted(
-        (p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        (p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+         and (below is None or int(p.name.split("-")[-1]) < below)),
         key=lambda p: int(p.name.split("-")[-1]),
         reverse=True,
     )
