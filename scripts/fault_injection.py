@@ -16,28 +16,37 @@ through the test-only shim tests/distributed/fsdp_on_cpu.py, since accelerate ru
 
 --matrix: every other fault kind once (one process, 12 steps), each judged by an oracle of what must happen
 (scripts/fault_matrix.py has each kind's oracle in its docstring); one `FAULT <kind>: survived|lost (...)` line
-per kind, then `N/9 faults survived`; exit status 0 only when every kind survived.
+per kind, then `N/M faults survived` (M: the kinds run); exit status 0 only when every kind survived. Every
+relaunch that must resume is also checked to resume from the expected checkpoint and to train only the steps
+after it (a relaunch that trained again from step 0 would end identical too).
 
     nan                      train.learning_rate=1e30: one `error:` line naming the step and a lower learning rate,
-                             exit 2, no DONE/final/metrics, every kept checkpoint finite and older, the last good kept
-    nan-checkpoint           a NaN in the newest checkpoint's saved weights: the relaunch refuses it by name and
-                             keeps it; deleted as the error says, the run resumes and ends identical
+                             exit 2, no DONE or final/, metrics.json (if any) strict JSON, every kept checkpoint
+                             finite and older than that step, the last good one kept; the same command again stops
+                             the same way
+    nan-checkpoint           a NaN in the newest checkpoint's saved weights: the relaunch warns naming it, resumes
+                             from the previous complete checkpoint and ends identical
     disk-full                the run directory a size-limited tmpfs (its own mount namespace, `unshare`): one
-                             `error:` line, nothing cut off marked complete; grown, the relaunch ends identical
+                             `error:` line naming the checkpoint being written, nothing cut off marked complete,
+                             every checkpoint complete before it unchanged (a fill outside a save is inconclusive,
+                             lost); grown, the relaunch ends identical
     damaged-optimizer        the newest checkpoint's optimizer.pt with a byte flipped in its middle (same size)
     truncated-rng            the newest checkpoint's rng_state.pth cut to half: for both, the relaunch warns, resumes
                              from the previous complete checkpoint and ends identical
     concurrent               a second launch, and a second --no-resume, while the first trains: each refused
                              naming the holder's host and pid, nothing written; the first ends identical
-    sigterm-save             SIGTERM while a checkpoint is written: that save completes, exit 0; relaunch identical
+    sigterm-save             SIGTERM while a checkpoint is written: that save completes, a complete checkpoint
+                             holds the last step trained, exit 0; relaunch identical
     sigterm-after-last-step  SIGTERM after the last step (tests/distributed/late_signal.py): the final adapter is
-                             saved, no DONE, exit 0; the relaunch evaluates it and ends identical
+                             saved, no DONE, exit 0; the relaunch trains no step, evaluates it and ends identical
     hub-newer                train.hub_checkpoints, a volume older than the Hub (tests/fake_hub.py's, in the training
-                             process): the relaunch resumes from the Hub's newest, ends identical, the Hub holding
-                             the run's newest checkpoints
+                             process) whose newer checkpoints are damaged: the relaunch warns for each, resumes from
+                             the volume's, and its first upload deletes none of the Hub's newer steps; relaunched
+                             again, the run ends identical, the Hub holding the run's newest checkpoints
 
     python scripts/fault_injection.py --matrix                  # prints "9/9 faults survived"
     python scripts/fault_injection.py --matrix --only concurrent --only nan
+    python scripts/fault_injection.py --matrix --only hub-newer --seed 4803  # hub-newer as the full --seed 4803 ran it
 
 "Identical" is bitwise against one uninterrupted run of the same config. Each kind's run directory, config
 and launch logs stay in WORKDIR/matrix/<kind>/ until the next --matrix in that WORKDIR, which starts every kind

@@ -33,9 +33,13 @@ from fault_run import (
     digests,
     finished,
     finite,
+    newest_complete,
+    resumed,
     strict_json,
+    trained_steps,
     whole,
 )
+from processes import kill_tree
 
 # ---------------------------------------------------------------- the kinds
 
@@ -62,8 +66,9 @@ def nan(b: Bench) -> str:
 
 
 def nan_checkpoint(b: Bench) -> str:
-    """A checkpoint whose saved weights hold a NaN: the relaunch refuses it, naming it and touching nothing; once
-    it is deleted, as the error says, the run resumes from the one before and ends as if never interrupted."""
+    """A checkpoint whose saved weights hold a NaN (its manifest recorded as the save that wrote them would have):
+    the relaunch warns naming it, resumes from the one before, trains only the steps after that and ends as if
+    never interrupted, as for a damaged checkpoint."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -71,7 +76,8 @@ def nan_checkpoint(b: Bench) -> str:
 
     config = b.config("nan-checkpoint")
     step = b.interrupt(config, "train", b.rng.randint(4, b.steps - 4))
-    folder = config.parent / "run" / "checkpoints" / f"checkpoint-{step}"
+    ckpts = config.parent / "run" / "checkpoints"
+    folder = ckpts / f"checkpoint-{step}"
     path = folder / "adapter_model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -80,15 +86,14 @@ def nan_checkpoint(b: Bench) -> str:
     save_file(tensors, str(path), metadata=meta)
     # as a save that wrote these weights would have recorded them (a version without the divergence guard)
     write_marker(folder, {k: v for k, v in read_marker(folder).items() if k != "files"})
-    before = digests(folder)
-    clean_error(b.launch(config, "relaunch"), str(folder), "NaN")
-    check(digests(folder) == before, f"{folder} was changed or deleted")
-    check(not (config.parent / "run" / "DONE").exists(), "marked DONE")
-    check(max(checkpoints(folder.parent)) == step, "the refused launch saved a newer checkpoint")
-    shutil.rmtree(folder)  # what the error line says to do
-    finished(b.launch(config, "after-delete"), "the relaunch after deleting it")
+    previous = max((s for s, ok in checkpoints(ckpts).items() if ok and s < step), default=None)
+    o = b.launch(config, "relaunch")
+    finished(o, "the relaunch")
+    check(any(line.startswith("warning:") and str(folder) in line and "NaN" in line for line in o.lines),
+          f"no warning names the NaN in {folder}")
+    resumed(o, ckpts, previous, b.steps)
     b.identical(config.parent / "run")
-    return f"checkpoint-{step} refused and kept; after deleting it, resumed from the one before, identical"
+    return f"checkpoint-{step} with a NaN: warned, resumed from checkpoint-{previous}, identical"
 
 
 def _damaged(b: Bench, kind: str, damage: Callable[[Path], None], file: str) -> str:
@@ -103,8 +108,7 @@ def _damaged(b: Bench, kind: str, damage: Callable[[Path], None], file: str) -> 
     finished(again, "the relaunch")
     check(any(line.startswith("warning:") and f"checkpoint-{step}" in line for line in again.lines),
           f"no warning names the damaged checkpoint-{step}")
-    if previous is not None:
-        check(f"resuming from {ckpts / f'checkpoint-{previous}'}" in again.out, f"did not resume from checkpoint-{previous}")
+    resumed(again, ckpts, previous, b.steps)
     b.identical(config.parent / "run")
     return f"{file} of checkpoint-{step} damaged; warned, resumed from checkpoint-{previous}, identical"
 
@@ -136,7 +140,20 @@ def _blocks(*paths: Path) -> int:
 DISK_FULL = """set -u
 size=$1 run=$2 logs=$3 bigger=$4; shift 4
 mount -t tmpfs -o size="$size" tmpfs "$run" || exit 90
+mkdir -p "$logs/seen"
+(  # a copy of each checkpoint as soon as it is marked complete, outside the tmpfs: its bytes before the failed save
+  while [ ! -e "$logs/train.code" ]; do
+    for c in "$run"/checkpoints/checkpoint-*; do
+      seen="$logs/seen/${c##*/}"
+      if [ -e "$c/COMPLETE" ] && [ ! -e "$seen" ] && [ ! -e "$seen.gone" ]; then
+        cp -a "$c" "$seen.tmp" 2>/dev/null && mv "$seen.tmp" "$seen" || mv "$seen.tmp" "$seen.gone"
+      fi
+    done
+    sleep 0.02
+  done
+) &
 "$@" >"$logs/train.out" 2>"$logs/train.err"; echo $? >"$logs/train.code"
+wait
 mkdir -p "$logs/after-train" && cp -a "$run/." "$logs/after-train/"
 mount -o remount,size="$bigger" "$run" || exit 91
 "$@" >"$logs/relaunch.out" 2>"$logs/relaunch.err"; echo $? >"$logs/relaunch.code"
@@ -144,14 +161,31 @@ mkdir -p "$logs/after-relaunch" && cp -a "$run/." "$logs/after-relaunch/"
 """
 
 
+def _in_namespace(config: Path, size: int) -> None:
+    """DISK_FULL in a mount namespace of its own (`unshare`): the run directory a tmpfs of ``size`` bytes."""
+    logs, run = config.parent, config.parent / "run"
+    ns = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    proc = subprocess.Popen([*ns, "bash", "-c", DISK_FULL, "bash", str(size), str(run), str(logs), str(size + (64 << 20)),
+                             *command(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=2 * TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)  # the namespace's shell, its snapshot loop and the training under it
+        proc.communicate()
+        raise Lost(f"hung: the launches on the full disk took over {2 * TIMEOUT} s (logs in {logs})") from None
+    check(proc.returncode == 0, f"could not mount a size-limited tmpfs in a mount namespace (exit {proc.returncode}: "
+          f"{err.strip()[-300:]}); this kind needs `unshare` (root, or unprivileged user namespaces)")
+
+
 def disk_full(b: Bench) -> str:
-    """The disk fills during a checkpoint save: one error line, nothing half-written marked complete; the same
-    command, once there is space, resumes and ends as if never interrupted.
+    """The disk fills during a checkpoint save: one error line naming that checkpoint, nothing half-written marked
+    complete, every checkpoint complete before it kept unchanged; the same command, once there is space, resumes
+    from the newest of those and ends as if never interrupted.
 
     The run directory is a tmpfs of room for the run's files and two and a half checkpoints (sized from the
     reference run), in a mount namespace of its own (`unshare`), so the third save meets a real ENOSPC; then
     the tmpfs is grown (space freed) and the same command relaunched. Copies of the run directory after each
-    launch are kept in WORKDIR/matrix/disk-full/after-*."""
+    launch, and of each checkpoint once complete (seen/), are kept in WORKDIR/matrix/disk-full/."""
     b.reference()
     ref = b.root / "reference" / "run"
     checkpoint = _blocks(ref / "checkpoints" / f"checkpoint-{b.steps}")
@@ -159,24 +193,30 @@ def disk_full(b: Bench) -> str:
     config = b.config("disk-full")
     logs, run = config.parent, config.parent / "run"
     run.mkdir()
-    ns = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
-    setup = subprocess.run([*ns, "bash", "-c", DISK_FULL, "bash", str(size), str(run), str(logs), str(size + (64 << 20)),
-                            *command(config)], check=False, capture_output=True, text=True, timeout=2 * TIMEOUT)
-    check(setup.returncode == 0, f"could not mount a size-limited tmpfs in a mount namespace (exit {setup.returncode}: "
-          f"{setup.stderr.strip()[-300:]}); this kind needs `unshare` (root, or unprivileged user namespaces)")
+    _in_namespace(config, size)
     train, relaunch = (Outcome(int((logs / f"{n}.code").read_text()), (logs / f"{n}.out").read_text(),
                                (logs / f"{n}.err").read_text()) for n in ("train", "relaunch"))
-    clean_error(train, "No space left")
     first = logs / "after-train"
     found = checkpoints(first / "checkpoints")
+    cut = [s for s, ok in found.items() if not ok]
+    check(cut, f"inconclusive: the disk did not fill during a checkpoint save ({size >> 10} KiB tmpfs; exit "
+          f"{train.code}: {train.lines[-1:]})")
+    clean_error(train, "No space left", str(run / "checkpoints" / f"checkpoint-{max(cut)}"))
     check(not (first / "DONE").exists(), "marked DONE on a full disk")
     broken = {s: whole(first / "checkpoints" / f"checkpoint-{s}") for s, ok in found.items() if ok}
     check(not any(broken.values()), f"a checkpoint marked complete holds a cut-off file: {broken}")
-    cut = [s for s, ok in found.items() if not ok]
+    seen = checkpoints(logs / "seen") if (logs / "seen").exists() else {}
+    kept = sorted(s for s, ok in found.items() if ok)
+    # the tmpfs holds two and a half checkpoints, so every one seen complete is there when the third save fails
+    gone = [s for s in sorted(seen) if s not in kept]
+    check(seen and not gone, f"checkpoint(s) {gone} complete before the failed save are gone (seen {sorted(seen)})")
+    changed = [s for s in kept if s not in seen
+               or digests(first / "checkpoints" / f"checkpoint-{s}") != digests(logs / "seen" / f"checkpoint-{s}")]
+    check(not changed, f"complete checkpoint(s) {changed} changed after they were complete")
     finished(relaunch, "the relaunch with space")
+    resumed(relaunch, run / "checkpoints", newest_complete(first / "checkpoints"), b.steps)
     b.identical(logs / "after-relaunch")
-    return (f"full during the save of checkpoint-{max(cut)}" if cut else "full outside a checkpoint save") + \
-        f" ({size >> 10} KiB tmpfs); relaunch with space identical"
+    return f"full during the save of checkpoint-{max(cut)} ({size >> 10} KiB tmpfs); {kept} kept unchanged; relaunch identical"
 
 
 def _holds_lock(run: Path, pid: int) -> bool:
@@ -209,25 +249,36 @@ def concurrent(b: Bench) -> str:
 
 
 def sigterm_save(b: Bench) -> str:
-    """SIGTERM while a checkpoint is being written: that save finishes, a checkpoint at the step's end, exit 0;
-    the relaunch ends as if never interrupted."""
+    """SIGTERM while a checkpoint is being written: that save finishes, a checkpoint at the step the launch stopped
+    at, exit 0; the relaunch resumes from it and ends as if never interrupted."""
     config = b.config("sigterm-save")
     ckpts = config.parent / "run" / "checkpoints"
     at = b.rng.randint(2, b.steps - 4)
     first = b.start(config, "train")
-    saving = lambda: [s for s, ok in checkpoints(ckpts).items() if not ok and s >= at]
-    check(first.wait_for(lambda: bool(saving())), f"the run ended before saving checkpoint {at} (see {first.log}.err)")
+    saving: list[int] = []  # the save seen under way, recorded when seen (a read after the signal could miss it)
+
+    def under_way() -> bool:
+        saving.extend(s for s, ok in checkpoints(ckpts).items() if not ok and s >= at)
+        return bool(saving)
+
+    check(first.wait_for(under_way), f"the run ended before saving checkpoint {at} (see {first.log}.err)")
     os.kill(first.proc.pid, signal.SIGTERM)
-    step = saving()[0] if saving() else None  # still being written after the signal: it landed during the save
+    step = saving[0]
     o = first.finish()
     finished(o, "the signalled launch")
     found = checkpoints(ckpts)
     check(not (config.parent / "run" / "DONE").exists(), "a stopped launch marked the run DONE")
-    check(step is None or found.get(step), f"the save of checkpoint-{step} under way was not finished")
-    finished(b.launch(config, "relaunch"), "the relaunch")
+    check(found.get(step), f"the save of checkpoint-{step} under way at the signal was not finished")
+    last = trained_steps(o)
+    states = {s: json.loads((ckpts / f"checkpoint-{s}" / "trainer_state.json").read_text())["global_step"]
+              for s, ok in found.items() if ok}
+    check(last in states.values(), f"no complete checkpoint at step {last}, the last the launch trained: {states}")
+    newest = newest_complete(ckpts)
+    again = b.launch(config, "relaunch")
+    finished(again, "the relaunch")
+    resumed(again, ckpts, newest, b.steps)
     b.identical(config.parent / "run")
-    landed = f"during the save of checkpoint-{step}" if step else f"just after a save (from step {at})"
-    return f"landed {landed}; stopped with checkpoint-{max(s for s, ok in found.items() if ok)}; relaunch identical"
+    return f"signalled during the save of checkpoint-{step}; stopped with checkpoint-{last}; relaunch resumed there, identical"
 
 
 def sigterm_last(b: Bench) -> str:
@@ -242,7 +293,9 @@ def sigterm_last(b: Bench) -> str:
     check(any(line.startswith("received SIGTERM") for line in o.lines), "the signal was not received")
     check((run / "final" / "adapter_model.safetensors").exists(), "the final adapter was not saved")
     check(not (run / "DONE").exists(), "marked DONE although stopped before evaluating")
-    finished(b.launch(config, "relaunch"), "the relaunch")
+    again = b.launch(config, "relaunch")
+    finished(again, "the relaunch")
+    check(trained_steps(again) == 0, f"the relaunch trained {trained_steps(again)} step(s) again after the last one")
     b.identical(run)
     return "final adapter saved, stopped before evaluating; relaunch finished identical"
 
@@ -259,9 +312,10 @@ def _hub_steps(on_hub: Path) -> list[int]:
 
 
 def hub_newer(b: Bench) -> str:
-    """train.hub_checkpoints, a pod whose volume holds an older checkpoint than the Hub (a lost pod got further):
-    the relaunch resumes from the Hub's newest and the run ends as if never interrupted, the Hub then holding
-    this run's newest checkpoints. The Hub is tests/fake_hub.py's (a folder), in the training process itself."""
+    """train.hub_checkpoints, a pod whose volume holds an older checkpoint than the Hub (a lost pod got further),
+    the Hub's newer ones unloadable: the relaunch warns for each, falls back to the volume's and trains; its first
+    upload deletes no Hub checkpoint newer than itself (a resume never deletes the Hub's newer steps); relaunched,
+    the run ends as if never interrupted. The Hub is tests/fake_hub.py's (a folder), in the training process."""
     hub = b.root / "hub-newer" / "hub"
     hub.mkdir(parents=True, exist_ok=True)
     config = b.config("hub-newer", train={"hub_checkpoints": True}, hub={"repo_id": "me/tuned"})
@@ -273,24 +327,41 @@ def hub_newer(b: Bench) -> str:
     first.finish(kill=True)
     volume = config.parent / "volume"
     shutil.copytree(run, volume, symlinks=True)  # what this pod's volume keeps
-    later = b.rng.randint(6, b.steps - 4)
+    local = max(s for s, ok in checkpoints(volume / "checkpoints").items() if ok)
+    later = b.rng.randint(local + 4, b.steps - 2)  # past the step of pod 3's first upload
     second = b.start(config, "pod-2", **kw)  # a pod that got further before it too was lost
     check(second.wait_for(lambda: any(s >= later for s in _hub_steps(on_hub))),
           f"pod 2 ended before uploading checkpoint {later} (see {second.log}.err)")
     second.finish(kill=True)
     shutil.rmtree(run)
     volume.rename(run)  # pod 3 comes back with pod 1's volume
-    local = max(s for s, ok in checkpoints(run / "checkpoints").items() if ok)
-    newest = max(_hub_steps(on_hub))
-    check(newest > local, f"the setup failed: the Hub's newest (checkpoint-{newest}) is not newer than the volume's")
-    o = b.launch(config, "pod-3", **kw)
-    finished(o, "pod 3's launch")
-    check(f"resuming from {run / 'checkpoints' / f'checkpoint-{newest}'}" in o.out,
-          f"did not resume from the Hub's newest, checkpoint-{newest}")
+    damaged = [s for s in _hub_steps(on_hub) if s > local]
+    check(damaged, f"the setup failed: the Hub holds nothing newer than the volume's checkpoint-{local}")
+    for s in damaged:  # a bad block on the Hub's side: what its save recorded no longer matches
+        _flip_middle_byte(on_hub / f"checkpoint-{s}" / "optimizer.pt")
+    third = b.start(config, "pod-3", **kw)
+    uploaded = lambda: re.search(r"^uploaded checkpoint-(\d+) ", Path(f"{third.log}.out").read_text(), re.MULTILINE)
+    check(third.wait_for(lambda: bool(uploaded())), f"pod 3 ended before uploading a checkpoint (see {third.log}.err)")
+    o = third.finish(kill=True)
+    first_upload = int(uploaded().group(1))
+    for s in damaged:
+        check(any(line.startswith("warning:") and f"checkpoint-{s} " in line and "damaged" in line for line in o.lines),
+              f"pod 3 gave no warning for the Hub's damaged checkpoint-{s}")
+    check(f"resuming from {run / 'checkpoints' / f'checkpoint-{local}'}" in o.out,
+          f"pod 3 did not fall back to the volume's checkpoint-{local}")
+    newer = [s for s in damaged if s > first_upload]
+    check(newer, f"inconclusive: pod 3's first upload, checkpoint-{first_upload}, is not older than the Hub's {damaged}")
+    gone = [s for s in newer if not (on_hub / f"checkpoint-{s}").is_dir()]
+    check(not gone, f"uploading checkpoint-{first_upload} deleted the Hub's newer checkpoint(s) {gone}")
+    last = newest_complete(run / "checkpoints")
+    pod4 = b.launch(config, "pod-4", **kw)
+    finished(pod4, "pod 4's launch")
+    resumed(pod4, run / "checkpoints", last, b.steps)
     b.identical(run)
     left = _hub_steps(on_hub)
     check(left == [b.steps - 2, b.steps], f"the Hub ends holding {left}, not the run's newest two")
-    return f"volume at checkpoint-{local}, Hub at {newest}: resumed from the Hub's, identical; Hub holds {left}"
+    return (f"volume at checkpoint-{local}, Hub's {damaged} damaged: warned, fell back; uploading "
+            f"checkpoint-{first_upload} kept {newer}; relaunch identical; Hub holds {left}")
 
 
 KINDS: dict[str, Callable[[Bench], str]] = {
@@ -306,16 +377,17 @@ def run(bench: Bench, kinds: list[str], table: dict[str, Callable[[Bench], str]]
     started = time.monotonic()
     for kind in kinds:
         t = time.monotonic()
-        if bench is not None:
-            shutil.rmtree(bench.root / kind, ignore_errors=True)  # what an earlier matrix left there: it starts afresh
+        bench.begin(kind)
         try:
             detail, ok = table[kind](bench), True
         except Lost as e:
             detail, ok = str(e), False
         except Exception as e:  # noqa: BLE001 - the harness itself failed: the kind is not shown survived
             detail, ok = f"the harness failed: {type(e).__name__}: {e}", False
+        finally:
+            bench.end()
         survived += ok
-        where = "" if ok else f"; logs in {bench.root / kind}" if bench is not None else ""
+        where = "" if ok else f"; logs in {bench.root / kind}"
         print(f"FAULT {kind}: {'survived' if ok else 'lost'} ({detail}{where}; {time.monotonic() - t:.0f} s)", flush=True)
     print(f"{survived}/{len(kinds)} faults survived ({time.monotonic() - started:.0f} s)", flush=True)
     return 0 if survived == len(kinds) else 1

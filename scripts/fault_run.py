@@ -126,11 +126,17 @@ class Launched:
         with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})}, start_new_session=True)
 
-    def wait_for(self, condition: Callable[[], bool]) -> bool:
-        """Poll ``condition`` every 10 ms while the process runs: True once it holds, False if the process ended first."""
+    def wait_for(self, condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+        """Poll ``condition`` every 10 ms while the process runs: True once it holds, False if the process ended first;
+        after ``timeout`` seconds the process is killed whole and the kind lost (hung)."""
+        deadline = time.monotonic() + timeout
         while self.proc.poll() is None:
             if condition():
                 return True
+            if time.monotonic() > deadline:
+                kill_tree(self.proc.pid)
+                self.proc.wait()
+                raise Lost(f"hung: {self.log.name} reached no awaited point in {timeout:.0f} s (see {self.log}.err)")
             time.sleep(0.01)
         return False
 
@@ -150,9 +156,25 @@ class Bench:
     """Where the kinds run: WORKDIR/matrix, the base config dict (the offline demo's), and the reference run."""
 
     def __init__(self, work: Path, base: dict, *, seed: int = 0, steps: int = MATRIX_STEPS):
-        self.root, self.base, self.steps = work / "matrix", base, steps
+        self.root, self.base, self.steps, self.seed = work / "matrix", base, steps, seed
         self.rng = random.Random(seed)
         self._reference: tuple[dict, dict] | str | None = None
+        self._launched: list[Launched] = []
+
+    def begin(self, kind: str) -> None:
+        """Before ``kind``: its folder afresh (what an earlier matrix left there goes), its own random draws (so
+        that `--only KIND --seed S` repeats KIND's injection of the whole matrix's)."""
+        shutil.rmtree(self.root / kind, ignore_errors=True)
+        self.rng = random.Random(f"{self.seed}:{kind}")
+
+    def end(self) -> None:
+        """After a kind, however it ended: kill whatever it launched that still runs (a lost kind leaves no launch
+        running into the next)."""
+        for launched in self._launched:
+            if launched.proc.poll() is None:
+                kill_tree(launched.proc.pid)
+                launched.proc.wait()
+        self._launched.clear()
 
     def config(self, kind: str, **sections: dict) -> Path:
         """The recipe's config for ``kind`` (run directory WORKDIR/matrix/<kind>/run), ``sections`` merged in."""
@@ -162,7 +184,13 @@ class Bench:
         return write_config(raw)
 
     def start(self, config: Path, log: str, *extra: str, env: dict | None = None, entry: list[str] | None = None) -> Launched:
-        return Launched([*command(config, entry=entry), *extra], config.parent / log, env)
+        return self.start_command([*command(config, entry=entry), *extra], config.parent / log, env)
+
+    def start_command(self, cmd: list[str], log: Path, env: dict | None = None) -> Launched:
+        """``cmd`` launched and recorded, to be killed by :meth:`end` if the kind leaves it running."""
+        launched = Launched(cmd, log, env)
+        self._launched.append(launched)
+        return launched
 
     def launch(self, config: Path, log: str, *extra: str, **kwargs) -> Outcome:
         return self.start(config, log, *extra, **kwargs).finish()
@@ -215,9 +243,29 @@ def finished(o: Outcome, what: str) -> None:
     check(o.code == 0, f"{what} failed (exit {o.code}): {o.lines[-3:]}")
 
 
+def trained_steps(o: Outcome) -> int:
+    """Training steps a launch ran: one `{'loss': ...}` line on its stdout each (the recipe logs every step)."""
+    return sum(line.startswith("{'loss':") for line in o.out.splitlines())
+
+
+def resumed(o: Outcome, ckpts: Path, step: int | None, steps: int) -> None:
+    """The launch resumed from ``ckpts/checkpoint-<step>`` (None: started afresh) and trained only the steps after
+    it: training is deterministic, so a relaunch that trained again from step 0 would end identical too."""
+    if step is None:
+        check("resuming from" not in o.out, "the relaunch resumed, though no checkpoint was complete")
+    else:
+        check(f"resuming from {ckpts / f'checkpoint-{step}'}" in o.out, f"the relaunch did not resume from checkpoint-{step}")
+    n, due = trained_steps(o), steps - (step or 0)
+    check(n == due, f"the relaunch trained {n} step(s), not the {due} after {f'checkpoint-{step}' if step else 'step 0'}")
+
+
+def newest_complete(ckpts: Path) -> int | None:
+    """The newest step marked complete (read without multitune)."""
+    return max((s for s, ok in checkpoints(ckpts).items() if ok), default=None)
+
+
 def finite(folder: Path) -> bool:
     import torch
-    from safetensors.torch import load_file
 
     files = list(folder.glob("*.safetensors"))
     return bool(files) and all(torch.isfinite(t).all() for f in files for t in load_file(str(f)).values())
@@ -226,8 +274,6 @@ def finite(folder: Path) -> bool:
 def whole(folder: Path) -> str | None:
     """What in ``folder`` is cut short (None: every torch file passes its zip CRC checks, every safetensors file
     loads, the trainer state parses): read without multitune, so that it judges multitune's COMPLETE marker."""
-    from safetensors.torch import load_file
-
     for f in sorted(folder.iterdir()):
         try:
             if f.suffix in (".pt", ".pth", ".bin"):

@@ -28,7 +28,7 @@ def train(
     """Train on the config's tasks; relaunching the same command resumes from the newest checkpoint."""
     from multitune.config import load_config
     from multitune.launch.runner import train as run_training
-    from multitune.rundir import RunDir, disk_full
+    from multitune.rundir import RunDir, write_failed
     from multitune.training.checkpoints import out_of_space
 
     cfg = load_config(config, overrides or [])
@@ -36,9 +36,9 @@ def train(
     try:
         run_training(cfg, resume=not no_resume, overwrite=overwrite)
     except Exception as e:
-        if not disk_full(e):
+        if not write_failed(e):
             raise
-        full = out_of_space(RunDir(cfg.run_dir))
+        full = out_of_space(RunDir(cfg.run_dir), e)
     if full is not None:  # raised once the training's frames are gone, so its progress bars close before the error line
         gc.collect()
         raise full
@@ -316,14 +316,14 @@ def main() -> None:
     except Exception as e:  # click's usage errors, a full disk
         import click
 
-        from multitune.rundir import disk_full, no_space
+        from multitune.rundir import write_error, write_failed
 
         if isinstance(e, click.ClickException):
             print(f"error: {e.format_message()}", file=sys.stderr)
             sys.exit(e.exit_code)
-        if disk_full(e):
+        if write_failed(e):
             where = getattr(e, "filename", None)
-            print(f"error: {no_space(Path(where).parent if where else Path.cwd())}", file=sys.stderr)
+            print(f"error: {write_error(e, Path(where).parent if where else Path.cwd())}", file=sys.stderr)
             sys.exit(2)
         raise
 

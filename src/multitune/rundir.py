@@ -48,20 +48,38 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-# how a full disk shows: OSError ENOSPC, safetensors' Rust IoError, and torch's zip writer, which loses the errno and
-# says it three ways: a failed write, or, when writing to a file name, its C++ stream failing and then the archive
-# ending short when closed (what torch.save raised on a real full tmpfs: scripts/fault_injection.py --matrix)
-DISK_FULL = ("No space left on device", "StorageFull", "PytorchStreamWriter failed writing file",
-             "basic_ios::clear: iostream error", "unexpected pos ")
+# how a full disk shows: OSError ENOSPC, safetensors' Rust IoError
+DISK_FULL = ("No space left on device", "StorageFull")
+# torch's zip writer loses the errno and says it three ways: a failed write, or, when writing to a file name, its C++
+# stream failing and then the archive ending short when closed. A full disk (scripts/fault_injection.py --matrix),
+# a file-size limit (EFBIG), a quota or an I/O error all read the same, so the free space there decides (write_error)
+ERRNO_LOST = ("PytorchStreamWriter failed writing file", "basic_ios::clear: iostream error", "unexpected pos ")
+NEARLY_FULL = 16 * 2**20  # free bytes under which a write failure without errno is taken for a full disk
+
+
+def _chain(err: BaseException | None):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def disk_full(err: BaseException | None) -> bool:
-    """Whether ``err`` (or what caused it) is the disk running out of space."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC or any(m in str(err) for m in DISK_FULL):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    """Whether ``err`` (or what caused it) says that the disk ran out of space."""
+    return any(isinstance(e, OSError) and e.errno == errno.ENOSPC or any(m in str(e) for m in DISK_FULL) for e in _chain(err))
+
+
+def write_failed(err: BaseException | None) -> bool:
+    """Whether ``err`` is the OS refusing a write: a full disk, or torch's writer failing with the errno lost."""
+    return disk_full(err) or any(m in str(e) for e in _chain(err) for m in ERRNO_LOST)
+
+
+def write_error(err: BaseException, folder: Path, needed: int | None = None, what: str = "") -> UserError:
+    """The one line for a failed write (``write_failed(err)``) into ``folder``: a full disk when the error says so, or
+    when torch lost the errno and less than ``needed`` (at least a few MB) is free there; else what it could be."""
+    if disk_full(err) or _free(folder) < max(needed or 0, NEARLY_FULL):
+        return no_space(folder, needed, what)
+    return UserError(f"writing {folder} failed; torch lost the OS error (full disk, file-size/quota limit or I/O error): "
+                     "check `df -h`, `ulimit -f` and the volume, then relaunch (nothing half-written was marked complete)")
 
 
 def size_text(n: int) -> str:
@@ -72,10 +90,14 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _free(folder: Path) -> int:
+    """Free bytes on the disk that holds ``folder`` (its nearest existing parent)."""
+    return shutil.disk_usage(next((p for p in (folder, *folder.parents) if p.exists()), Path("."))).free
+
+
 def no_space(folder: Path, needed: int | None = None, what: str = "") -> UserError:
     """The one line for a full disk: where, how much is free there and (when known) how much is needed."""
-    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
-    free = shutil.disk_usage(probe).free
+    free = _free(folder)
     need = f", about {size_text(needed)} needed{what}" if needed else ""
     return UserError(f"No space left on device while writing {folder}: {size_text(free)} free there{need}; free some space "
                      "or point run_dir at a larger disk, then relaunch (nothing half-written was marked complete)")

@@ -92,18 +92,111 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_nothing_is_m
     assert not (tmp_path / "run" / "DONE").exists()
 
 
-def test_torch_save_cut_short_by_a_real_full_disk_counts_as_a_full_disk():
-    """What torch.save raised when a checkpoint's optimizer.pt met a full tmpfs (scripts/fault_injection.py --matrix
-    --only disk-full): its C++ writer loses the errno, first in a write, then again when closing the archive."""
-    from multitune.rundir import disk_full
+def _errno_lost(path: str):
+    """What torch.save raises when the OS refuses a write: its C++ writer drops the errno ('basic_ios::clear', then
+    'unexpected pos' when the archive is closed); /dev/full refuses every write with a real ENOSPC."""
+    import torch
 
-    def save():
-        try:
-            raise RuntimeError("basic_ios::clear: iostream error")
-        except RuntimeError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 172544 vs 172432")
+    try:
+        torch.save({"exp_avg": torch.zeros(100_000)}, path)
+    except RuntimeError as e:
+        return e
+    raise AssertionError(f"torch.save to {path} did not fail")
 
-    with pytest.raises(RuntimeError) as e:
-        save()
+
+def _free(monkeypatch, under: Path, free: int) -> None:
+    Usage = namedtuple("Usage", "total used free")
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**12, 10**12 - free, free)
+                        if str(p).startswith(str(under)) else real_usage(p))
+
+
+def test_torch_losing_the_errno_on_a_nearly_full_disk_is_a_full_disk(monkeypatch, tmp_path):
+    from multitune.rundir import write_error, write_failed
+
+    err = _errno_lost("/dev/full")
+    assert "unexpected pos" in str(err) and write_failed(err)
+    _free(monkeypatch, tmp_path, 300_000)
+    assert str(write_error(err, tmp_path, needed=5_000_000)).startswith(f"No space left on device while writing {tmp_path}: 0.3 MB free")
+
+
+def test_torch_losing_the_errno_with_space_free_is_not_called_a_full_disk(monkeypatch, tmp_path):
+    """Space left where it was writing (under the reviewer's 50 GB): torch's lost errno could be a file-size or quota
+    limit or an I/O error as well, so the line names all three and where to look."""
+    from multitune.rundir import write_error
+
+    _free(monkeypatch, tmp_path, 50 * 10**9)
+    line = str(write_error(_errno_lost("/dev/full"), tmp_path, needed=5_000_000))
+    assert "No space left" not in line and f"writing {tmp_path} failed" in line
+    assert "df -h" in line and "ulimit -f" in line
+
+
+EFBIG = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from multitune.rundir import write_error, write_failed
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then fails the write with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    torch.save({"exp_avg": torch.zeros(100_000)}, sys.argv[1] + "/optimizer.pt")
+except RuntimeError as e:
+    print(write_failed(e), write_error(e, Path(sys.argv[1])))
+"""
+
+
+def test_a_file_size_limit_is_not_reported_as_a_full_disk(tmp_path):
+    """A real EFBIG (RLIMIT_FSIZE, `ulimit -f`) gives torch's very chain of a full disk; with the disk not full
+    the line must not say it is."""
+    import os
+    import subprocess
+    import sys
+
+    assert shutil.disk_usage(tmp_path).free > 10**9  # the premise: this disk is not full
+    res = subprocess.run([sys.executable, "-c", EFBIG, str(tmp_path)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")})
+    assert res.stdout.startswith("True writing"), res.stdout + res.stderr[-2000:]
+    assert "No space left" not in res.stdout and "ulimit -f" in res.stdout
+
+
+def test_a_full_disk_with_errno_is_a_full_disk_whatever_the_free_space(monkeypatch, tmp_path):
+    from multitune.rundir import disk_full, write_error
+
+    _free(monkeypatch, tmp_path, 50 * 10**9)  # freed since: the errno still says what happened
+    with open("/dev/full", "wb", buffering=0) as f, pytest.raises(OSError) as e:
+        f.write(b"an optimizer")
     assert disk_full(e.value)
+    assert str(write_error(e.value, tmp_path)).startswith("No space left on device")
     assert not disk_full(RuntimeError("[enforce fail at inline_container.cc:319] . file not found: archive/data.pkl"))
+    assert not disk_full(_errno_lost("/dev/full"))  # errno lost: not known to be a full disk without the free space
+
+
+@pytest.mark.parametrize("free,fragments", [
+    (1_234_567, ["No space left", "1.2 MB free"]),
+    (50 * 10**9, ["torch lost the OS error", "df -h", "ulimit -f"]),
+])
+def test_torchs_errno_less_save_failure_in_training_is_one_error_line(run_cli, monkeypatch, tmp_path, assets, free, fragments):
+    """checkpoint-4's optimizer.pt written to /dev/full (torch's real chain): one line naming checkpoint-4, a full
+    disk only when little is free there, exit 2; checkpoint-2 stays the newest complete one."""
+    import torch
+
+    from multitune.training.checkpoints import latest_complete
+
+    raw = tiny_config(assets, tmp_path / "run", max_steps=6, save_steps=2, eval_rows_during_training=0, save_minutes=None)
+    raw["tasks"] = raw["tasks"][:1]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f):
+            Path(f).write_bytes(b"half an optimizer")
+            return real_save(obj, "/dev/full", *args, **kwargs)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    _free(monkeypatch, tmp_path, free)
+    res = run_cli("train", tmp_path / "c.yaml")
+    ckpts = tmp_path / "run" / "checkpoints"
+    line = assert_one_error_line(res, str(ckpts / "checkpoint-4"), *fragments)
+    assert ("No space left" in line) == (free < 10**9)
+    assert latest_complete(ckpts) == ckpts / "checkpoint-2" and not (tmp_path / "run" / "DONE").exists()

@@ -1,4 +1,5 @@
-"""Non-finite numbers never reach a metrics file, and a checkpoint of non-finite weights is never resumed."""
+"""Non-finite numbers never reach a metrics file, and a checkpoint of non-finite weights is never resumed (the
+one before it is, with a warning)."""
 
 from __future__ import annotations
 
@@ -33,32 +34,46 @@ def test_metrics_json_holds_no_nan_literal(tmp_path):
     assert metrics == {"chat": {"kind": "chat", "n": 3, "loss": None, "perplexity": None}}
 
 
-def _run_with_checkpoint(tmp_path, weights: torch.Tensor):
+def _run_with_checkpoint(tmp_path, weights: torch.Tensor, step: int = 4):
     cfg = config_from_dict({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": "m"},
                             "tasks": [{"name": "claims", "dataset": "d"}], "train": {"batch_size": 4, "grad_accum": 1}})
     run = RunDir(tmp_path / "run")
-    run.prepare(cfg, resuming=False)  # an unfinished run as `train` records it
-    folder = run.checkpoints / "checkpoint-4"
+    if not run.config.exists():
+        run.prepare(cfg, resuming=False)  # an unfinished run as `train` records it
+    folder = run.checkpoints / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     save_file({"base_model.model.layer.lora_A.weight": torch.ones(4, 4), "base_model.model.layer.lora_B.weight": weights},
               str(folder / "adapter_model.safetensors"))
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
-    torch.save({"last_epoch": 4}, folder / "scheduler.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
     torch.save({"python": None}, folder / "rng_state.pth")
     # complete as multitune's own save marks it: the layout and a manifest of every file (training.manifest)
-    write_marker(folder, {"global_step": 4, "world_size": 1, "batch_size": 4, "grad_accum": 1})
+    write_marker(folder, {"global_step": step, "world_size": 1, "batch_size": 4, "grad_accum": 1})
     return cfg, run, folder
 
 
-def test_a_checkpoint_whose_weights_hold_nan_is_not_resumed(tmp_path):
+def test_a_checkpoint_whose_weights_hold_nan_is_skipped_for_the_one_before_with_a_warning(tmp_path, capsys):
+    """A relaunch (a pod start script reruns it) never stops on it, as on a damaged checkpoint: it resumes from the
+    previous complete one, and the NaN one, written by an older version or damaged, is kept."""
+    _, _, previous = _run_with_checkpoint(tmp_path, torch.zeros(4, 4), step=2)
     w = torch.zeros(4, 4)
     w[1, 2] = math.nan
+    cfg, run, folder = _run_with_checkpoint(tmp_path, w, step=4)
+    launch = plan_launch(cfg, run, sft_config(cfg, run), resume=True, overwrite=False)
+    assert launch.mode == "resume" and launch.checkpoint == previous
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:") and str(folder) in line]
+    assert warning and "lora_B" in warning[0] and "NaN" in warning[0]
+    assert (folder / "adapter_model.safetensors").exists()  # skipped, not deleted
+
+
+def test_a_lone_checkpoint_whose_weights_hold_nan_is_not_resumed(tmp_path, capsys):
+    w = torch.zeros(4, 4)
+    w[1, 2] = math.inf
     cfg, run, folder = _run_with_checkpoint(tmp_path, w)
-    with pytest.raises(UserError) as e:
-        plan_launch(cfg, run, sft_config(cfg, run), resume=True, overwrite=False)
-    assert str(folder) in str(e.value) and "lora_B" in str(e.value) and "--no-resume" in str(e.value)
-    assert (folder / "adapter_model.safetensors").exists()  # refused, not deleted
+    launch = plan_launch(cfg, run, sft_config(cfg, run), resume=True, overwrite=False)
+    assert launch.checkpoint is None and str(folder) in capsys.readouterr().out
+    assert (folder / "adapter_model.safetensors").exists()
 
 
 def test_a_checkpoint_with_finite_weights_resumes(tmp_path):

@@ -25,7 +25,7 @@ from multitune.errors import UserError
 from multitune.training.manifest import (
     DCP_DIRS, MARKER, legacy_problem, manifest_names, manifest_problem, missing_parts, read_marker, write_marker,
 )
-from multitune.rundir import RunDir, folder_size, no_space
+from multitune.rundir import RunDir, folder_size, write_error
 
 
 def _barrier() -> None:
@@ -248,12 +248,14 @@ def is_sharded(folder: Path) -> bool:
     return (folder / DCP_DIRS[0]).is_dir() and not (folder / "adapter_model.safetensors").exists()
 
 
-def latest_complete(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint; incomplete or corrupt newer ones are skipped with a warning (once per node)."""
+def latest_complete(checkpoints: Path, below: int | None = None) -> Path | None:
+    """The newest complete checkpoint (of a step under ``below`` if given); incomplete or corrupt newer ones are
+    skipped with a warning (once per node)."""
     if not checkpoints.is_dir():
         return None
     found = sorted(
-        (p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        (p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+         and (below is None or int(p.name.split("-")[-1]) < below)),
         key=lambda p: int(p.name.split("-")[-1]),
         reverse=True,
     )
@@ -328,8 +330,8 @@ def grad_accum_for_resume(saved: Layout | None, now: Layout, *, grad_accum_from_
     )
 
 
-def out_of_space(run: RunDir) -> UserError:
-    """The error for a save that filled the disk: the folder it was writing (the newest checkpoint when that one is
+def out_of_space(run: RunDir, err: BaseException) -> UserError:
+    """The error for a save the OS refused (``err``, e.g. a full disk): the folder it was writing (the newest checkpoint when that one is
     incomplete, else final/ or the run directory) and what a checkpoint needs (the newest complete one's size)."""
     folders = sorted((p for p in run.root.glob("checkpoints/**/checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
                      key=lambda p: p.stat().st_mtime)
@@ -339,4 +341,4 @@ def out_of_space(run: RunDir) -> UserError:
     else:
         where = run.final if run.final.exists() else run.root
     needed = folder_size(complete[-1]) if complete else None
-    return no_space(where, needed, " (the size of the last complete checkpoint)" if complete else "")
+    return write_error(err, where, needed, " (the size of the last complete checkpoint)" if complete else "")

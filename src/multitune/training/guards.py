@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from multitune.distributed import any_rank, gather_checked, local_rank, rank
+from multitune.distributed import any_rank, gather_checked, node_print, rank
 from multitune.errors import UserError
 from multitune.rundir import RunDir, RunLock
+from multitune.training.checkpoints import latest_complete, step_of
 
 # ---------------------------------------------------------------- one launch per run directory
 
@@ -92,15 +93,17 @@ def nonfinite_tensor(folder: Path) -> str | None:
     return None
 
 
-def refuse_nonfinite_checkpoint(folder: Path | None) -> None:
-    """Refuse to resume from a checkpoint whose weights are not finite (read once per node)."""
-    if folder is None or local_rank() != 0:
-        return
-    bad = nonfinite_tensor(folder)
-    if bad:
-        raise UserError(f"{folder} holds non-finite weights ({bad} has NaN or inf) and cannot be resumed: delete that "
-                        "checkpoint folder to resume from the one before it, or start over with --no-resume "
-                        "(with a lower train.learning_rate if the run diverged)")
+def latest_finite(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint whose weights are finite. A newer one holding NaN or inf (saved by a version
+    without the divergence guard, or damaged before saves recorded digests) is skipped with a warning, as a
+    damaged one is, and kept: a relaunch never stops on it, and a resume that diverges again stops at that step
+    (DivergenceGuard). Every rank reads (an adapter is small), so the ranks of a node agree on the step."""
+    last = latest_complete(checkpoints)
+    while last is not None and (bad := nonfinite_tensor(last)):
+        node_print(f"warning: {last} holds non-finite weights ({bad} has NaN or inf); resuming from the checkpoint "
+                   "before it (kept; the run saves that step again when it gets there)")
+        last = latest_complete(checkpoints, below=step_of(last))
+    return last
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,10 @@ from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
 from multitune.training.adapter_state import PortableAdapterCheckpoints
-from multitune.training.guards import refuse_nonfinite_checkpoint
+from multitune.training.guards import latest_finite
 from multitune.training.checkpoints import (
-    GracefulStop, Layout, TrainingClock, common_step, grad_accum_for_resume, is_sharded, latest_complete,
-    saved_layout, step_of,
+    GracefulStop, Layout, TrainingClock, common_step, grad_accum_for_resume, is_sharded, saved_layout,
+    step_of,
 )
 from multitune.config import PROMPT_LEARNING, Config
 from multitune.data.load import TaskData, save_splits, training_summary
@@ -100,8 +100,7 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
     """
     def inspect() -> tuple[str, int, tuple[str, ...]]:
         relaunch = run.check(cfg, resume=resume, overwrite=overwrite)
-        last = latest_complete(run.checkpoints) if relaunch.mode != "new" else None
-        refuse_nonfinite_checkpoint(last)
+        last = latest_finite(run.checkpoints) if relaunch.mode != "new" else None
         return relaunch.mode, step_of(last), relaunch.changed
 
     seen = gather_checked(inspect)
