@@ -20,6 +20,13 @@ PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
 TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # a file name in run_dir/splits, never a path
 
 
+
+def _positive_or_auto(n: int | str, what: str) -> int | str:
+    """A batch size: a positive number of ``what``, or ``auto`` (chosen at launch)."""
+    if isinstance(n, int) and n < 1:
+        raise ValueError(f"must be a positive number of {what} or auto")
+    return n
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -184,9 +191,7 @@ class TrainConfig(_Strict):
     @field_validator("batch_size")
     @classmethod
     def _positive(cls, n: int | str) -> int | str:
-        if isinstance(n, int) and n < 1:
-            raise ValueError("must be a positive number of examples or auto")
-        return n
+        return _positive_or_auto(n, "examples")
 
     @model_validator(mode="after")
     def _global_batch(self) -> TrainConfig:
@@ -228,9 +233,7 @@ class EvalConfig(_Strict):
     @field_validator("batch_size")
     @classmethod
     def _positive(cls, n: int | str) -> int | str:
-        if isinstance(n, int) and n < 1:
-            raise ValueError("must be a positive number of rows or auto")
-        return n
+        return _positive_or_auto(n, "rows")
 
     @property
     def rows(self) -> int:

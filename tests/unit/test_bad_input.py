@@ -60,6 +60,13 @@ def test_a_csv_that_is_not_utf8_is_one_error_line(run_cli, tmp_path, assets):
     assert not (tmp_path / "run").exists()
 
 
+def _six_steps_one_task(assets, tmp_path) -> None:
+    """tmp_path/c.yaml: one task, 6 steps, a checkpoint every 2, run_dir tmp_path/run."""
+    raw = tiny_config(assets, tmp_path / "run", max_steps=6, save_steps=2, eval_rows_during_training=0, save_minutes=None)
+    raw["tasks"] = raw["tasks"][:1]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+
+
 def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_nothing_is_marked_complete(run_cli, monkeypatch, tmp_path, assets):
     """The second checkpoint's optimizer file runs out of space half-way: one line naming the folder, the space
     free there and the space a checkpoint needs (the size of the last complete one); checkpoint-4 is not
@@ -68,9 +75,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_error_line_and_nothing_is_m
 
     from multitune.training.checkpoints import MARKER, latest_complete
 
-    raw = tiny_config(assets, tmp_path / "run", max_steps=6, save_steps=2, eval_rows_during_training=0, save_minutes=None)
-    raw["tasks"] = raw["tasks"][:1]
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    _six_steps_one_task(assets, tmp_path)
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
@@ -182,9 +187,7 @@ def test_torchs_errno_less_save_failure_in_training_is_one_error_line(run_cli, m
 
     from multitune.training.checkpoints import latest_complete
 
-    raw = tiny_config(assets, tmp_path / "run", max_steps=6, save_steps=2, eval_rows_during_training=0, save_minutes=None)
-    raw["tasks"] = raw["tasks"][:1]
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    _six_steps_one_task(assets, tmp_path)
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
