@@ -184,7 +184,7 @@ def test_a_signal_in_the_final_stages_stops_the_launch_cleanly_before_the_report
 
     reported, before = [], signal.getsignal(signal.SIGTERM)
 
-    def fake_train_part(kind, cfg, part, launch, setup, **kw):
+    def fake_train_part(kind, cfg, part, launch, setup, *chosen, **kw):
         os.kill(os.getpid(), signal.SIGTERM)  # during the final save
         return "model"
 
@@ -192,7 +192,7 @@ def test_a_signal_in_the_final_stages_stops_the_launch_cleanly_before_the_report
                            evaluate=lambda *a: {"claims": {"accuracy": 1.0}})
     monkeypatch.setattr(runner, "part_kind", lambda cfg: kind)
     monkeypatch.setattr(runner, "plan_launch", lambda *a, **k: Launch("new", None, 1))
-    monkeypatch.setattr(runner, "prepare_run", lambda *a, **k: SimpleNamespace())
+    monkeypatch.setattr(runner, "prepare_run", lambda *a, **k: SimpleNamespace(prepared=None))  # no auto batch: unread
     monkeypatch.setattr(runner, "train_part", fake_train_part)
     monkeypatch.setattr(runner, "trained_step", lambda part: 2)
     monkeypatch.setattr(runner, "report", lambda *a, **k: reported.append(a) or {"claims": {}})
