@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from multitune.config import config_from_dict
-from multitune.modeling.load import adapters_in_fp32, apply_peft, load_model, load_tokenizer, resolve_dtype
 from multitune.launch.plan import GPUS, LLAMA3_8B, GiB, Layout, count, memory, nf4_bytes
+from multitune.modeling.load import adapters_in_fp32, apply_peft, load_model, load_tokenizer, resolve_dtype
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -239,3 +239,33 @@ def test_examples_without_tokens_where_the_data_is_unreadable_is_one_error_line(
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--tokens-per-example" in err
+
+
+def _readme_plan_lines():
+    """README's `multitune plan ... --gpu G  # auto-fit: N x 512 ..., on|off: X GiB` lines."""
+    import re
+
+    pattern = re.compile(r"^multitune plan (\S+) --gpu (\S+)\s+# auto-fit: (\d+) x 512[^,]*, (?:checkpointing )?(on|off): "
+                         r"([\d.]+) GiB", re.MULTILINE)
+    return pattern.findall((REPO / "README.md").read_text())
+
+
+def test_readme_lists_the_plan_figures_of_the_8b_configs():
+    assert len(_readme_plan_lines()) >= 5  # the oracle below must have lines to check
+
+
+@pytest.mark.parametrize("config,gpu,micro,ckpt,total", _readme_plan_lines())
+def test_readme_plan_figures_are_what_plan_prints(config, gpu, micro, ckpt, total, capsys, monkeypatch):
+    """The documented auto-fit choice and peak of each 8B config are what `multitune plan` prints today."""
+    import re
+    import sys
+
+    from multitune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["multitune", "plan", str(REPO / config), "--gpu", gpu])
+    main()
+    out = capsys.readouterr().out
+    fit = re.search(r"auto-fit: micro-batch (\d+) x 512 tokens, gradient checkpointing (on|off)", out)
+    peak = re.search(r"^\s+total\s+([\d.]+) GiB", out, re.MULTILINE)
+    assert fit and peak, out
+    assert (fit.group(1), fit.group(2), peak.group(1)) == (micro, ckpt, total)
