@@ -290,7 +290,7 @@ def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = T
             raise
         except Exception as e:  # raised here alone, it would leave the other ranks waiting
             raise UserError(f"reading the checkpoints of {run.root.name} in {checkpoint_repo(cfg)} failed "
-                            f"({_one_line(e)}); relaunch") from e
+                            f"({_one_line(e)}); relaunch, or set train.hub_checkpoints=false to use this disk alone") from e
 
     return checked(fetch)
 
