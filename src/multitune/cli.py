@@ -23,7 +23,7 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML config")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. train.epochs=1")] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="start over instead of resuming from the newest checkpoint")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a finished run in run_dir")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a finished run in run_dir, or another run's Hub checkpoints folder of its name")] = False,
 ) -> None:
     """Train on the config's tasks; relaunching the same command resumes from the newest checkpoint."""
     from multitune.config import load_config

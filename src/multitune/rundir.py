@@ -123,11 +123,14 @@ RECORD_HEADER = "# multitune run: the resolved config of this run, written by `m
 
 
 # Changes a relaunch may make to a run's config without changing what it trains: where and how often it
-# evaluates, logs, saves and reports, and where it lives. Anything else changes the result and is refused.
+# evaluates, logs, saves and reports, and where it lives; and the attention kernel, which computes the same
+# attention rounded differently (its default changed from sdpa to auto: a run an earlier version recorded must
+# still resume with the same command). Anything else changes the result and is refused.
 HARMLESS = (
     "run_dir", "hub_mirror", "eval.", "hub.", "train.report_to", "train.wandb.", "train.logging_steps",
     "train.eval_steps", "train.eval_rows_during_training", "train.save_steps", "train.save_minutes",
     "train.save_total_limit", "train.save_on_each_node", "train.dataloader_workers", "train.hub_checkpoints",
+    "model.attn_implementation",
 )
 # The batch layout may change on resume (a pod that comes back with fewer GPUs) as long as the global
 # batch stays that of the checkpoint; train.py checks that against the checkpoint itself.
@@ -150,10 +153,16 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def as_read_now(recorded: dict | None) -> dict:
+    """A recorded config as this version reads it: a key added since it was recorded counts at its default, so
+    that the same command still matches a run an earlier version recorded. A UserError when it is no config."""
+    return config_from_dict(recorded if isinstance(recorded, dict) else {}).model_dump(mode="json")
+
+
 def training_differences(recorded: dict, cfg: Config) -> list[str]:
-    """The dotted keys in which ``cfg`` trains differently from a recorded config (the keys a relaunch may
-    change left out): two configs with none train the same run."""
-    return [k for k in _diff(recorded or {}, cfg.model_dump(mode="json")) if not _harmless(k, HARMLESS + BATCH_LAYOUT)]
+    """The dotted keys in which ``cfg`` trains differently from a recorded config (read as :func:`as_read_now`;
+    the keys a relaunch may change left out): two configs with none train the same run."""
+    return [k for k in _diff(as_read_now(recorded), cfg.model_dump(mode="json")) if not _harmless(k, HARMLESS + BATCH_LAYOUT)]
 
 
 @dataclass(frozen=True)
@@ -242,7 +251,7 @@ class RunDir:
         """The dotted keys in which ``cfg`` differs from the recorded config (a key added since it was recorded
         counts at its default, so that the same command still resumes a run an earlier version started)."""
         try:
-            recorded = config_from_dict(yaml.safe_load(self.config.read_text()) or {}).model_dump(mode="json")
+            recorded = as_read_now(yaml.safe_load(self.config.read_text()))
         except UserError as e:
             raise UserError(f"{self.config} (the run's recorded config): {e}; train into another run_dir or pass --overwrite") from None
         return _diff(recorded, cfg.model_dump(mode="json"))

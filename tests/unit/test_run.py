@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from multitune.config import config_from_dict
@@ -32,6 +34,7 @@ HARMLESS = [
     {"eval__batch_size": 4}, {"eval__mode": "generate"}, {"train__logging_steps": 1}, {"train__save_steps": 7},
     {"train__save_minutes": 5.0}, {"train__save_total_limit": 5}, {"train__report_to": "wandb"}, {"hub__private": False},
     {"train__eval_steps": 3}, {"train__eval_rows_during_training": 0}, {"train__dataloader_workers": 2},
+    {"model__attn_implementation": "eager"},  # the same attention, another kernel: rounding only
 ]
 RESULT_CHANGING = [{"train__learning_rate": 1.0}, {"train__epochs": 9.0}, {"peft__r": 4}, {"model__max_length": 64}]
 
@@ -107,3 +110,33 @@ def test_a_run_recorded_before_a_config_key_existed_relaunches(tmp_path, finishe
     assert relaunch.mode == ("finished" if finished else "resume") and relaunch.changed == ()
     with pytest.raises(UserError, match=r"different config \(data.drop_unlabelled\)"):
         run.check(_cfg(tmp_path, data__drop_unlabelled=False), resume=True, overwrite=False)
+
+
+OLD_RUN = Path(__file__).parent / "data" / "run_4e5d656"
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_run_the_version_at_4e5d656_recorded_relaunches_with_the_same_command(tmp_path, capsys, finished):
+    """A run in flight when multitune was upgraded: its config.yaml as that version wrote it (no key added since,
+    model.attn_implementation sdpa, the default then; auto now), relaunched with the same config file. It resumes
+    (a notice says the attention kernel changed), or says it is finished; a change to what it trains is still refused."""
+    from multitune.config import load_config
+    from multitune.tasks import resolve_tasks
+    from multitune.training.args import sft_config
+    from multitune.training.stages import plan_launch
+
+    run = RunDir(tmp_path / "myrun")
+    run.splits.mkdir(parents=True)
+    run.config.write_text((OLD_RUN / "config.yaml").read_text())
+    if finished:
+        run.mark_done()
+    cfg = resolve_tasks(load_config(OLD_RUN / "config.user.yaml", [f"run_dir={run.root}"]))  # the same command today
+    assert cfg.model.attn_implementation == "auto"
+    relaunch = run.check(cfg, resume=True, overwrite=False)
+    assert relaunch.mode == ("finished" if finished else "resume")
+    assert set(relaunch.changed) == {"run_dir", "model.attn_implementation"}
+    if not finished:
+        assert plan_launch(cfg, run, sft_config(cfg, run), resume=True, overwrite=False).mode == "resume"
+        assert "notice: model.attn_implementation=auto differs" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"different config \(train.learning_rate\)"):
+        run.check(cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1.0})}), resume=True, overwrite=False)

@@ -77,7 +77,8 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
 
 def run_stages(kind: LmParts | HeadParts, cfg: Config, run: RunDir, args, *, resume: bool, overwrite: bool) -> dict[str, Any]:
     """Agree, prepare, train each unfinished part, evaluate, report; {} when a signal stopped it (relaunch to continue)."""
-    fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume and not overwrite)  # a fresh pod: its newest Hub checkpoint
+    # a fresh pod: its newest Hub checkpoint; starting over: the Hub folder must hold this run's (or --overwrite)
+    fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume, overwrite=overwrite)
     launches = [plan_launch(cfg, part, args, resume=resume, overwrite=overwrite) for part in parts(cfg, run)]
     if launches[0].mode == "finished":  # every part reads the same config and DONE: they agree
         return already_finished(run)
@@ -90,7 +91,8 @@ def run_stages(kind: LmParts | HeadParts, cfg: Config, run: RunDir, args, *, res
     for part, launch in zip(parts(cfg, run), launches, strict=True):
         if stopped_by_signal(f"training {part.final}"):
             return {}
-        model = train_part(kind, cfg, part, launch, setup, chosen, started_over=not resume or overwrite)
+        started_over = "--overwrite" if overwrite else "" if resume else "--no-resume"
+        model = train_part(kind, cfg, part, launch, setup, chosen, started_over=started_over)
         if model is None:  # a signal stopped it with a checkpoint
             return {}
         if stopped_by_signal(f"evaluating {part.final} (saved)"):
@@ -117,11 +119,11 @@ def stopped_by_signal(before: str) -> bool:
 
 
 def train_part(kind: LmParts | HeadParts, cfg: Config, part: RunDir, launch: Launch, setup: Setup, chosen: autofit.AutoFit | None,
-               *, started_over: bool):
+               *, started_over: str):
     """The part's trained model: trained now (from its checkpoint, if any), or reloaded when an earlier launch
-    finished it; None when a signal stopped training with a checkpoint. ``started_over``: --no-resume or
-    --overwrite (the Hub's checkpoints of the earlier run may be replaced). ``chosen``: train.batch_size auto's
-    choice, confirmed on the card before step 1."""
+    finished it; None when a signal stopped training with a checkpoint. ``started_over``: "--no-resume" or
+    "--overwrite", the flag that started the run over ("" when resuming): the Hub's checkpoints of the earlier
+    run are replaced. ``chosen``: train.batch_size auto's choice, confirmed on the card before step 1."""
     if launch.mode == "resume" and not any_rank(not kind.is_done(part)):  # agreed: every rank finds the marker
         main_print(f"{part.final}: trained by an earlier launch")
         return kind.load(cfg, part, setup)

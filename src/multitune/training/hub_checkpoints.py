@@ -7,9 +7,12 @@ holds one folder per run, named after the run directory::
 
 Each upload is one Hub commit (atomic: a checkpoint is there whole or not at all) that adds the newest
 checkpoint and deletes those beyond ``train.save_total_limit``; a Hub checkpoint newer than the one
-uploaded is kept (it is this run's own, e.g. one the launch could not load) unless the run was started
-over. The folder's ``config.yaml`` is the run's identity: a run whose training config differs from it
-neither resumes from nor uploads into that folder. It runs in a background thread, so training
+uploaded is kept (it is this run's own, e.g. one the launch could not load). A run started over
+(--no-resume, --overwrite) deletes, with its first upload, every checkpoint of the folder it did not upload
+(the earlier run's: a later resume must never pick one). The folder's ``config.yaml`` is the run's identity,
+compared as the run recorded it (the user's config, not auto-fit's choices; a key added since at its
+default): a run whose training config differs from it neither resumes from, nor starts over in, nor
+uploads into that folder, unless --overwrite replaces it. It runs in a background thread, so training
 does not wait, from the main process only (never more than one process per node, never a collective); the
 checkpoint's files are hard-linked into a staging folder first, so Trainer's rotation cannot delete them
 mid-upload. A failed upload is a warning and the next checkpoint tries again. The process waits for the
@@ -69,7 +72,13 @@ def run_files(run: RunDir) -> list[Path]:
 def commit_operations(run: RunDir, staged: Path, step: int, remote_steps: list[int], keep: int, *,
                       started_over: bool = False) -> list:
     """The exact operations of one upload: add the run files and ``checkpoint-<step>`` (its COMPLETE marker
-    last), delete the remote checkpoints beyond the newest ``keep`` (see :func:`kept_steps`)."""
+    last), delete the remote checkpoints beyond the newest ``keep`` (see :func:`kept_steps`).
+
+    ``started_over``: the first upload of a run started over, so every other remote checkpoint is the earlier
+    run's and goes, older ones included (a fresh pod would resume the newest of them: the earlier run's
+    optimizer and data position under this run's config). A remote ``checkpoint-<step>`` itself is
+    overwritten file by file; its COMPLETE marker then names only this run's files.
+    """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     prefix = run.root.name
@@ -78,20 +87,21 @@ def commit_operations(run: RunDir, staged: Path, step: int, remote_steps: list[i
     files = sorted((f for f in staged.rglob("*") if f.is_file()), key=lambda f: (f.name == MARKER, f.relative_to(staged).as_posix()))
     ops += [CommitOperationAdd(path_in_repo=f"{prefix}/checkpoints/checkpoint-{step}/{f.relative_to(staged).as_posix()}",
                                path_or_fileobj=str(f)) for f in files]
+    kept = [step] if started_over else kept_steps(remote_steps, step, keep)
     ops += [CommitOperationDelete(path_in_repo=f"{prefix}/checkpoints/checkpoint-{s}/", is_folder=True)
-            for s in sorted(remote_steps) if s not in kept_steps(remote_steps, step, keep, started_over=started_over)]
+            for s in sorted(remote_steps) if s not in kept]
     return ops
 
 
-def kept_steps(remote: list[int], step: int, keep: int, *, started_over: bool = False) -> list[int]:
+def kept_steps(remote: list[int], step: int, keep: int) -> list[int]:
     """The remote checkpoints left once ``step`` is up: the newest ``keep`` up to ``step``, and every newer one.
 
     A newer one is this run's own (resumed from an older checkpoint, say when the newest could not be
-    loaded): it stays until the run gets there. Only when the user started the run over (--no-resume,
-    --overwrite) is it the old run's, and it goes, or a later resume would pick it.
+    loaded): it stays until the run gets there. (A run started over removes the earlier run's first:
+    :func:`commit_operations`.)
     """
     kept = set(sorted({s for s in remote if s < step} | {step}, reverse=True)[:keep])
-    return sorted(kept | (set() if started_over else {s for s in remote if s > step}), reverse=True)
+    return sorted(kept | {s for s in remote if s > step}, reverse=True)
 
 
 def remote_steps(api, repo_id: str, prefix: str) -> list[int]:
@@ -134,38 +144,53 @@ def _temporary(run: RunDir, what: str) -> Path:
 
 def foreign_run(cfg: Config, repo: str, prefix: str, tmp: Path) -> list[str]:
     """The training settings in which the run recorded in the Hub folder ``prefix`` (its ``config.yaml``)
-    differs from ``cfg``: [] when it is the same run, or the folder records none yet."""
+    differs from ``cfg`` (the user's config, as the run records it): [] when it is the same run, or the
+    folder records none yet. The recorded config is read as :meth:`RunDir.changes` reads the run
+    directory's (:func:`training_differences`): a folder an earlier version uploaded is this run's."""
     snapshot_download(repo_id=repo, local_dir=str(tmp), allow_patterns=[f"{prefix}/config.yaml"])
     path = tmp / prefix / "config.yaml"
     if not path.is_file():
         return []
     try:
-        recorded = yaml.safe_load(path.read_text())
+        return training_differences(yaml.safe_load(path.read_text()), cfg)
     except yaml.YAMLError:
         return ["config.yaml (unreadable)"]
-    return training_differences(recorded if isinstance(recorded, dict) else {}, cfg)
+    except UserError:
+        return ["config.yaml (not a config this version reads)"]
+
+
+def foreign_to(cfg: Config, repo: str, run: RunDir) -> list[str]:
+    """:func:`foreign_run` for the run directory ``run``'s Hub folder, downloaded beside it and removed."""
+    tmp = _temporary(run, "identity")
+    try:
+        return foreign_run(cfg, repo, run.root.name, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def foreign_message(repo: str, prefix: str, differ: list[str]) -> str:
     return (f"{repo} holds, in {prefix}/, the checkpoints of another run (its config differs in {', '.join(differ[:5])}); "
-            "the Hub folder is named after run_dir: give this run another run_dir name, or pass --no-resume to start "
-            "over and replace them")
+            "the Hub folder is named after run_dir's last folder name: give this run another run_dir name, or pass "
+            "--overwrite to start over and replace them")
 
 
 class HubCheckpoints(TrainerCallback):
     """After each complete checkpoint, upload it in the background (main process only). Put it after CompleteMarker.
 
-    ``started_over``: this launch started the run over (--no-resume, --overwrite), so the Hub's checkpoints
-    of that name are the old run's; the first upload replaces them, whatever its config.
+    ``started_over``: the flag that started this launch's run over ("--no-resume", "--overwrite"; "" when it
+    resumed): the Hub's checkpoints of that name are the earlier run's, and the first upload deletes them. A
+    folder holding a run of another config is replaced only with --overwrite (:func:`fetch_newest_checkpoint`
+    refused it at launch; checked again here, the Hub may have changed since).
     """
 
-    def __init__(self, cfg: Config, run: RunDir, *, started_over: bool = False):
+    def __init__(self, cfg: Config, run: RunDir, *, started_over: str = ""):
         self.cfg, self.run, self.repo, self.keep = cfg, run, checkpoint_repo(cfg), cfg.train.save_total_limit
         self.started_over = started_over
         self.staging = run.root / ".hub-upload"
         self._executor: ThreadPoolExecutor | None = None
         self._remote: list[int] | None = None
         self._refused: str | None = None
+        self._replacing = bool(started_over)  # until the first upload has replaced the earlier run's checkpoints
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -187,15 +212,14 @@ class HubCheckpoints(TrainerCallback):
         return control
 
     def _first_contact(self, api) -> None:
-        """Create the repo, list this run's checkpoints there, and make sure the folder is this run's."""
+        """Create the repo, list this run's checkpoints there, and make sure the folder is this run's.
+
+        The identity is the config the run recorded (the user's): ``self.cfg`` is what the trainer runs, with
+        train.batch_size auto's choices (micro-batch, accumulation, gradient checkpointing) filled in."""
         api.create_repo(self.repo, private=True, exist_ok=True)
         remote = remote_steps(api, self.repo, self.run.root.name)
-        if remote and not self.started_over:
-            tmp = _temporary(self.run, "identity")
-            try:
-                differ = foreign_run(self.cfg, self.repo, self.run.root.name, tmp)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        if remote and self.started_over != "--overwrite":
+            differ = foreign_to(self.run.load_config(), self.repo, self.run)
             if differ:
                 self._refused = foreign_message(self.repo, self.run.root.name, differ)
         self._remote = remote
@@ -212,9 +236,10 @@ class HubCheckpoints(TrainerCallback):
             if self._refused:
                 print(f"warning: not uploading checkpoint-{step}: {self._refused}", flush=True)
                 return
-            ops = commit_operations(self.run, staged, step, self._remote, self.keep, started_over=self.started_over)
+            ops = commit_operations(self.run, staged, step, self._remote, self.keep, started_over=self._replacing)
             api.create_commit(self.repo, operations=ops, commit_message=f"{self.run.root.name}: checkpoint-{step}")
-            self._remote = kept_steps(self._remote, step, self.keep, started_over=self.started_over)
+            self._remote = [step] if self._replacing else kept_steps(self._remote, step, self.keep)
+            self._replacing = False  # the folder holds this launch's checkpoints alone: later uploads rotate
             print(f"uploaded checkpoint-{step} to https://huggingface.co/{self.repo} ({self.run.root.name}/)", flush=True)
         except Exception as e:  # never stop training for an upload; the next checkpoint tries again
             print(f"warning: uploading checkpoint-{step} to {self.repo} failed ({_one_line(e)}); training goes on", flush=True)
@@ -234,14 +259,16 @@ def wait_for_uploads() -> None:
         _PENDING.pop(0).result()
 
 
-def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = True) -> Path | None:
+def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = True, overwrite: bool = False) -> Path | None:
     """Bring this run's newest Hub checkpoint into ``run_dir`` when it is newer than the newest complete one there.
 
     Call it on every rank before resume detection. Each node's first process looks (nodes without shared
     storage each need a copy); then every rank joins one all_gather of the outcome
     (:func:`multitune.distributed.checked`), so a failure on one node, a missing token included, is one
     clear error on every rank, never a rank left waiting. Returns the checkpoint to resume from on this
-    process (None elsewhere, or when there is none).
+    process (None elsewhere, or when there is none). A launch that starts the run over (``resume`` False)
+    downloads nothing; without ``overwrite`` it refuses, the same way, a Hub folder holding a run of
+    another config, whose checkpoints its first upload would delete.
     """
     if not cfg.train.hub_checkpoints:
         return None
@@ -252,17 +279,31 @@ def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = T
         if not get_token():
             raise UserError("train.hub_checkpoints needs a Hugging Face token with write access: export HF_TOKEN=... "
                             "or run `hf auth login` (nothing was written)")
-        if not (resume and state.is_local_main_process and not run.is_finished()):
+        if overwrite or not state.is_local_main_process or (resume and run.is_finished()):
             return None
         try:
+            if not resume:
+                _refuse_another_run(cfg, run)
+                return None
             return _sync(cfg, run)
         except UserError:
             raise
         except Exception as e:  # raised here alone, it would leave the other ranks waiting
-            raise UserError(f"bringing the checkpoints of {run.root.name} from {checkpoint_repo(cfg)} failed "
-                            f"({_one_line(e)}); relaunch") from e
+            raise UserError(f"reading the checkpoints of {run.root.name} in {checkpoint_repo(cfg)} failed "
+                            f"({_one_line(e)}); relaunch, or set train.hub_checkpoints=false to use this disk alone") from e
 
     return checked(fetch)
+
+
+def _refuse_another_run(cfg: Config, run: RunDir) -> None:
+    """--no-resume: the run's first upload will delete the Hub folder's checkpoints; refused when they are another
+    run's (another config under the same run_dir name); the folder may be empty or hold this config's."""
+    repo, prefix = checkpoint_repo(cfg), run.root.name
+    if not remote_steps(make_api(), repo, prefix):
+        return
+    differ = foreign_to(cfg, repo, run)
+    if differ:
+        raise UserError(foreign_message(repo, prefix, differ))
 
 
 def _sync(cfg: Config, run: RunDir) -> Path | None:
@@ -274,8 +315,7 @@ def _sync(cfg: Config, run: RunDir) -> Path | None:
     except Exception as e:
         # never resume an older checkpoint silently: the Hub may hold a newer one
         raise UserError(f"cannot list the checkpoints of {prefix} in {repo} ({_one_line(e)}); check the network and "
-                        "HF_TOKEN and relaunch, set train.hub_checkpoints=false to resume from this disk alone, or pass "
-                        "--no-resume to start over (the Hub's checkpoints of this run are then replaced)") from None
+                        "HF_TOKEN and relaunch, or set train.hub_checkpoints=false to resume from this disk alone") from None
     if not steps:
         print(f"no checkpoint of {prefix} on the Hub yet ({repo})")
         return local
@@ -337,6 +377,7 @@ def _fetch_step(repo: str, prefix: str, step: int, tmp: Path, run: RunDir) -> Pa
     return target
 
 
-def hub_callbacks(cfg: Config, run: RunDir, *, started_over: bool = False) -> list[TrainerCallback]:
-    """The callbacks train.py adds after CompleteMarker: [] unless train.hub_checkpoints is on."""
+def hub_callbacks(cfg: Config, run: RunDir, *, started_over: str = "") -> list[TrainerCallback]:
+    """The callbacks train.py adds after CompleteMarker: [] unless train.hub_checkpoints is on. ``started_over``:
+    see :class:`HubCheckpoints`."""
     return [HubCheckpoints(cfg, run, started_over=started_over)] if cfg.train.hub_checkpoints else []

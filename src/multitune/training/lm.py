@@ -109,7 +109,7 @@ class MultitaskTrainer(OomBackoff, TaskEvaluation, DivergenceGuard, PortableAdap
 
 
 def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None,
-                  started_over: bool = False) -> MultitaskTrainer:
+                  started_over: str = "") -> MultitaskTrainer:
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
     model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
     wandb_log.start(cfg, run)

@@ -67,7 +67,7 @@ class LmParts:
     def is_done(self, part: RunDir) -> bool:
         return (part.logs / COST_FILE).exists() and part.final.exists()
 
-    def trainer(self, cfg: Config, part: RunDir, args, setup: Setup, checkpoint: Path | None, started_over: bool):
+    def trainer(self, cfg: Config, part: RunDir, args, setup: Setup, checkpoint: Path | None, started_over: str):
         return lm.build_trainer(cfg, part, args, part_setup(setup, part), checkpoint, started_over)
 
     def mark_done(self, trainer, part: RunDir, setup: Setup) -> None:
@@ -99,7 +99,7 @@ class HeadParts:
     def is_done(self, part: RunDir) -> bool:
         return (part.final / HEADS_FILE).exists()
 
-    def trainer(self, cfg: Config, part: RunDir, args, setup: Setup, checkpoint: Path | None, started_over: bool):
+    def trainer(self, cfg: Config, part: RunDir, args, setup: Setup, checkpoint: Path | None, started_over: str):
         data = tasks_of(part, setup.data)  # no Hub checkpoints for heads (config validation): started_over is moot
         wandb_log.start(cfg, part)  # per_task: this task's model's own wandb run
         return classifier.build_trainer(cfg, args, setup, data, classifier.heads_of(data), checkpoint)

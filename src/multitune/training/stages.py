@@ -118,6 +118,10 @@ def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, over
             "nodes, or set train.save_on_each_node=true so that every node keeps a full copy"
         )
     mode, step, changed = seen[rank()]
+    if mode == "resume" and "model.attn_implementation" in changed:  # allowed (rundir.HARMLESS), not bitwise
+        main_print(f"notice: model.attn_implementation={cfg.model.attn_implementation} differs from the value {run.root} "
+                   "recorded: the resumed steps compute the same attention, perhaps with another kernel (other rounding, "
+                   "so not bitwise those of an uninterrupted run)")
     checkpoint = run.checkpoints / f"checkpoint-{step}" if step >= 0 else None
     if checkpoint is None:
         return Launch(mode, None, grad_accum)
