@@ -117,7 +117,7 @@ def _free(monkeypatch, under: Path, free: int) -> None:
 
 
 def test_torch_losing_the_errno_on_a_nearly_full_disk_is_a_full_disk(monkeypatch, tmp_path):
-    from multitune.rundir import write_error, write_failed
+    from multitune.files import write_error, write_failed
 
     err = _errno_lost("/dev/full")
     assert "unexpected pos" in str(err) and write_failed(err)
@@ -128,7 +128,7 @@ def test_torch_losing_the_errno_on_a_nearly_full_disk_is_a_full_disk(monkeypatch
 def test_torch_losing_the_errno_with_space_free_is_not_called_a_full_disk(monkeypatch, tmp_path):
     """Space left where it was writing (under the reviewer's 50 GB): torch's lost errno could be a file-size or quota
     limit or an I/O error as well, so the line names all three and where to look."""
-    from multitune.rundir import write_error
+    from multitune.files import write_error
 
     _free(monkeypatch, tmp_path, 50 * 10**9)
     line = str(write_error(_errno_lost("/dev/full"), tmp_path, needed=5_000_000))
@@ -140,7 +140,7 @@ EFBIG = """
 import resource, signal, sys
 from pathlib import Path
 import torch
-from multitune.rundir import write_error, write_failed
+from multitune.files import write_error, write_failed
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then fails the write with EFBIG instead of killing
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 try:
@@ -165,7 +165,7 @@ def test_a_file_size_limit_is_not_reported_as_a_full_disk(tmp_path):
 
 
 def test_a_full_disk_with_errno_is_a_full_disk_whatever_the_free_space(monkeypatch, tmp_path):
-    from multitune.rundir import disk_full, write_error
+    from multitune.files import disk_full, write_error
 
     _free(monkeypatch, tmp_path, 50 * 10**9)  # freed since: the errno still says what happened
     with open("/dev/full", "wb", buffering=0) as f, pytest.raises(OSError) as e:

@@ -43,7 +43,8 @@ from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
 from multitune.results.selection import annotate, check_choosable, choice, note
 from multitune.results.trained import trained_run
-from multitune.rundir import RunDir, one_model, parts, strict_json, training_log
+from multitune.files import strict_json
+from multitune.rundir import RunDir, one_model, parts, training_log
 from multitune.tasks import resolve_tasks
 from multitune.training import wandb_log
 from multitune.training.args import checkpointing_for_peft, sft_config

@@ -33,7 +33,8 @@ from multitune.modeling.load import check_requirements, check_training_attention
 from multitune.modeling.speed import use_liger
 from multitune.data.prepared import Prepared, prepare
 from multitune.results.selection import check_rows_left
-from multitune.rundir import RunDir, strict_json
+from multitune.files import strict_json
+from multitune.rundir import RunDir
 from multitune.training.args import fsdp_launch
 
 log = logging.getLogger(__name__)
