@@ -7,16 +7,31 @@ import json
 import math
 import os
 import shutil
+import socket
+import uuid
 from pathlib import Path
 
 from multitune.errors import UserError
 
 
+def temp_path(path: Path) -> Path:
+    """A name beside ``path`` that no other writer uses. With save_on_each_node on shared storage each node's writer
+    writes the same files at the same moment; a shared temporary name let one's rename take the other's file
+    (FileNotFoundError on one rank, the others left waiting). Not tempfile.mkstemp: its files are private (0600)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def is_temp(name: str, of: str) -> bool:
+    """Whether ``name`` is a temporary file of a write of ``of`` (``<of>.tmp``: an earlier version's)."""
+    return name == f"{of}.tmp" or name.startswith(f".{of}.") and name.endswith(".tmp")
+
+
 def atomic_write(path: Path, text: str) -> None:
     """The whole text or the old file, never half of it (a full disk leaves no partial file behind)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     try:
-        tmp.write_text(text)
+        with open(tmp, "x") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
