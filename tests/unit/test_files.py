@@ -84,3 +84,52 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_temporary_one(tmp_path, m
     assert json.loads(target.read_text()) == {"accuracy": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
+
+# A done marker cut short by a full disk (here a real partial write: RLIMIT_FSIZE, as `ulimit -f`) must not pass
+# for a finished part: the relaunch would skip training it and then fail to parse it.
+CUT_SHORT = """
+import json, resource, signal, sys
+from pathlib import Path
+from types import SimpleNamespace
+from multitune.modeling.heads import Heads
+from multitune.rundir import RunDir
+from multitune.training import stages
+from multitune.training.parts import HeadParts, LmParts
+
+root = Path(sys.argv[1])
+big = "x" * 20000  # well past the file-size limit: the write stops part-way
+stages.save_final = lambda trainer, path: path.mkdir(parents=True, exist_ok=True)
+stages.launch_facts = lambda trainer: {"world_size": 1}
+stages.cost_facts = lambda trainer: {"train_seconds": 1.0, "trainable_params": 8, "tokens_seen": 64, "note": big}
+trainer = SimpleNamespace(args=SimpleNamespace(should_save=True), state=SimpleNamespace(save_to_json=lambda p: None))
+tokenizer = SimpleNamespace(save_pretrained=lambda p: None)
+lm, heads = RunDir(root / "lm"), RunDir(root / "heads")
+lm.root.mkdir()
+heads.final.mkdir(parents=True)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then fails the write with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+failed = {}
+try:
+    stages.save_outputs(trainer, lm, tokenizer)
+except OSError as e:
+    failed["lm"] = e.errno
+try:
+    Heads({"claims": ["Claim", big]}).save(heads.final)
+except OSError as e:
+    failed["heads"] = e.errno
+print(json.dumps({"failed": failed, "lm_done": LmParts().is_done(lm), "heads_done": HeadParts().is_done(heads)}))
+"""
+
+
+def test_a_done_marker_cut_short_by_a_full_disk_does_not_mark_the_part_trained(tmp_path):
+    """cost.json (head: lm) and heads.json (head: classifier) mark a part trained: a write that stops part-way
+    leaves none, so the relaunch trains the part again instead of skipping it and failing to parse the marker."""
+    import errno
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+    res = subprocess.run([sys.executable, "-c", CUT_SHORT, str(tmp_path)], capture_output=True, text=True, env=env, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["failed"] == {"lm": errno.EFBIG, "heads": errno.EFBIG}  # the premise: both writes really failed
+    assert out == {**out, "lm_done": False, "heads_done": False}
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["lm/launch.json"]  # no partial marker, no temporary file
