@@ -125,8 +125,8 @@ class DataConfig(_Strict):
     # reuse tokenised data prepared by an earlier run with the same inputs ($MULTITUNE_CACHE, ~/.cache/multitune)
     cache: bool = True
     drop_unlabelled: bool = Field(
-        True, description="leave out rows without a label (classification) or answer (multiple choice), counted per "
-        "task; false: refuse such data instead"
+        True, description="leave out rows without a label (classification), answer (multiple choice) or response "
+        "(chat), counted per task; false: refuse such data instead"
     )
 
 
