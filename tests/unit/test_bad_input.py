@@ -27,16 +27,45 @@ def assert_one_error_line(res, *fragments):
     return errors[0]
 
 
-@pytest.mark.parametrize("name", ["../../ESCAPED", "a/b", "..", ".hidden", "with space", "", "x" * 65, "tab\tname"])
+@pytest.mark.parametrize("name", ["../../ESCAPED", "a/b", "..", ".", ".hidden", "..hidden", "a..b", "with space", "", "x" * 65,
+                                  "tab\tname", "a\\b", "sst2/../../x"])
 def test_a_task_name_that_could_leave_the_run_directory_is_refused(name):
     with pytest.raises(UserError, match=r"tasks\.0\.name"):
         config_from_dict({"model": {"name_or_path": "m"}, "tasks": [{"name": name, "type": "chat", "dataset": "d.jsonl"}]})
 
 
-@pytest.mark.parametrize("name", ["claims", "banking77", "my_task-2", "A1"])
+@pytest.mark.parametrize("name", ["claims", "banking77", "my_task-2", "A1", "sst2.v1", "v1.2.3", "sst2."])
 def test_ordinary_task_names_are_accepted(name):
     cfg = config_from_dict({"model": {"name_or_path": "m"}, "tasks": [{"name": name, "type": "chat", "dataset": "d.jsonl"}]})
     assert cfg.tasks[0].name == name
+
+
+def test_a_run_recorded_with_a_dotted_task_name_still_loads_and_keeps_its_files_inside_run_dir(tmp_path):
+    """Earlier versions took any name: a run whose task is `sst2.v1` must still resume, evaluate and push."""
+    from types import SimpleNamespace
+
+    from multitune.data.load import save_splits
+    from multitune.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    raw = {"model": {"name_or_path": "m"}, "tasks": [{"name": "sst2.v1", "type": "chat", "dataset": "d.jsonl"}]}
+    run.config.write_text(yaml.safe_dump(raw))
+    cfg = run.load_config()
+    assert cfg.tasks[0].name == "sst2.v1"
+    save_splits([SimpleNamespace(task=SimpleNamespace(name="sst2.v1"), split={"train": [0], "val": [1]})], run.splits)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert sorted(p.relative_to(run.root).as_posix() for p in written) == ["config.yaml", "splits/sst2.v1.json"]
+
+
+def test_a_dotted_task_name_is_addressed_by_name_in_overrides(tmp_path):
+    from multitune.config import load_config
+
+    raw = {"model": {"name_or_path": "m"}, "tasks": [{"name": "sst2", "type": "chat", "dataset": "a.jsonl"},
+                                                     {"name": "sst2.v1", "type": "chat", "dataset": "b.jsonl"}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml", ["tasks.sst2.v1.max_rows=3", "tasks.sst2.max_rows=5"])
+    assert [(t.name, t.max_rows) for t in cfg.tasks] == [("sst2", 5), ("sst2.v1", 3)]
 
 
 def test_train_with_an_escaping_task_name_writes_nothing_outside_run_dir(run_cli, tmp_path, assets):
