@@ -27,8 +27,9 @@ def train(
 ) -> None:
     """Train on the config's tasks; relaunching the same command resumes from the newest checkpoint."""
     from multitune.config import load_config
+    from multitune.files import write_failed
     from multitune.launch.runner import train as run_training
-    from multitune.rundir import RunDir, write_failed
+    from multitune.rundir import RunDir
     from multitune.training.checkpoints import out_of_space
 
     cfg = load_config(config, overrides or [])
@@ -316,7 +317,7 @@ def main() -> None:
     except Exception as e:  # click's usage errors, a full disk
         import click
 
-        from multitune.rundir import write_error, write_failed
+        from multitune.files import write_error, write_failed
 
         if isinstance(e, click.ClickException):
             print(f"error: {e.format_message()}", file=sys.stderr)

@@ -17,7 +17,9 @@ from multitune.errors import UserError
 
 PeftMethod = Literal["lora", "qlora", "dora", "rslora", "prompt_tuning", "prefix_tuning", "ia3", "full"]
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
-TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # a file name in run_dir/splits, never a path
+# a file name in run_dir/splits, never a path: no separator, no leading dot, no `..` (dots inside: runs recorded
+# before names were checked, e.g. `sst2.v1`, must still load)
+TASK_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 
@@ -114,8 +116,8 @@ class TaskConfig(_Strict):
     @classmethod
     def _safe_name(cls, name: str) -> str:
         if not TASK_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} is not a task name multitune can use: 1 to 64 letters, digits, _ or -, starting "
-                             "with a letter, digit or _ (it names files in run_dir)")
+            raise ValueError(f"{name!r} is not a task name multitune can use: 1 to 64 letters, digits, _, - or . (not "
+                             "two dots in a row), starting with a letter, digit or _ (it names files in run_dir)")
         return name
 
 
@@ -125,8 +127,8 @@ class DataConfig(_Strict):
     # reuse tokenised data prepared by an earlier run with the same inputs ($MULTITUNE_CACHE, ~/.cache/multitune)
     cache: bool = True
     drop_unlabelled: bool = Field(
-        True, description="leave out rows without a label (classification) or answer (multiple choice), counted per "
-        "task; false: refuse such data instead"
+        True, description="leave out rows without a label (classification), answer (multiple choice) or response "
+        "(chat), counted per task; false: refuse such data instead"
     )
 
 
@@ -354,6 +356,17 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[last] = value
 
 
+def _task_by_name(tree: dict[str, Any], key: str, item: str) -> str:
+    """``tasks.<name>.rest`` as ``tasks.<index>.rest``; a name may hold dots (``sst2.v1``): the longest that fits."""
+    rest = key.removeprefix("tasks.")
+    named = [(i, t.get("name")) for i, t in enumerate(tree.get("tasks") or []) if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    fits = [(i, n) for i, n in named if rest == n or rest.startswith(n + ".")]
+    if not fits:
+        raise UserError(f"override {item!r}: no task named {rest.split('.')[0]!r} in the config")
+    i, name = max(fits, key=lambda f: len(f[1]))
+    return ".".join(["tasks", str(i), *rest[len(name):].split(".")[1:]])
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` strings; values are parsed as YAML (so ``1e-4``, ``true``, ``[a, b]`` work).
 
@@ -368,11 +381,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError:
             value = raw
         if key.startswith("tasks.") and not key.split(".")[1].isdigit():
-            task_name = key.split(".")[1]
-            idx = [i for i, t in enumerate(tree.get("tasks", [])) if t.get("name") == task_name]
-            if not idx:
-                raise UserError(f"override {item!r}: no task named {task_name!r} in the config")
-            key = ".".join(["tasks", str(idx[0]), *key.split(".")[2:]])
+            key = _task_by_name(tree, key, item)
         _set_dotted(tree, key, value)
     return tree
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import math
 import os
 import shutil
 import socket
@@ -35,88 +34,7 @@ import yaml
 
 from multitune.config import Config, config_from_dict, dump_config
 from multitune.errors import UserError
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """The whole text or the old file, never half of it (a full disk leaves no partial file behind)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# how a full disk shows: OSError ENOSPC, safetensors' Rust IoError
-DISK_FULL = ("No space left on device", "StorageFull")
-# torch's zip writer loses the errno and says it three ways: a failed write, or, when writing to a file name, its C++
-# stream failing and then the archive ending short when closed. A full disk (scripts/fault_injection.py --matrix),
-# a file-size limit (EFBIG), a quota or an I/O error all read the same, so the free space there decides (write_error)
-ERRNO_LOST = ("PytorchStreamWriter failed writing file", "basic_ios::clear: iostream error", "unexpected pos ")
-NEARLY_FULL = 16 * 2**20  # free bytes under which a write failure without errno is taken for a full disk
-
-
-def _chain(err: BaseException | None):
-    while err is not None:
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def disk_full(err: BaseException | None) -> bool:
-    """Whether ``err`` (or what caused it) says that the disk ran out of space."""
-    return any(isinstance(e, OSError) and e.errno == errno.ENOSPC or any(m in str(e) for m in DISK_FULL) for e in _chain(err))
-
-
-def write_failed(err: BaseException | None) -> bool:
-    """Whether ``err`` is the OS refusing a write: a full disk, or torch's writer failing with the errno lost."""
-    return disk_full(err) or any(m in str(e) for e in _chain(err) for m in ERRNO_LOST)
-
-
-def write_error(err: BaseException, folder: Path, needed: int | None = None, what: str = "") -> UserError:
-    """The one line for a failed write (``write_failed(err)``) into ``folder``: a full disk when the error says so, or
-    when torch lost the errno and less than ``needed`` (at least a few MB) is free there; else what it could be."""
-    if disk_full(err) or _free(folder) < max(needed or 0, NEARLY_FULL):
-        return no_space(folder, needed, what)
-    return UserError(f"writing {folder} failed; torch lost the OS error (full disk, file-size/quota limit or I/O error): "
-                     "check `df -h`, `ulimit -f` and the volume, then relaunch (nothing half-written was marked complete)")
-
-
-def size_text(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def _free(folder: Path) -> int:
-    """Free bytes on the disk that holds ``folder`` (its nearest existing parent)."""
-    return shutil.disk_usage(next((p for p in (folder, *folder.parents) if p.exists()), Path("."))).free
-
-
-def no_space(folder: Path, needed: int | None = None, what: str = "") -> UserError:
-    """The one line for a full disk: where, how much is free there and (when known) how much is needed."""
-    free = _free(folder)
-    need = f", about {size_text(needed)} needed{what}" if needed else ""
-    return UserError(f"No space left on device while writing {folder}: {size_text(free)} free there{need}; free some space "
-                     "or point run_dir at a larger disk, then relaunch (nothing half-written was marked complete)")
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def strict_json(obj, indent: int | None = 2) -> str:
-    """JSON that every reader accepts: a non-finite number (NaN, inf) is written as null, never as `NaN`."""
-    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
-
+from multitune.files import atomic_write
 
 # The first line of every config.yaml multitune writes: what makes a folder a run directory.
 RECORD_HEADER = "# multitune run: the resolved config of this run, written by `multitune train`\n"

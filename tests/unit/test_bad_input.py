@@ -27,16 +27,45 @@ def assert_one_error_line(res, *fragments):
     return errors[0]
 
 
-@pytest.mark.parametrize("name", ["../../ESCAPED", "a/b", "..", ".hidden", "with space", "", "x" * 65, "tab\tname"])
+@pytest.mark.parametrize("name", ["../../ESCAPED", "a/b", "..", ".", ".hidden", "..hidden", "a..b", "with space", "", "x" * 65,
+                                  "tab\tname", "a\\b", "sst2/../../x"])
 def test_a_task_name_that_could_leave_the_run_directory_is_refused(name):
     with pytest.raises(UserError, match=r"tasks\.0\.name"):
         config_from_dict({"model": {"name_or_path": "m"}, "tasks": [{"name": name, "type": "chat", "dataset": "d.jsonl"}]})
 
 
-@pytest.mark.parametrize("name", ["claims", "banking77", "my_task-2", "A1"])
+@pytest.mark.parametrize("name", ["claims", "banking77", "my_task-2", "A1", "sst2.v1", "v1.2.3", "sst2."])
 def test_ordinary_task_names_are_accepted(name):
     cfg = config_from_dict({"model": {"name_or_path": "m"}, "tasks": [{"name": name, "type": "chat", "dataset": "d.jsonl"}]})
     assert cfg.tasks[0].name == name
+
+
+def test_a_run_recorded_with_a_dotted_task_name_still_loads_and_keeps_its_files_inside_run_dir(tmp_path):
+    """Earlier versions took any name: a run whose task is `sst2.v1` must still resume, evaluate and push."""
+    from types import SimpleNamespace
+
+    from multitune.data.load import save_splits
+    from multitune.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    raw = {"model": {"name_or_path": "m"}, "tasks": [{"name": "sst2.v1", "type": "chat", "dataset": "d.jsonl"}]}
+    run.config.write_text(yaml.safe_dump(raw))
+    cfg = run.load_config()
+    assert cfg.tasks[0].name == "sst2.v1"
+    save_splits([SimpleNamespace(task=SimpleNamespace(name="sst2.v1"), split={"train": [0], "val": [1]})], run.splits)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert sorted(p.relative_to(run.root).as_posix() for p in written) == ["config.yaml", "splits/sst2.v1.json"]
+
+
+def test_a_dotted_task_name_is_addressed_by_name_in_overrides(tmp_path):
+    from multitune.config import load_config
+
+    raw = {"model": {"name_or_path": "m"}, "tasks": [{"name": "sst2", "type": "chat", "dataset": "a.jsonl"},
+                                                     {"name": "sst2.v1", "type": "chat", "dataset": "b.jsonl"}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml", ["tasks.sst2.v1.max_rows=3", "tasks.sst2.max_rows=5"])
+    assert [(t.name, t.max_rows) for t in cfg.tasks] == [("sst2", 5), ("sst2.v1", 3)]
 
 
 def test_train_with_an_escaping_task_name_writes_nothing_outside_run_dir(run_cli, tmp_path, assets):
@@ -117,7 +146,7 @@ def _free(monkeypatch, under: Path, free: int) -> None:
 
 
 def test_torch_losing_the_errno_on_a_nearly_full_disk_is_a_full_disk(monkeypatch, tmp_path):
-    from multitune.rundir import write_error, write_failed
+    from multitune.files import write_error, write_failed
 
     err = _errno_lost("/dev/full")
     assert "unexpected pos" in str(err) and write_failed(err)
@@ -128,7 +157,7 @@ def test_torch_losing_the_errno_on_a_nearly_full_disk_is_a_full_disk(monkeypatch
 def test_torch_losing_the_errno_with_space_free_is_not_called_a_full_disk(monkeypatch, tmp_path):
     """Space left where it was writing (under the reviewer's 50 GB): torch's lost errno could be a file-size or quota
     limit or an I/O error as well, so the line names all three and where to look."""
-    from multitune.rundir import write_error
+    from multitune.files import write_error
 
     _free(monkeypatch, tmp_path, 50 * 10**9)
     line = str(write_error(_errno_lost("/dev/full"), tmp_path, needed=5_000_000))
@@ -140,7 +169,7 @@ EFBIG = """
 import resource, signal, sys
 from pathlib import Path
 import torch
-from multitune.rundir import write_error, write_failed
+from multitune.files import write_error, write_failed
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then fails the write with EFBIG instead of killing
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 try:
@@ -165,7 +194,7 @@ def test_a_file_size_limit_is_not_reported_as_a_full_disk(tmp_path):
 
 
 def test_a_full_disk_with_errno_is_a_full_disk_whatever_the_free_space(monkeypatch, tmp_path):
-    from multitune.rundir import disk_full, write_error
+    from multitune.files import disk_full, write_error
 
     _free(monkeypatch, tmp_path, 50 * 10**9)  # freed since: the errno still says what happened
     with open("/dev/full", "wb", buffering=0) as f, pytest.raises(OSError) as e:

@@ -203,3 +203,21 @@ def test_published_config_names_no_local_path(finished_run, monkeypatch, capsys,
         assert local not in text
     cfg = config_from_dict(yaml.safe_load(text))
     assert cfg.model.name_or_path == Path(assets["model"]).name and cfg.tasks[0].dataset == Path(assets["claims"]).name
+
+
+@pytest.mark.parametrize("command", [["export", "OUT"], ["export", "OUT", "--merged"], ["push", "--dry-run", "OUT"]])
+def test_final_weights_holding_nan_are_never_exported_or_pushed(finished_run, monkeypatch, capsys, tmp_path, command):
+    """A run finished by a version that kept NaN weights (issue 16, item 2): export refuses as push does, one line,
+    exit 2, nothing at the destination."""
+    from safetensors.torch import load_file, save_file
+
+    weights = finished_run.final / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    out = tmp_path / "out"
+    res = _cli(monkeypatch, capsys, command[0], finished_run.root, *[out if a == "OUT" else a for a in command[1:]])
+    assert res.code == 2 and "Traceback" not in res.err, res.err
+    assert res.err.count("\n") == 1 and res.err.startswith("error: ") and "non-finite" in res.err and "learning_rate" in res.err
+    assert not out.exists()

@@ -81,3 +81,29 @@ def test_rows_cut_to_fit_are_counted_per_task_and_printed(assets, tokenizer, tmp
     line = training_summary(cached.data, len(cached.train), f, cached=True)
     n = len(cached.data[1].train)
     assert f"banking77={n} ({expected['banking77']} cut to fit)" in line and "max_length=185" in line
+
+
+class _Planted:
+    """A pickle that, when loaded, writes a file: what a stranger with write access to a shared cache could plant."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+def test_a_cache_entry_is_never_unpickled(assets, tokenizer, tmp_path, cache):
+    """$MULTITUNE_CACHE often sits on a pod's shared volume: a pickle planted in an entry must run nothing."""
+    import pickle
+
+    cfg = _cfg(assets, tmp_path)
+    f = Formatter(tokenizer, cfg.model.max_length)
+    first = prepare(cfg, f, None)
+    [entry] = [p for p in cache.glob("prepared/*") if (p / "DONE").exists()]
+    sentinel = tmp_path / "ran-code"
+    for name in ("tasks.pkl", *(p.name for p in entry.iterdir() if p.is_file() and p.name != "DONE")):
+        (entry / name).write_bytes(pickle.dumps(_Planted(sentinel)))
+    again = prepare(cfg, f, None)
+    assert not sentinel.exists()
+    assert _snapshot(again) == _snapshot(first)  # the damaged entry was rebuilt, not trusted

@@ -73,6 +73,38 @@ def test_a_classlabel_minus_one_is_no_label_not_the_last_class(monkeypatch, caps
     assert [task.example(r).target for r in rows] == ["pos", "neg", "pos", "neutral"]
 
 
+# a chat row's answer is its response (prompt/response data) or its last assistant turn (messages data)
+QA = [("what is 2+2", "4"), ("say hi", None), ("capital of France", "Paris"), ("nothing", ""), ("blank", "  \n"),
+      ("colour of the sky", "blue")]
+
+
+def test_chat_rows_without_a_response_are_left_out_and_counted(monkeypatch, capsys):
+    """A row with no response would train the model to answer with end-of-turn alone."""
+    answered = [(p, r) for p, r in QA if r is not None and r.strip()]  # the oracle: rows with a real response
+    ds = datasets.Dataset.from_dict({"prompt": [p for p, _ in QA], "response": [r for _, r in QA]})
+    task, rows = _task(monkeypatch, {"name": "qa", "type": "chat"}, ds)
+    assert len(rows) == len(answered) and f"left out {len(QA) - len(answered)} of {len(QA)} rows" in capsys.readouterr().out
+    examples = [task.example(r) for r in rows]
+    assert [(ex.messages[-1]["content"], ex.target) for ex in examples] == answered
+
+
+def test_chat_conversations_whose_last_turn_is_empty_are_left_out(monkeypatch, capsys):
+    def talk(prompt, answer):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+    ds = datasets.Dataset.from_dict({"messages": [talk(p, r or "") for p, r in QA]})
+    task, rows = _task(monkeypatch, {"name": "talks", "type": "chat"}, ds)
+    answered = [r for _, r in QA if r is not None and r.strip()]
+    assert [task.example(r).target for r in rows] == answered
+    assert f"left out {len(QA) - len(answered)} of {len(QA)} rows" in capsys.readouterr().out
+
+
+def test_drop_unlabelled_false_refuses_chat_rows_without_a_response(monkeypatch):
+    ds = datasets.Dataset.from_dict({"prompt": [p for p, _ in QA], "response": [r for _, r in QA]})
+    with pytest.raises(UserError, match=r"task qa2: 3 of 6 rows have no response.*data\.drop_unlabelled"):
+        _task(monkeypatch, {"name": "qa2", "type": "chat"}, ds, drop=False)
+
+
 def test_multiple_choice_prompts_offer_each_rows_own_choices(monkeypatch, capsys):
     task, rows = _task(monkeypatch, {"name": "arc", "type": "multiple_choice"}, datasets.Dataset.from_list(ARC))
     assert len(rows) == 5 and "left out 1 of 6 rows" in capsys.readouterr().out

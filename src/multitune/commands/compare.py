@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from multitune.config import Config, dump_config, load_config
 from multitune.data.load import TaskData, load_tasks, save_splits
 from multitune.errors import UserError
-from multitune.rundir import RunDir, atomic_write, strict_json
+from multitune.files import atomic_write, strict_json
+from multitune.rundir import RunDir
 from multitune.launch.runner import train
 from multitune.results.trained import TrainedRun, open_run, trained_run
 from multitune.tasks import resolve_tasks

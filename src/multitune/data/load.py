@@ -18,7 +18,7 @@ from multitune.config import Config
 from multitune.errors import UserError
 from multitune.data.formatting import Formatter, TooLong, check_supervision
 from multitune.hub import mirror_root
-from multitune.rundir import atomic_write
+from multitune.files import atomic_write
 from multitune.tasks import Example, Task, build_task
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,9 @@ or the Hub revision), a recorded split when resuming, the tokenizer and its chat
 source code of the modules that build examples, and the library versions. A change to any of
 them is a miss, never a stale hit. Written by hand because datasets' own cache covers `map` over a
 loaded dataset, not the multi-task split and mix built here.
+
+An entry holds no pickle (JSON and Arrow only): the cache often sits on a pod's shared volume, and what is
+read back from there must not be able to run code.
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from multitune.config import Config
 from multitune.data.load import TaskData, load_tasks, training_dataset, validation_datasets
 from multitune.data.formatting import Formatter
 from multitune.hub import mirror_root
-from multitune.tasks import build_task
+from multitune.tasks import Example, build_task
 
 CACHE_ENV = "MULTITUNE_CACHE"
 _CODE = ("data/load.py", "data/formatting.py", "data/prepared.py", "tasks")
@@ -108,9 +110,16 @@ def _build(cfg: Config, formatter: Formatter, split_dir: Path | None, cached: bo
     return Prepared(data, train, evals, cached)
 
 
+def _example(row: dict) -> Example:
+    """An Example back from its JSON (which made its tuples lists)."""
+    return Example(row["messages"], row["target"], row["label"], cuttable=tuple((i, text) for i, text in row["cuttable"]),
+                   supervised=tuple(row["supervised"]), choices=tuple(row["choices"]))
+
+
 def _read(entry: Path, tasks) -> Prepared:
-    splits = pickle.loads((entry / "tasks.pkl").read_bytes())
-    data = [TaskData(task, train, val, split, truncated) for task, (train, val, split, truncated) in zip(tasks, splits, strict=True)]
+    splits = json.loads((entry / "tasks.json").read_text())
+    data = [TaskData(task, [_example(r) for r in s["train"]], [_example(r) for r in s["val"]], s["split"], s["truncated"])
+            for task, s in zip(tasks, splits, strict=True)]
     evals = {name: datasets.load_from_disk(str(entry / f"eval-{i}")) for i, name in enumerate(json.loads((entry / "eval.json").read_text()))}
     return Prepared(data, datasets.load_from_disk(str(entry / "train")), evals, cached=True)
 
@@ -120,7 +129,8 @@ def _write(entry: Path, prepared: Prepared) -> None:
     tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
-        (tmp / "tasks.pkl").write_bytes(pickle.dumps([(td.train, td.val, td.split, td.truncated) for td in prepared.data]))
+        (tmp / "tasks.json").write_text(json.dumps([{"train": [asdict(ex) for ex in td.train], "val": [asdict(ex) for ex in td.val],
+                                                      "split": td.split, "truncated": td.truncated} for td in prepared.data]))
         prepared.train.save_to_disk(str(tmp / "train"))
         for i, ds in enumerate(prepared.eval.values()):
             ds.save_to_disk(str(tmp / f"eval-{i}"))

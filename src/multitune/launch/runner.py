@@ -43,7 +43,8 @@ from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
 from multitune.results.selection import annotate, check_choosable, choice, note
 from multitune.results.trained import trained_run
-from multitune.rundir import RunDir, one_model, parts, strict_json, training_log
+from multitune.files import atomic_write, strict_json
+from multitune.rundir import RunDir, one_model, parts, training_log
 from multitune.tasks import resolve_tasks
 from multitune.training import wandb_log
 from multitune.training.args import checkpointing_for_peft, sft_config
@@ -155,7 +156,7 @@ def report(cfg: Config, run: RunDir, results: dict[str, dict[str, Any]], step: i
     if writer:
         if several:  # each part wrote its own cost.json; the run's is their sum
             costs = [json.loads((p.logs / COST_FILE).read_text()) for p in parts(cfg, run)]
-            (run.root / COST_FILE).write_text(strict_json(total_cost(costs)))
+            atomic_write(run.root / COST_FILE, strict_json(total_cost(costs)))
         chosen = choice(cfg, run)  # train.keep_best: the kept checkpoint's step (joint runs only)
         plots = write_results(run.root, annotate(results, chosen, data), trained_run(run, cfg).header,
                               log_history=training_log(cfg, run), note=note(chosen))

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from multitune.config import Config
 from multitune.distributed import main_print
 from multitune.errors import UserError
+from multitune.files import atomic_write
 from multitune.data.formatting import Formatter
 from multitune.modeling.load import device, load_model, peft_config, prepare_4bit
 from multitune.tasks import Example
@@ -68,7 +69,7 @@ class Heads:
         return {i: n if one else f"{t}:{n}" for i, (t, n) in enumerate((t, n) for t, v in self.labels.items() for n in v)}
 
     def save(self, folder: Path) -> None:
-        (folder / HEADS_FILE).write_text(json.dumps({"labels": self.labels}, indent=1))
+        atomic_write(folder / HEADS_FILE, json.dumps({"labels": self.labels}, indent=1))  # whole or none: it marks the heads trained
 
     @classmethod
     def load(cls, folder: Path) -> Heads:

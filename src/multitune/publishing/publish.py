@@ -205,6 +205,10 @@ def build_folder(run: RunDir, cfg: Config, out: Path, *, repo_id: str, merged: b
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new directory (nothing was written)")
+    bad = nonfinite_tensor(run.final)  # push and export both come here, merged or not: the adapter decides
+    if bad:
+        raise UserError(f"{run.final} holds non-finite weights ({bad} has NaN or inf): nothing was written or uploaded; "
+                        "train the run again with a lower train.learning_rate")
     out.mkdir(parents=True, exist_ok=True)
     try:
         write_weights(run, cfg, out, merged=merged)
@@ -233,10 +237,6 @@ def push(run: RunDir, cfg: Config, results: dict[str, Any] | None = None, *, mer
     repo_id = cfg.hub.repo_id
     if not repo_id:
         raise UserError("no repo to push to: pass --repo-id me/name or set hub.repo_id in the config")
-    bad = nonfinite_tensor(run.final)
-    if bad:
-        raise UserError(f"{run.final} holds non-finite weights ({bad} has NaN or inf): nothing was uploaded; train the run "
-                        "again with a lower train.learning_rate")
     if dry_run is not None:
         build_folder(run, cfg, dry_run, repo_id=repo_id, merged=merged)
         print(f"wrote {dry_run}: exactly what would be uploaded to {repo_id}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from multitune.files import atomic_write, strict_json
 from multitune.results.plots import write_plots
-from multitune.rundir import atomic_write, strict_json
 
 
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:

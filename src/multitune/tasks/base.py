@@ -43,6 +43,7 @@ _REPORTED: set[tuple[str, int, int]] = set()  # (task, rows left out, rows) alre
 class Task:
     kind: str = ""
     STATE: tuple[str, ...] = ("label_names",)  # what bind() resolves; saved with the run for `predict`
+    ANSWER = "label"  # what a row without one lacks, in the count of rows left out
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -59,7 +60,7 @@ class Task:
         return self._labelled(ds, drop_unlabelled)
 
     def has_answer(self, row: dict[str, Any]) -> bool:
-        """Whether a row has its label (answer); chat rows always count as having one."""
+        """Whether a row has its label (answer)."""
         return True
 
     def _labelled(self, ds: datasets.Dataset, drop: bool) -> datasets.Dataset:
@@ -69,11 +70,11 @@ class Task:
         if not missing:
             return ds
         if not drop:
-            raise UserError(f"task {self.name}: {len(missing)} of {len(ds)} rows have no label (the first is row {missing[0]}); "
+            raise UserError(f"task {self.name}: {len(missing)} of {len(ds)} rows have no {self.ANSWER} (the first is row {missing[0]}); "
                             "fill them in, or leave them out with data.drop_unlabelled: true (the default)")
         if (self.name, len(missing), len(ds)) not in _REPORTED:  # a launch loads a task more than once: said once
             _REPORTED.add((self.name, len(missing), len(ds)))
-            main_print(f"task {self.name}: left out {len(missing)} of {len(ds)} rows without a label (the first is "
+            main_print(f"task {self.name}: left out {len(missing)} of {len(ds)} rows without a {self.ANSWER} (the first is "
                        f"row {missing[0]}); data.drop_unlabelled: false refuses them instead")
         gone = set(missing)
         return ds.select([i for i in range(len(ds)) if i not in gone])
@@ -254,6 +255,7 @@ class ClassificationTask(Task):
 class MultipleChoiceTask(Task):
     kind = "multiple_choice"
     STATE = ("label_names", "q_col", "c_col", "a_col")
+    ANSWER = "answer"
     LETTERS = "ABCDEFGHIJ"
 
     def bind(self, ds: datasets.Dataset) -> None:
@@ -313,6 +315,7 @@ CONTEXT_HEADER = "Context:"  # precedes a chat row's reference text in its promp
 class ChatTask(Task):
     kind = "chat"
     STATE = ("label_names", "messages_col", "prompt_col", "response_col", "context_col")
+    ANSWER = "response"
 
     def load(self, mirror: Path | None, drop_unlabelled: bool = True) -> datasets.Dataset:
         ds = super().load(mirror, drop_unlabelled)
@@ -328,6 +331,17 @@ class ChatTask(Task):
             msgs = row[self.messages_col] or []
             return str(msgs[-1]["content"]) if msgs else ""
         return str(row.get(self.response_col) or "")
+
+    def has_answer(self, row: dict[str, Any]) -> bool:
+        """A response to learn (the last assistant turn of a conversation): without one the target would be the
+        end-of-turn alone, training the model to answer nothing. A conversation that ends with another role's
+        turn is malformed, not unanswered: example() refuses it."""
+        if self.messages_col:
+            msgs = row[self.messages_col] or []
+            if msgs and msgs[-1].get("role") != "assistant":
+                return True
+            return bool(msgs) and not unlabelled(msgs[-1].get("content"))
+        return not unlabelled(row.get(self.response_col))
 
     def bind(self, ds: datasets.Dataset) -> None:
         cols = ds.column_names

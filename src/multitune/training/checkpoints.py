@@ -25,7 +25,8 @@ from multitune.errors import UserError
 from multitune.training.manifest import (
     DCP_DIRS, MARKER, legacy_problem, manifest_names, manifest_problem, missing_parts, read_marker, write_marker,
 )
-from multitune.rundir import RunDir, folder_size, write_error
+from multitune.files import folder_size, write_error
+from multitune.rundir import RunDir
 
 
 def _barrier() -> None:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import zipfile
 from pathlib import Path
+
+from multitune.files import atomic_write, is_temp
 
 MARKER = "COMPLETE"
 DCP_DIRS = ("pytorch_model_fsdp_0", "optimizer_0")  # FSDP sharded state dicts (torch.distributed.checkpoint)
@@ -38,15 +39,14 @@ def sha256(path: Path) -> str:
 
 def record(folder: Path) -> dict[str, dict]:
     """Name (relative, '/'-separated), size and sha256 of every file in ``folder`` but the marker."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MARKER, MARKER + ".tmp"))
+    # by name first: another node's marker being written (save_on_each_node on shared storage) comes and goes
+    files = sorted(p for p in folder.rglob("*") if not (p.name == MARKER or is_temp(p.name, MARKER)) and p.is_file())
     return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
 
 
 def write_marker(folder: Path, info: dict) -> None:
     """``COMPLETE`` with ``info`` and the manifest of the folder, written atomically (a kill leaves none)."""
-    tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({**info, "files": record(folder)}))
-    os.replace(tmp, folder / MARKER)
+    atomic_write(folder / MARKER, json.dumps({**info, "files": record(folder)}))
 
 
 def read_marker(folder: Path) -> dict | None:

@@ -33,7 +33,8 @@ from multitune.modeling.load import check_requirements, check_training_attention
 from multitune.modeling.speed import use_liger
 from multitune.data.prepared import Prepared, prepare
 from multitune.results.selection import check_rows_left
-from multitune.rundir import RunDir, strict_json
+from multitune.files import atomic_write, strict_json
+from multitune.rundir import RunDir
 from multitune.training.args import fsdp_launch
 
 log = logging.getLogger(__name__)
@@ -210,8 +211,8 @@ def save_outputs(trainer: SFTTrainer, run: RunDir, tokenizer: PreTrainedTokenize
     if trainer.args.should_save:
         tokenizer.save_pretrained(str(run.final))
         trainer.state.save_to_json(str(run.logs / "trainer_state.json"))  # the whole loss/LR/eval history
-        (run.logs / "launch.json").write_text(strict_json(launch_facts(trainer)))
-        (run.logs / COST_FILE).write_text(strict_json(cost_facts(trainer)))
+        atomic_write(run.logs / "launch.json", strict_json(launch_facts(trainer)))
+        atomic_write(run.logs / COST_FILE, strict_json(cost_facts(trainer)))  # whole or none: it marks the part trained
 
 
 def save_final(trainer: SFTTrainer, path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from multitune.distributed import checked, rank
 from multitune.errors import UserError
+from multitune.files import atomic_write
 from multitune.rundir import RunDir, one_model
 
 COLUMNS = ["text", "gold", "predicted", "score"]
@@ -84,7 +85,7 @@ def _start(cfg, run) -> None:
     except Exception as e:  # noqa: BLE001 - whatever wandb raises, as one clear line
         raise UserError(f"wandb could not start ({type(e).__name__}: {e}); log in (wandb login / WANDB_API_KEY), set "
                         "WANDB_MODE=offline, or train with train.report_to=none") from None
-    id_file.write_text(run_id)
+    atomic_write(id_file, run_id)  # a relaunch resumes the wandb run it names
 
 
 def finish(cfg, run, results: dict[str, dict[str, Any]], plots: dict[str, list[Path]], step: int) -> None:
