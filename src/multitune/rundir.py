@@ -34,7 +34,7 @@ import yaml
 
 from multitune.config import Config, config_from_dict, dump_config
 from multitune.errors import UserError
-from multitune.files import atomic_write
+from multitune.files import atomic_write, is_temp
 
 # The first line of every config.yaml multitune writes: what makes a folder a run directory.
 RECORD_HEADER = "# multitune run: the resolved config of this run, written by `multitune train`\n"
@@ -124,10 +124,11 @@ class RunDir:
         return self.splits.is_dir()
 
     def _launch_debris(self, path: Path) -> bool:
-        """What a launch leaves on a rank that records no config: its lock, and checkpoint folders holding only that
-        rank's RNG state (a node that does not save, beside node-local run directories, still writes
+        """What a launch leaves on a rank that records no config: its lock, a config.yaml cut off while written, and
+        checkpoint folders holding only that rank's RNG state (a node that does not save, beside node-local run
+        directories, still writes
         ``checkpoints/checkpoint-N/rng_state_<rank>.pth``). Anything else makes the folder someone else's."""
-        if path.name == RunLock.FILE:
+        if path.name == RunLock.FILE or is_temp(path.name, self.config.name):  # a kill -9 during its first write
             return True
         return path == self.checkpoints and path.is_dir() and all(
             c.name.startswith("checkpoint-") and c.is_dir() and all(f.name.startswith("rng_state") for f in c.iterdir())

@@ -79,6 +79,21 @@ def test_an_empty_folder_is_a_new_run(tmp_path):
     assert RunDir(root).check(_cfg(root), resume=True, overwrite=False).mode == "new"
 
 
+def test_a_launch_killed_while_writing_its_first_config_leaves_a_folder_that_is_still_its_own(tmp_path):
+    """kill -9 during the first config.yaml write leaves the lock and atomic_write's temporary file: the relaunch
+    starts the run (it is not someone else's folder) and nothing of the temporary file stays in the way."""
+    from multitune.files import temp_path
+
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / RunLock.FILE).write_text("")
+    temp_path(root / "config.yaml").write_text("model:\n  name_or_")  # cut off mid-write
+    run = RunDir(root)
+    assert run.check(_cfg(root), resume=True, overwrite=False).mode == "new"
+    run.prepare(_cfg(root), resuming=False)
+    assert run.holds_run()
+
+
 def test_train_into_a_foreign_folder_is_one_error_and_writes_nothing(tmp_path, run_cli):
     root = tmp_path / "project"
     before = _foreign(root)
