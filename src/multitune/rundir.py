@@ -126,8 +126,7 @@ class RunDir:
     def _launch_debris(self, path: Path) -> bool:
         """What a launch leaves on a rank that records no config: its lock, a config.yaml cut off while written, and
         checkpoint folders holding only that rank's RNG state (a node that does not save, beside node-local run
-        directories, still writes
-        ``checkpoints/checkpoint-N/rng_state_<rank>.pth``). Anything else makes the folder someone else's."""
+        directories, still writes ``checkpoints/checkpoint-N/rng_state_<rank>.pth``). Anything else makes the folder someone else's."""
         if path.name == RunLock.FILE or is_temp(path.name, self.config.name):  # a kill -9 during its first write
             return True
         return path == self.checkpoints and path.is_dir() and all(
