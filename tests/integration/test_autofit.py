@@ -28,10 +28,11 @@ def run_config(assets, run_dir, **train_keys) -> dict:
 
 class InjectedOom:
     """The embedding's forward (training only: gradients on) raises CUDA's out-of-memory for more than ``rows`` rows,
-    on the forward calls numbered in ``at`` (1: the first; None: every one)."""
+    on the forward calls numbered in ``at`` (1: the first; None: every one); ``cublas``: as cuBLAS's allocation
+    failure does, a plain RuntimeError."""
 
-    def __init__(self, rows: int, at: set[int] | None, crash_at: int | None = None):
-        self.rows, self.at, self.crash_at, self.calls, self.raised = rows, at, crash_at, 0, 0
+    def __init__(self, rows: int, at: set[int] | None, crash_at: int | None = None, cublas: bool = False):
+        self.rows, self.at, self.crash_at, self.calls, self.raised, self.cublas = rows, at, crash_at, 0, 0, cublas
         self.forward = torch.nn.Embedding.forward
 
     def install(self, monkeypatch) -> "InjectedOom":
@@ -45,6 +46,8 @@ class InjectedOom:
                 raise RuntimeError("injected crash")
             if ids.shape[0] > self.rows and (self.at is None or self.calls in self.at):
                 self.raised += 1
+                if self.cublas:
+                    raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
                 raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {ids.shape[0]} rows)")
         return self.forward(module, ids)
 
@@ -74,17 +77,20 @@ def assert_same_training(run_dir, oracle_dir):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_oom_at_step_3_backs_off_and_continues_at_the_same_step(assets, tmp_path, monkeypatch, capsys, halved):
-    """Forward 1 is the probe (micro-batch 8 fits), 2 and 3 are steps 1 and 2; forward 4, step 3, runs out of memory."""
+@pytest.mark.parametrize("cublas", [False, True], ids=["cuda-oom", "cublas-alloc"])
+def test_oom_at_step_3_backs_off_and_continues_at_the_same_step(assets, tmp_path, monkeypatch, capsys, halved, cublas):
+    """Forward 1 is the probe (micro-batch 8 fits), 2 and 3 are steps 1 and 2; forward 4, step 3, runs out of memory
+    (CUDA's OutOfMemoryError, or cuBLAS's allocation failure: a RuntimeError)."""
     monkeypatch.setenv("MULTITUNE_GPU_MEMORY_GIB", "64")  # every micro-batch fits by the model: 8 x 1
     monkeypatch.setattr(autofit, "WATCH_STEPS", 4)  # step 5 runs past the watched steps, as halves
-    oom = InjectedOom(4, at={4}).install(monkeypatch)
+    oom = InjectedOom(4, at={4}, cublas=cublas).install(monkeypatch)
     train(config_from_dict(run_config(assets, tmp_path / "run", batch_size="auto", global_batch_size=8)))
     out = capsys.readouterr().out
     assert "micro-batch 8 x 1 accumulation" in out and oom.raised == 1
     assert "out of memory at step 3 (micro-batch 8 x 1 accumulation): continuing at micro-batch 4 x 2" in out
     launch = json.loads((tmp_path / "run" / "launch.json").read_text())
     assert (launch["per_device_train_batch_size"], launch["gradient_accumulation_steps"]) == (4, 2)
+    assert (launch["attn_implementation"], launch["liger"]) == ("sdpa", False)  # auto on a CPU: what was loaded
     assert_same_training(tmp_path / "run", halved)
 
 

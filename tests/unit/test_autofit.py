@@ -106,7 +106,7 @@ def test_auto_fit_chooses_the_largest_micro_batch_under_a_simulated_budget(asset
     assert (fit.micro_batch, fit.checkpointing) == expected
     assert expected[0] == max(m for m in (1, 2, 3, 4, 6, 8, 12, 16, 24, 48) if m <= rows_that_fit)  # the budget's intent
     assert (resolved.train.batch_size, resolved.train.grad_accum) == (expected[0], 48 // expected[0])
-    assert fit.supervised == 9 and fit.ladder[0] == expected and fit.ladder[-1] == (1, True)
+    assert fit.supervised[expected[0]] == 9 * expected[0] and fit.ladder[0] == expected and fit.ladder[-1] == (1, True)
 
 
 def test_checkpointing_comes_on_only_when_one_row_does_not_fit_without(assets, monkeypatch):
@@ -438,3 +438,62 @@ def test_the_probe_runs_each_task_s_loss_and_leaves_its_sums(assets):
     losses.sums = torch.tensor([[3.0, 4.0], [5.0, 6.0]])
     assert not probe(probe_trainer(assets, losses), 2, 32, 8, False)
     assert losses.sums.tolist() == [[3.0, 4.0], [5.0, 6.0]]
+
+
+# ---------------------------------------------------------------- allocation failures raised as a RuntimeError
+
+CUBLAS_ALLOC = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+
+
+@pytest.mark.parametrize("message", [CUBLAS_ALLOC, "CUDA error: out of memory\nCompile with `TORCH_USE_CUDA_DSA`"])
+def test_an_allocation_failure_raised_as_a_runtime_error_is_the_probe_s_out_of_memory(assets, monkeypatch, message):
+    """cuBLAS's handle or workspace, or a CUDA call outside the caching allocator, that cannot get memory raises a plain
+    RuntimeError: the probe steps down from it like from torch.OutOfMemoryError (injected in the loss path)."""
+    import multitune.modeling.loss as loss_module
+    from multitune.training.autofit import probe
+
+    def failed(*a, **k):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(loss_module, "token_stats", failed)
+    assert probe(probe_trainer(assets), 2, 32, 8, False)
+
+
+def test_any_other_runtime_error_in_the_probe_propagates(assets, monkeypatch):
+    import multitune.modeling.loss as loss_module
+    from multitune.training.autofit import probe
+
+    def bug(*a, **k):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)")
+
+    monkeypatch.setattr(loss_module, "token_stats", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        probe(probe_trainer(assets), 2, 32, 8, False)
+
+
+class _FailingSteps:
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        raise RuntimeError(self.message)
+
+
+class _Watched(OomBackoff, _FailingSteps):
+    def __init__(self, message: str):
+        import contextlib
+
+        self.message, self.current_gradient_accumulation_steps, self.oom_split = message, 1, 1
+        self.accelerator = SimpleNamespace(no_sync=lambda m: contextlib.nullcontext())
+
+
+def test_a_watched_step_s_cublas_allocation_failure_is_the_agreed_out_of_memory(monkeypatch):
+    """In a watched step the RuntimeError goes to the agreement (every rank then backs off), like CUDA's OOM; any other
+    RuntimeError propagates (a bug is not an out-of-memory)."""
+    import multitune.training.autofit as training_autofit
+
+    asked = []
+    monkeypatch.setattr(training_autofit, "any_rank", lambda flag: (asked.append(flag), flag)[1])
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
+    with pytest.raises(training_autofit.AgreedOom):
+        _Watched(CUBLAS_ALLOC)._pieces(None, batch, None, agree=True)
+    assert asked == [True]
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        _Watched("CUDA error: device-side assert triggered")._pieces(None, batch, None, agree=True)

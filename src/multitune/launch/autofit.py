@@ -5,11 +5,15 @@ Every rank, after the data is prepared (multitune.launch.runner):
 1. the card: the smallest of the launch (each rank's free GPU memory before the model loads, agreed by one all-reduce), or the simulated budget
    ``MULTITUNE_GPU_MEMORY_GIB`` (tests, and `plan`-like dry runs on a CPU; without either, the host's memory);
 2. the choice: :func:`multitune.launch.plan.fit_on`, the function `multitune plan` prints, on this model's exact
-   counts and the prepared data's longest answer: the largest micro-batch dividing the examples per process that fits
-   the card less the margin (10% allocator slack, 1 GiB CUDA context), checkpointing only when none fits without;
+   counts, the kernels every rank loads (``auto`` attention and Liger as agreed by the node checks,
+   multitune.training.stages.agreed_kernels) and the prepared data's longest answer: the largest micro-batch dividing
+   the examples per process that fits the card less the margin (10% allocator slack, 1 GiB CUDA context),
+   checkpointing only when none fits without; then agreed (:func:`agreed`): the smallest micro-batch of any rank,
+   checkpointing if any rank needs it, so every rank runs the same accumulation (the same collectives);
    ``grad_accum`` follows from ``train.global_batch_size`` (global = micro-batch x grad_accum x processes);
 3. once the trainer is built (:func:`confirm_on`): the probe (multitune.training.autofit.confirm) steps down from the
-   choice while a worst-case micro-batch runs out of memory, and the first steps are watched for out-of-memory.
+   choice while a worst-case micro-batch (as many supervised tokens as the memory model charges) runs out of memory
+   on any rank, and the first steps are watched for out-of-memory (both agreed across ranks).
 
 ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (:func:`expandable_segments`) is set by `multitune train` before
 anything touches CUDA, unless the user set it (or ``PYTORCH_ALLOC_CONF``): freed blocks are reused across the varying
@@ -19,7 +23,7 @@ shapes of padded batches instead of fragmenting the cache.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,8 +32,9 @@ from multitune.config import Config
 from multitune.distributed import checked, main_print, max_over_ranks
 from multitune.errors import UserError
 from multitune.launch.plan import (
-    STATIC_PARTS, DataStats, GiB, Gpu, Layout, count, fit_advice, fit_on, memory, total_with_overhead,
+    STATIC_PARTS, DataStats, GiB, Gpu, Layout, count, fit_advice, fit_on, memory, step_for, total_with_overhead,
 )
+from multitune.modeling.load import Kernels, for_kernels
 from multitune.training.args import fsdp_launch
 from multitune.training.autofit import OomBackoff, confirm
 from multitune.training.checkpoints import saved_layout, saved_oom_split
@@ -53,7 +58,8 @@ class AutoFit:
     checkpointing: bool
     per_rank: int  # examples per process per optimizer step
     ladder: tuple[tuple[int, bool], ...]  # (micro-batch, checkpointing) from the choice down, in the order tried
-    supervised: int  # the most supervised tokens of one training example (the probe's worst case)
+    # micro-batch -> the supervised tokens the memory model charges for it (launch.plan.step_for): the probe's worst case
+    supervised: dict[int, int]
 
 
 def this_card() -> tuple[int, str]:
@@ -108,10 +114,11 @@ def check_global_batch(cfg: Config, world: int) -> None:
                         f"of train.batch_size={t.batch_size}: choose a batch_size dividing {g // world}, or batch_size=auto")
 
 
-def at_launch(cfg: Config, prepared, world: int, bf16: bool) -> tuple[Config, AutoFit | None]:
+def at_launch(cfg: Config, prepared, world: int, bf16: bool, kernels: Kernels | None = None) -> tuple[Config, AutoFit | None]:
     """The config the trainers run with (every rank alike): batch sizes resolved, grad_accum from the global batch;
     and the choice to confirm when train.batch_size is auto. Every rank makes the same collectives: what can refuse
-    (the model's config read from this node's disk, the data, the card) is agreed (``checked``)."""
+    (the model's config read from this node's disk, the data, the card) is agreed (``checked``), and so is the
+    choice. ``kernels``: what every rank loads for ``auto`` (None: this machine's own, as `plan` models)."""
     t, g = cfg.train, cfg.train.global_batch_size
     if t.batch_size != "auto" and g is None and cfg.eval.batch_size != "auto":
         return cfg, None
@@ -119,24 +126,45 @@ def at_launch(cfg: Config, prepared, world: int, bf16: bool) -> tuple[Config, Au
     if t.batch_size != "auto" and cfg.eval.batch_size != "auto":
         return cfg.model_copy(update={"train": t.model_copy(update={"grad_accum": g // world // t.batch_size})}), None
     gpu = card()  # its collectives outside the part that can refuse
-    return checked(lambda: _resolve(cfg, prepared, world, bf16, gpu))
+    train, evals, fit = checked(lambda: _resolve(cfg, prepared, world, bf16, gpu, kernels))
+    if fit is not None:  # decided by the same config on every rank: every rank or none makes these collectives
+        fit = agreed(fit)
+        train = {"batch_size": fit.micro_batch, "grad_accum": fit.per_rank // fit.micro_batch,
+                 "gradient_checkpointing": fit.checkpointing}
+    return cfg.model_copy(update={"train": t.model_copy(update=train), "eval": cfg.eval.model_copy(update=evals)}), fit
 
 
-def _resolve(cfg: Config, prepared, world: int, bf16: bool, gpu: Gpu) -> tuple[Config, AutoFit | None]:
+def agreed(fit: AutoFit) -> AutoFit:
+    """Every rank's choice made one: the smallest micro-batch of any rank, gradient checkpointing if any rank needs it
+    (two all-reduces, every rank). Each rank's own choice fits its card by its model, and a smaller micro-batch or
+    checkpointing only lowers the peak, so the common one fits every rank; different choices would run different
+    accumulation counts, so different numbers of collectives (gradient all-reduces, agreements): a hang."""
+    micro = -max_over_ranks(-fit.micro_batch)
+    checkpointing = bool(max_over_ranks(int(fit.checkpointing)))
+    if (micro, checkpointing) == (fit.micro_batch, fit.checkpointing):
+        return fit
+    main_print(f"train.batch_size=auto agreed across ranks: micro-batch {micro} x {fit.per_rank // micro} accumulation, "
+               f"gradient checkpointing {'on' if checkpointing else 'off'} (the smallest choice of any rank)")
+    # at or below this rank's own choice on its ladder (a smaller divisor, or the checkpointing half of the ladder)
+    start = fit.ladder.index((micro, checkpointing))
+    return replace(fit, micro_batch=micro, checkpointing=checkpointing, ladder=fit.ladder[start:])
+
+
+def _resolve(cfg: Config, prepared, world: int, bf16: bool, gpu: Gpu, kernels: Kernels | None):
+    """This rank's (train update, eval update, choice); the model's kernels as every rank loads them."""
     t, g = cfg.train, cfg.train.global_batch_size
     per_rank = g // world if g is not None else None
     train, evals, fit = ({"grad_accum": per_rank // t.batch_size} if t.batch_size != "auto" and g else {}), {}, None
+    modelled = for_kernels(cfg, kernels)
     data = data_of(prepared)
-    counts = count(cfg, torch.bfloat16 if bf16 else torch.float32)
+    counts = count(modelled, torch.bfloat16 if bf16 else torch.float32)
     layout = Layout("this launch", int(os.environ.get("LOCAL_WORLD_SIZE", world)) if fsdp_launch() else 1)
     if t.batch_size == "auto":
-        fit = _choose(cfg, counts, gpu, world, per_rank, data, layout)
-        train = {"batch_size": fit.micro_batch, "grad_accum": per_rank // fit.micro_batch,
-                 "gradient_checkpointing": fit.checkpointing}
+        fit = _choose(modelled, counts, gpu, world, per_rank, data, layout)
     if cfg.eval.batch_size == "auto":
-        evals = {"batch_size": eval_rows(cfg, counts, gpu, world, layout, bf16)}
+        evals = {"batch_size": eval_rows(modelled, counts, gpu, world, layout, bf16)}
         main_print(f"eval.batch_size=auto: {evals['batch_size']} rows a scoring batch on {gpu.name}")
-    return cfg.model_copy(update={"train": t.model_copy(update=train), "eval": cfg.eval.model_copy(update=evals)}), fit
+    return train, evals, fit
 
 
 def _choose(cfg: Config, counts, gpu: Gpu, world: int, per_rank: int, data: DataStats, layout) -> AutoFit:
@@ -154,7 +182,9 @@ def _choose(cfg: Config, counts, gpu: Gpu, world: int, per_rank: int, data: Data
     rungs = ladder(per_rank)
     rungs = [r for r in rungs if r[1] or not cfg.train.gradient_checkpointing]
     start = rungs.index((micro, checkpointing))
-    return AutoFit(micro, checkpointing, per_rank, tuple(rungs[start:]), int(data.answer_tokens))
+    supervised = {m: step_for(counts, cfg, m, cfg.model.max_length, False, data.answer_tokens, data.tokens).supervised
+                  for m, _ in rungs}
+    return AutoFit(micro, checkpointing, per_rank, tuple(rungs[start:]), supervised)
 
 
 def scoring_bytes(c, cfg: Config, rows: int, seq: int, bf16: bool) -> int:

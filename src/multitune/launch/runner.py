@@ -36,9 +36,10 @@ import torch
 from accelerate import PartialState
 
 from multitune.config import Config
-from multitune.distributed import any_rank, checked, main_print, rank
+from multitune.distributed import any_rank, main_print, rank
 from multitune.errors import UserError
 from multitune.launch import autofit
+from multitune.modeling.load import Kernels
 from multitune.publishing.publish import push
 from multitune.results.report import format_table, write_results
 from multitune.results.selection import annotate, check_choosable, choice, note
@@ -54,7 +55,7 @@ from multitune.training.hub_checkpoints import fetch_newest_checkpoint
 from multitune.training.keep_best import restore_best
 from multitune.training.parts import HeadParts, LmParts, part_kind, trained_step
 from multitune.training.stages import (
-    COST_FILE, Launch, Setup, already_finished, check_node, fit, plan_launch, prepare_run, save_outputs, total_cost,
+    COST_FILE, Launch, Setup, agreed_kernels, already_finished, fit, plan_launch, prepare_run, save_outputs, total_cost,
 )
 
 
@@ -70,23 +71,27 @@ def train(cfg: Config, *, resume: bool = True, overwrite: bool = False) -> dict[
     args = sft_config(cfg, run)
     _ = args.world_size  # sets up torch.distributed when launched by torchrun / accelerate
     autofit.check_global_batch(cfg, args.world_size)  # the config and the processes alone: before the data is prepared
-    checked(lambda: check_node(cfg, args))  # what one node can lack: one refusal on every rank, none left waiting
+    # what one node can lack: one refusal on every rank, none left waiting; and the kernels every node has (auto)
+    kernels = agreed_kernels(cfg, args)
     lock_run(run, args.should_save)  # one launch per run directory, before anything is written there
     with STOP.held():  # a signal from here on stops the launch at its next stage boundary, on every rank
-        return run_stages(kind, cfg, run, args, resume=resume, overwrite=overwrite)
+        return run_stages(kind, cfg, run, args, resume=resume, overwrite=overwrite, kernels=kernels)
 
 
-def run_stages(kind: LmParts | HeadParts, cfg: Config, run: RunDir, args, *, resume: bool, overwrite: bool) -> dict[str, Any]:
-    """Agree, prepare, train each unfinished part, evaluate, report; {} when a signal stopped it (relaunch to continue)."""
+def run_stages(kind: LmParts | HeadParts, cfg: Config, run: RunDir, args, *, resume: bool, overwrite: bool,
+               kernels: Kernels | None = None) -> dict[str, Any]:
+    """Agree, prepare, train each unfinished part, evaluate, report; {} when a signal stopped it (relaunch to continue).
+    ``kernels``: what every rank can run; the trainers load, and auto-fit models, ``auto`` resolved for them."""
     # a fresh pod: its newest Hub checkpoint; starting over: the Hub folder must hold this run's (or --overwrite)
     fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume, overwrite=overwrite)
     launches = [plan_launch(cfg, part, args, resume=resume, overwrite=overwrite) for part in parts(cfg, run)]
     if launches[0].mode == "finished":  # every part reads the same config and DONE: they agree
         return already_finished(run)
     kind.before_prepare(cfg)
-    setup = kind.prepared(prepare_run(cfg, run, resuming=launches[0].mode == "resume", writer=args.should_save))
+    setup = kind.prepared(prepare_run(cfg, run, resuming=launches[0].mode == "resume", writer=args.should_save,
+                                      kernels=kernels))
     # batch_size/eval batch_size auto, grad_accum from global_batch_size: the trainers' config (the run records the user's)
-    cfg, chosen = autofit.at_launch(cfg, setup.prepared, args.world_size, args.bf16)
+    cfg, chosen = autofit.at_launch(cfg, setup.prepared, args.world_size, args.bf16, kernels)
     results: dict[str, dict[str, Any]] = {}
     step = 0
     for part, launch in zip(parts(cfg, run), launches, strict=True):

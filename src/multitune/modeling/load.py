@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from multitune import hub
 from multitune.config import Config, ModelConfig, PeftConfig
 from multitune.errors import UserError
-from multitune.modeling.speed import apply_liger
+from multitune.modeling.speed import apply_liger, liger_available, use_liger
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def weights_dtype(cfg: Config, *, for_training: bool) -> torch.dtype:
     return resolve_dtype(cfg.model.dtype)
 
 
-def attention(cfg: Config, *, for_training: bool, cuda: bool | None = None) -> str:
+def attention(cfg: Config, *, for_training: bool, cuda: bool | None = None, flash: bool | None = None) -> str:
     """The attention implementation the model is loaded with: model.attn_implementation, or what ``auto`` picks.
 
     Packed rows (train.packing, train.padding_free: several examples in one row, position_ids restarting at each)
@@ -67,7 +68,8 @@ def attention(cfg: Config, *, for_training: bool, cuda: bool | None = None) -> s
     sequence boundaries instead: flash-attn's variable-length kernel (cu_seqlens from position_ids) where flash-attn
     imports, else PyTorch's FlexAttention with a document BlockMask (transformers' masking_utils builds it from the
     position_ids; one block index per 128 x 128 tile). FlexAttention has no backward on the CPU (torch 2.13), so
-    on the CPU, unpacked rows and inference, ``auto`` is SDPA. ``cuda``: decide for a GPU (None: this machine).
+    on the CPU, unpacked rows and inference, ``auto`` is SDPA. ``cuda``, ``flash``: decide for a GPU, for flash-attn
+    (None: this machine; a launch decides once for every process, :func:`for_kernels`).
     """
     impl = cfg.model.attn_implementation
     if impl != "auto":
@@ -75,7 +77,7 @@ def attention(cfg: Config, *, for_training: bool, cuda: bool | None = None) -> s
     packed = for_training and (cfg.train.packing or cfg.train.padding_free)
     if not (packed and (torch.cuda.is_available() if cuda is None else cuda)):
         return "sdpa"
-    return "flash_attention_2" if flash_attn_imports() else "flex_attention"
+    return "flash_attention_2" if (flash_attn_imports() if flash is None else flash) else "flex_attention"
 
 
 def flash_attn_imports() -> bool:
@@ -86,6 +88,60 @@ def flash_attn_imports() -> bool:
     except (ImportError, OSError, RuntimeError):
         return False
     return True
+
+
+def flash_attn_runs() -> bool:
+    """flash-attn imports and its variable-length kernel (the one packed rows take) runs one tiny causal call on this
+    GPU: a wheel that imports but was built for another GPU architecture fails only here ("no kernel image")."""
+    if not (torch.cuda.is_available() and flash_attn_imports()):
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        q = torch.zeros(4, 1, 64, dtype=torch.bfloat16, device="cuda")
+        cu = torch.tensor([0, 2, 4], dtype=torch.int32, device="cuda")
+        flash_attn_varlen_func(q, q, q, cu, cu, 2, 2, causal=True)
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"; the launch falls back to FlexAttention
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The optional kernels a process can run, between which ``auto`` chooses (model.attn_implementation, train.liger).
+
+    A launch decides once for all its processes (multitune.training.stages.agreed_kernels): each node's own view
+    (what imports there) would let nodes load different attention kernels or Liger, and model different activation
+    memory, so choose different micro-batches (different collectives: a hang)."""
+
+    cuda: bool
+    flash: bool  # flash-attn imports and runs (checked only where auto could choose it)
+    liger: bool  # liger-kernel is installed
+
+    @classmethod
+    def here(cls, cfg: Config) -> Kernels:
+        """This process's kernels; flash-attn is run once only where ``auto`` would choose it (packed rows on a GPU)."""
+        wants_flash = cfg.model.attn_implementation == "auto" and attention(cfg, for_training=True, cuda=True,
+                                                                            flash=True) == "flash_attention_2"
+        return cls(torch.cuda.is_available(), wants_flash and flash_attn_runs(), liger_available())
+
+    @classmethod
+    def common(cls, every: list[Kernels]) -> Kernels:
+        """What every process has: a kernel is used under ``auto`` only when no process lacks it."""
+        return cls(all(k.cuda for k in every), all(k.flash for k in every), all(k.liger for k in every))
+
+
+def for_kernels(cfg: Config, kernels: Kernels | None) -> Config:
+    """``cfg`` with model.attn_implementation and train.liger ``auto`` resolved for ``kernels``: what a launch's
+    trainers load and what its auto-fit models, the same on every process. The run records the user's config
+    (``auto``), never this copy. ``kernels`` None: ``cfg`` (each machine decides alone, e.g. `plan`, `eval`)."""
+    if kernels is None:
+        return cfg
+    attn = attention(cfg, for_training=True, cuda=kernels.cuda, flash=kernels.flash)
+    liger = use_liger(cfg.train.liger, cuda=kernels.cuda, installed=kernels.liger)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"attn_implementation": attn}),
+                                  "train": cfg.train.model_copy(update={"liger": liger})})
 
 
 def check_requirements(cfg: Config) -> None:

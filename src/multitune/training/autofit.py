@@ -4,9 +4,12 @@ The launch (multitune.launch.autofit) chooses the micro-batch from the memory mo
 card and keeps the run alive when the card disagrees, without changing what is trained:
 
 - :func:`confirm`: before step 1, one forward and backward of a synthetic worst-case micro-batch (model.max_length
-  tokens a row, the most supervised tokens the data holds) with the gradients and AdamW's two moments allocated (and
-  DDP's gradient buckets beside several processes). Out of memory there: the next micro-batch down (then
-  checkpointing), agreed across ranks. Nothing in it is a collective, so a rank that fails leaves none waiting.
+  tokens a row, as many supervised tokens as the memory model charges: each row's longest answer, or for packed rows
+  the share of answer tokens at the data's longest answer and mean length) with the gradients and AdamW's two moments
+  allocated (and DDP's gradient buckets beside several processes). Out of memory there: the next micro-batch down
+  (then checkpointing), agreed across ranks. Nothing in it is a collective, so a rank that fails leaves none waiting.
+- Out of memory is CUDA's ``torch.OutOfMemoryError`` or an allocation failure that reaches Python as a plain
+  ``RuntimeError`` (:func:`out_of_memory`): either, on one rank, is every rank's agreed out-of-memory.
 - :class:`OomBackoff`: a CUDA out-of-memory in the first ``watch_steps`` optimizer steps of the launch (a resume's
   first steps too, not only the run's) halves the micro-batch and doubles the accumulation, once: every micro-batch the data loader yields is run as two halves, so the data order,
   the examples per optimizer step, the schedule and the step counter are those of the run so far, and the step that
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+from collections.abc import Mapping
 
 import torch
 
@@ -41,6 +45,24 @@ from multitune.training.checkpoints import CompleteMarker
 
 class AgreedOom(Exception):
     """Raised on every rank once any rank ran out of memory in a watched micro-batch."""
+
+
+# Allocation failures raised as a plain RuntimeError (torch.AcceleratorError), not torch.OutOfMemoryError, because
+# they come from outside PyTorch's caching allocator:
+ALLOCATION_FAILURES = (
+    # cuBLAS could not allocate its handle or workspace: ATen's TORCH_CUDABLAS_CHECK (ATen/cuda/Exceptions.h) raises
+    # "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`" (or `cublasLtMatmul(...)`, ...)
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    # cudaErrorMemoryAllocation from a CUDA call checked by C10_CUDA_CHECK (c10/cuda/CUDAException.h: "CUDA error: "
+    # + cudaGetErrorString): a cudaMalloc outside the caching allocator, e.g. a kernel library's own workspace
+    "CUDA error: out of memory",
+)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """CUDA's out-of-memory, or an allocation failure that reaches Python as a RuntimeError (ALLOCATION_FAILURES)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in ALLOCATION_FAILURES))
 
 
 def free_memory() -> None:
@@ -165,7 +187,9 @@ class OomBackoff:
                     else:
                         try:
                             loss = super().training_step(model, piece, num_items_in_batch)
-                        except torch.OutOfMemoryError:
+                        except RuntimeError as e:  # torch.OutOfMemoryError is one
+                            if not out_of_memory(e):
+                                raise
                             oom = True
                 if agree and any_rank(oom):
                     raise AgreedOom
@@ -245,19 +269,24 @@ class OomBackoff:
 
 
 def synthetic_batch(rows: int, length: int, supervised: int, vocab: int, packed: bool, device) -> dict:
-    """The worst micro-batch the data can make: ``rows`` rows of ``length`` tokens with the last ``supervised`` of each
-    labelled and an explicit attention mask (one padded position), or with packing one padding-free row of them."""
+    """The worst micro-batch the data can make: ``rows`` sequences of ``length`` tokens with ``supervised`` labelled
+    tokens in all (as the memory model charges the micro-batch: multitune.launch.plan.step_for), shared evenly and
+    each sequence's last real tokens (its answer); padded rows with an explicit attention mask (one padded position),
+    or with packing one padding-free row of the sequences. A sequence's first token is never a label (nothing
+    predicts it), so at most ``length - 1`` of each (``length - 2`` in the row that ends in padding)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, length), generator=g)
     labels = torch.full_like(ids, -100)
-    labels[:, length - supervised:] = ids[:, length - supervised:]
-    if packed:  # position_ids restart per sequence: transformers builds the block-diagonal mask, as for real packed rows
+    ends = [length - (1 if r == rows - 1 and not packed else 0) for r in range(rows)]  # after each row's last real token
+    for r in range(rows):
+        n = min(supervised // rows + (r < supervised % rows), ends[r] - 1)
+        labels[r, ends[r] - n:ends[r]] = ids[r, ends[r] - n:ends[r]]
+    if packed:  # position_ids restart per sequence, as in real packed rows (the attention kernel takes the boundaries)
         batch = {"input_ids": ids.reshape(1, -1), "labels": labels.reshape(1, -1),
                  "position_ids": torch.arange(length).repeat(rows)[None]}
     else:
         mask = torch.ones_like(ids)
         mask[-1, -1] = 0  # one padded position: the padding mask reaches attention as in a padded batch
-        labels[-1, -1] = -100
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -290,13 +319,16 @@ def _forward_backward(trainer, batch: dict, ddp_buckets: bool) -> None:
 
 
 def probe(trainer, rows: int, length: int, supervised: int, packed: bool) -> bool:
-    """One forward and backward of the worst micro-batch on this rank, no collective in it; True: out of memory."""
+    """One forward and backward of the worst micro-batch (``supervised`` labelled tokens in all) on this rank, no
+    collective in it; True: out of memory (:func:`out_of_memory`; any other error propagates)."""
     vocab = trainer.model.get_input_embeddings().num_embeddings
     oom = False
     try:
-        _forward_backward(trainer, synthetic_batch(rows, length, min(supervised, length - 1), vocab, packed, trainer.args.device),
+        _forward_backward(trainer, synthetic_batch(rows, length, supervised, vocab, packed, trainer.args.device),
                           world_size() > 1)
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not out_of_memory(e):
+            raise
         oom = True
     trainer.model.zero_grad(set_to_none=True)
     free_memory()
@@ -312,13 +344,15 @@ def set_checkpointing(trainer, on: bool) -> None:
         trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def confirm(trainer, ladder: list[tuple[int, bool]], per_rank: int, length: int, supervised: int, packed: bool) -> tuple[int, bool]:
+def confirm(trainer, ladder: list[tuple[int, bool]], per_rank: int, length: int, supervised: Mapping[int, int],
+            packed: bool) -> tuple[int, bool]:
     """The first (micro-batch, checkpointing) of ``ladder`` whose probe fits on every rank, set in the trainer's arguments
-    with the accumulation that keeps ``per_rank`` examples a step. One agreement (all-reduce) per rung, on every rank."""
+    with the accumulation that keeps ``per_rank`` examples a step. ``supervised[m]``: the labelled tokens of a
+    micro-batch of m rows as the memory model charges them. One agreement (all-reduce) per rung, on every rank."""
     for micro, checkpointing in ladder:
         if checkpointing and not trainer.args.activation_checkpointing:
             set_checkpointing(trainer, True)
-        if not any_rank(probe(trainer, micro, length, supervised, packed)):
+        if not any_rank(probe(trainer, micro, length, supervised[micro], packed)):
             trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps = micro, per_rank // micro
             trainer._train_batch_size = trainer.args.train_batch_size  # what Trainer's own auto_find_batch_size resets
             return micro, checkpointing

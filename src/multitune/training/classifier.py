@@ -32,7 +32,7 @@ from multitune.data.formatting import Formatter
 from multitune.scoring.heads import evaluate_heads, task_prompts
 from multitune.modeling.heads import Heads, SlicedLoss, build_model, prompt_ids
 from multitune.hub import mirror_root
-from multitune.modeling.load import adapters_in_fp32, load_tokenizer
+from multitune.modeling.load import adapters_in_fp32, for_kernels, load_tokenizer
 from multitune.tasks import Example
 from multitune.training.hooks import TaskEvaluation
 from multitune.training.stages import Setup
@@ -123,7 +123,8 @@ def build_trainer(cfg: Config, args, setup: Setup, data: list[TaskData], heads: 
     """The Trainer of one model (adapter + heads) on ``data``, with the LM path's callbacks."""
     args.include_num_input_tokens_seen = "non_padding"  # kept in the trainer state, so it survives a resume
     set_seed(cfg.seed)  # before the head and adapter exist: their initialisation draws random numbers
-    model = build_model(cfg, heads, setup.tokenizer)
+    # auto's kernels as agreed by every process (the trainer keeps the user's config: checkpoints compare it)
+    model = build_model(for_kernels(cfg, setup.kernels), heads, setup.tokenizer)
     return HeadTrainer(
         model=model, args=args,
         train_dataset=training_dataset(data, heads, setup.formatter, cfg.seed),

@@ -13,7 +13,7 @@ from trl import SFTConfig, SFTTrainer
 from multitune.config import Config
 from multitune.data.formatting import Formatter
 from multitune.data.load import TaskData
-from multitune.modeling.load import adapters_in_fp32, apply_peft, load_model
+from multitune.modeling.load import adapters_in_fp32, apply_peft, for_kernels, load_model
 from multitune.modeling.loss import TAGS, TaskLosses, trainer_loss
 from multitune.modeling.speed import uncompiled
 from multitune.results.selection import choosing_tasks
@@ -111,7 +111,9 @@ class MultitaskTrainer(OomBackoff, TaskEvaluation, DivergenceGuard, PortableAdap
 def build_trainer(cfg: Config, run: RunDir, args: SFTConfig, setup: Setup, resume_from: Path | None = None,
                   started_over: str = "") -> MultitaskTrainer:
     set_seed(cfg.seed)  # before the adapter exists: its initialisation draws random numbers
-    model = apply_peft(load_model(cfg, for_training=True), cfg, cfg.train.gradient_checkpointing)
+    # auto's kernels as agreed by every process (the trainer keeps the user's config: checkpoints compare it)
+    loaded = load_model(for_kernels(cfg, setup.kernels), for_training=True)
+    model = apply_peft(loaded, cfg, cfg.train.gradient_checkpointing)
     wandb_log.start(cfg, run)
     keep = choosing_tasks(cfg, {td.task.name: td.task.kind for td in setup.data})
     return MultitaskTrainer(

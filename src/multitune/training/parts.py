@@ -43,7 +43,7 @@ def part_setup(setup: Setup, part: RunDir) -> Setup:
     rows = [i for i, name in enumerate(list(p.train["task"])) if name in names]
     data = [td for td in p.data if td.task.name in names]
     evals = {name: ds for name, ds in p.eval.items() if name in names}
-    return Setup(setup.tokenizer, setup.formatter, Prepared(data, p.train.select(rows), evals, p.cached))
+    return Setup(setup.tokenizer, setup.formatter, Prepared(data, p.train.select(rows), evals, p.cached), setup.kernels)
 
 
 def trained_step(part: RunDir) -> int:

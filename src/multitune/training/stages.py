@@ -29,7 +29,7 @@ from multitune.distributed import checked, gather_checked, main_print, node_prin
 from multitune.errors import UserError
 from multitune.data.formatting import Formatter
 from multitune.hub import mirror_root
-from multitune.modeling.load import check_requirements, check_training_attention, load_tokenizer
+from multitune.modeling.load import Kernels, check_requirements, check_training_attention, load_tokenizer
 from multitune.modeling.speed import use_liger
 from multitune.data.prepared import Prepared, prepare
 from multitune.results.selection import check_rows_left
@@ -57,6 +57,7 @@ class Setup:
     tokenizer: PreTrainedTokenizerBase
     formatter: Formatter
     prepared: Prepared
+    kernels: Kernels | None = None  # what every process can run (agreed_kernels); None: each decides alone
 
     @property
     def data(self) -> list[TaskData]:
@@ -79,10 +80,18 @@ def refuse_unresumable(cfg: Config) -> None:
         )
 
 
-def check_node(cfg: Config, args: SFTConfig) -> None:
+def agreed_kernels(cfg: Config, args: SFTConfig) -> Kernels:
+    """Every rank's node checks (one refusal is every rank's error), then the kernels every rank has: ``auto``
+    (model.attn_implementation, train.liger) takes flash-attn or Liger only when no rank lacks it. Two all_gathers,
+    every rank (multitune.launch.runner, once the process group is up)."""
+    return Kernels.common(gather_checked(lambda: check_node(cfg, args)))
+
+
+def check_node(cfg: Config, args: SFTConfig) -> Kernels:
     """What one node can lack while the others have it (a package, a GPU, a token, Liger): call it on every rank
     through ``checked``, once the process group is up (multitune.launch.runner), so that one node's refusal is
-    one clear error on every rank, never ranks left waiting for it in their next collective."""
+    one clear error on every rank, never ranks left waiting for it in their next collective. Returns this node's
+    kernels (:func:`agreed_kernels` combines them)."""
     check_requirements(cfg)
     check_training_attention(cfg)
     use_liger(cfg.train.liger)
@@ -91,6 +100,7 @@ def check_node(cfg: Config, args: SFTConfig) -> None:
         raise UserError(f"{args.n_gpu} GPUs are visible to one process; launch one process per GPU with `accelerate launch "
                         f"--num_processes {args.n_gpu} -m multitune.cli train ...` (see Multi-GPU), or set CUDA_VISIBLE_DEVICES=0")
     require_push_token(cfg)
+    return Kernels.here(cfg)
 
 
 def plan_launch(cfg: Config, run: RunDir, args: SFTConfig, *, resume: bool, overwrite: bool) -> Launch:
@@ -172,8 +182,9 @@ def already_finished(run: RunDir) -> dict[str, Any]:
     return json.loads(run.metrics.read_text()) if run.metrics.exists() else {}
 
 
-def prepare_run(cfg: Config, run: RunDir, *, resuming: bool, writer: bool) -> Setup:
-    """Tokenizer, tasks and tokenised data (the cache when it has them); then the run directory is written."""
+def prepare_run(cfg: Config, run: RunDir, *, resuming: bool, writer: bool, kernels: Kernels | None = None) -> Setup:
+    """Tokenizer, tasks and tokenised data (the cache when it has them); then the run directory is written.
+    ``kernels``: what every process can run (:func:`agreed_kernels`), for the trainers' models."""
     import torch.distributed as dist
 
     tokenizer = load_tokenizer(cfg.model, mirror_root(cfg.hub_mirror))
@@ -187,7 +198,7 @@ def prepare_run(cfg: Config, run: RunDir, *, resuming: bool, writer: bool) -> Se
         save_splits(prepared.data, run.splits)
         print(training_summary(prepared.data, len(prepared.train), formatter, prepared.cached))
     barrier()
-    return Setup(tokenizer, formatter, prepared)
+    return Setup(tokenizer, formatter, prepared, kernels)
 
 
 def fit(trainer: SFTTrainer, checkpoint: Path | None) -> bool:
@@ -290,6 +301,15 @@ def launch_facts(trainer: SFTTrainer) -> dict[str, Any]:
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps * getattr(trainer, "oom_split", 1),
         "per_device_train_batch_size": _per(trainer.args.per_device_train_batch_size, getattr(trainer, "oom_split", 1)),
         "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
+        **kernels_of(trainer.accelerator.unwrap_model(trainer.model)),
         # this process's peak of allocated GPU memory over the launch (the probe included), beside `plan`'s prediction
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
+
+
+def kernels_of(model) -> dict[str, Any]:
+    """The attention kernel the model was loaded with (model.attn_implementation as resolved for the launch), and
+    whether Liger's kernels were applied (multitune.modeling.speed.apply_liger marks the base model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"attn_implementation": getattr(base.config, "_attn_implementation", None),
+            "liger": bool(getattr(base, "_multitune_liger", False))}
