@@ -237,14 +237,35 @@ def test_a_failure_while_staging_an_upload_is_a_warning(tmp_path, monkeypatch, c
 
 
 def _crash_mid_write(monkeypatch):
-    """Path.write_text that dies half way through (the process killed while writing)."""
-    real = Path.write_text
+    """Every file write dies half way through (the process killed while writing): Path.write_text, and the file
+    objects multitune.files opens for its atomic writes."""
+    import builtins
+
+    from multitune import files
+
+    real_write_text, real_open = Path.write_text, builtins.open
 
     def half(self, text, *a, **k):
-        real(self, text[: len(text) // 2], *a, **k)
+        real_write_text(self, text[: len(text) // 2], *a, **k)
         raise KeyboardInterrupt
 
+    class HalfFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise KeyboardInterrupt
+
     monkeypatch.setattr(Path, "write_text", half)
+    monkeypatch.setattr(files, "open", lambda *a, **k: HalfFile(real_open(*a, **k)), raising=False)
 
 
 def test_a_split_is_never_left_half_written(tmp_path, monkeypatch):
