@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test test-fast bench gpu-bundle gpu-check clean
+.PHONY: setup demo test test-fast bench gpu-bundle gpu-check gpu-record clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -45,10 +45,16 @@ GPU_BUNDLE ?= .gpu-bundle
 gpu-bundle: setup
 	HF_HUB_OFFLINE=1 $(PY) scripts/gpu_bundle.py --out $(GPU_BUNDLE)
 
-# On the bare GPU machine (no venv, no network), one run per bundle: make gpu-check RUN=1, then RUN=2
+# On the bare GPU machine (no venv, no network), one run per bundle: make gpu-check RUN=1, then RUN=2; each writes
+# section-X.json, gpu-X.json (the benchmark's rows, after every side) and logs/ to $$OUT as it goes
 RUN ?= 1
 gpu-check:
 	python3 scripts/gpu_check.py --run $(RUN) --bundle $(GPU_BUNDLE)/run$(RUN)
+
+# Back here, the two calls' output folders become one record, benchmarks/results/<date>-<gpu>-gpu-check.json (the
+# layout tests/unit/test_memory.py evaluates the memory model at): make gpu-record OUTS="RUN1_OUT RUN2_OUT"
+gpu-record:
+	$(PY) scripts/gpu_record.py $(OUTS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -13,7 +13,8 @@ the packed ones (TRL expert, multitune) as many rows of `--seq-len` as hold the 
 on average. Tokens/s covers optimizer steps warmup+1..N, timed with `torch.cuda.synchronize()`; peak
 memory (allocated and reserved) is reset when training starts and read after the last step, and set
 beside the memory model's prediction at the side's recorded shape (`plan_gib`, the model `multitune plan`
-uses). Each side's output goes to --logs as it runs, so a side killed by a timeout still leaves its log.
+uses). Each side's output goes to --logs as it runs, so a side killed by a timeout still leaves its log; its
+row is written to --json and its figures printed on one line (`side NAME: ...`) as soon as it ends.
 
 MFU is given twice: against the card's bf16 matmul rate measured in this run (an 8192^3 product,
 `matmul_rate`) and against the datasheet figure. The FLOP count is the README's (`flops_per_token`),
@@ -147,6 +148,22 @@ def target_line(t: dict) -> str:
     return f"target {t['target']}: {shown} (goal: {kind} {t['goal']:g}) {'met' if t['met'] else 'missed'}"
 
 
+def gpu_rows(record: dict) -> list[tuple[str | None, dict]]:
+    """(section, row) for every side's row in each layout a GPU record is kept in: this module's --json file (top-level
+    ``rows``), one section of `make gpu-check` as it wrote it (section-X.json: ``results.rows``), and the record that
+    scripts/gpu_record.py assembles from a check's sections (``sections.X.results.rows``)."""
+    found: list[tuple[str | None, dict]] = []
+    if isinstance(record.get("rows"), list):
+        found += [(record.get("section"), r) for r in record["rows"]]
+    if isinstance(record.get("results"), dict):
+        found += [(record.get("section"), r) for r in record["results"].get("rows", [])]
+    sections = record.get("sections")
+    for name, section in sections.items() if isinstance(sections, dict) else ():
+        if isinstance(section, dict) and isinstance(section.get("results"), dict):
+            found += [(name, r) for r in section["results"].get("rows", [])]
+    return [(where, r) for where, r in found if isinstance(r, dict)]
+
+
 def predicted_gib(shape: dict) -> float:
     """The memory model's peak (`multitune plan`'s) at a side's recorded shape (``memory_shape``), in GiB."""
     from transformers import LlamaConfig
@@ -213,11 +230,7 @@ def run_side(side: str, config: Path, args, out: Path) -> dict:
     return json.loads(out.read_text()) | {"side": side, "log": str(log)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from benchmarks.__main__ import workspace
-
+def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="8b")
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape's (said in the output)")
@@ -234,13 +247,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logs", type=Path, default=None, help="each side's output, as it runs (default: WORKDIR/logs)")
     ap.add_argument("--config", type=Path, default=None, help="tasks and tokenizer (default: the benchmark workspace's)")
     ap.add_argument("--eval-rows", type=int, default=50, help="validation rows per task scored after training")
-    ap.add_argument("--json", type=Path, default=None, help="results file, rewritten after every side (default: WORKDIR/gpu-results.json)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="results file, rewritten after every side (default: WORKDIR/gpu-results.json; `make gpu-check` "
+                         "points it at its output folder, so a side's row is there as soon as the side ends)")
     args = ap.parse_args(argv)
     if args.grad_accum is not None and (args.grad_accum < 1 or args.examples % args.grad_accum):  # before any GPU time
         raise SystemExit(f"error: --grad-accum must be at least 1 and divide --examples ({args.examples}), got {args.grad_accum}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.logs = args.logs or args.workdir / "logs"
-    results_path = args.json or args.workdir / "gpu-results.json"
+    args.json = args.json or args.workdir / "gpu-results.json"
+    return args
+
+
+def side_config(args) -> tuple[Path, dict, dict, dict]:
+    """The sides' common config (gpu.yaml: the benchmark's tasks on the random model, built here unless built
+    already) as a file and as a dict, the model's shape, and what the record says of the model and batch."""
+    from benchmarks.__main__ import workspace
+
     bench_cfg = args.config or workspace(args.workdir)  # the seed tasks and their tokenizer
     raw = yaml.safe_load(bench_cfg.read_text())
     shape = SHAPES[args.shape] | ({"num_hidden_layers": args.layers} if args.layers else {})
@@ -257,31 +280,36 @@ def main(argv: list[str] | None = None) -> int:
         t["max_eval_rows"] = args.eval_rows
     config = args.workdir / "gpu.yaml"
     config.write_text(yaml.safe_dump(raw))
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    rate = matmul_rate()
-    datasheet = peak_flops(device)
-    context = mean_example_length(config)
-    record = {"device": device or "cpu", "shape": args.shape, "layers": shape["num_hidden_layers"],
-              "layers_note": None if not args.layers else f"{args.layers} of {SHAPES[args.shape]['num_hidden_layers']} layers, for time",
-              "seq_len": args.seq_len, "examples_per_step": args.examples, "grad_accum": accum, "mean_example_tokens": context,
-              "matmul": rate, "datasheet_flops_per_s": datasheet, "rows": [], "model_dir": str(model_dir), "model_built_here": built,
-              # what this process still holds on the GPU while the sides train (0 once release_gpu worked)
-              "parent_reserved_gib": torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else None}
-    print(f"{args.shape}-shaped model ({shape['num_hidden_layers']} layers) with random weights on {device or 'CPU'}; "
-          f"{matmul_params(shape):.3g} matmul weights; bf16 matmul measured {rate['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
-    for side in args.sides:
-        r = run_side(side, config, args, args.workdir / f"gpu-{side}.json")
-        if "memory_shape" in r:  # the full shape, for the memory model's test (tests/unit/test_memory.py)
-            peft_cfg = raw["peft"] | {"method": SIDES[side][1].get("peft.method", "lora")}
-            r["memory_shape"] = {"side": side, "model": {"shape": args.shape, "layers": shape["num_hidden_layers"], "dtype": "bfloat16"},
-                                 "peft": peft_cfg, **r["memory_shape"]}
-            r["plan_gib"] = predicted_gib(r["memory_shape"])
-        if "error" not in r:
-            f = flops_per_token(shape, round(context), r.get("adapter_params"))
-            r["mfu_measured"] = r["tokens_per_s"] * f / rate["flops_per_s"]
-            r["mfu_datasheet"] = r["tokens_per_s"] * f / datasheet if datasheet else None
-        record["rows"].append(r)
-        results_path.write_text(json.dumps(record, indent=2))  # as it goes: a later failure loses nothing
+    return config, raw, shape, {"grad_accum": accum, "model_dir": str(model_dir), "model_built_here": built}
+
+
+def measure_side(side: str, config: Path, raw: dict, args, shape: dict, record: dict) -> dict:
+    """One side trained in its own process; its row with the memory model's prediction at its recorded shape and MFU."""
+    r = run_side(side, config, args, args.workdir / f"gpu-{side}.json")
+    if "memory_shape" in r:  # the full shape, for the memory model's test (tests/unit/test_memory.py)
+        peft_cfg = raw["peft"] | {"method": SIDES[side][1].get("peft.method", "lora")}
+        r["memory_shape"] = {"side": side, "model": {"shape": args.shape, "layers": shape["num_hidden_layers"], "dtype": "bfloat16"},
+                             "peft": peft_cfg, **r["memory_shape"]}
+        r["plan_gib"] = predicted_gib(r["memory_shape"])
+    if "error" not in r:
+        f = flops_per_token(shape, round(record["mean_example_tokens"]), r.get("adapter_params"))
+        r["mfu_measured"] = r["tokens_per_s"] * f / record["matmul"]["flops_per_s"]
+        datasheet = record["datasheet_flops_per_s"]
+        r["mfu_datasheet"] = r["tokens_per_s"] * f / datasheet if datasheet else None
+    return r
+
+
+def side_line(r: dict) -> str:
+    """A side's figures on one line, printed as soon as it ends: the log keeps them if the call is killed later."""
+    if "error" in r:
+        return f"side {r['side']}: FAILED (its log: {r.get('log')})"
+    mem = " ".join(f"{k}={r[k]:.2f}" for k in ("peak_allocated_gib", "peak_reserved_gib", "plan_gib") if r.get(k) is not None)
+    return (f"side {r['side']}: {r['tokens_per_s']:.0f} tokens/s over {r['timed_steps']} steps, MFU {r['mfu_measured']:.1%} (measured rate) "
+            f"{mem} val_answer_loss={r['val_answer_loss']:.3f}")
+
+
+def print_table(record: dict) -> None:
+    """Every side against both TRL baselines (the ratios are set on the rows), then the goals' verdicts."""
     base = {r["side"]: r for r in record["rows"] if "error" not in r}
     print(f"{'side':22s} {'tokens/s':>10s} {'vs defaults':>11s} {'vs expert':>9s} {'MFU meas':>8s} {'MFU sheet':>9s} "
           f"{'alloc GiB':>9s} {'plan GiB':>8s} {'resv GiB':>8s} {'val loss':>8s}")
@@ -299,7 +327,30 @@ def main(argv: list[str] | None = None) -> int:
     record["targets"] = targets(record)
     for t in record["targets"]:
         print(target_line(t))
-    results_path.write_text(json.dumps(record, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    config, raw, shape, model = side_config(args)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    rate = matmul_rate()
+    record = {"device": device or "cpu", "shape": args.shape, "layers": shape["num_hidden_layers"],
+              "layers_note": None if not args.layers else f"{args.layers} of {SHAPES[args.shape]['num_hidden_layers']} layers, for time",
+              "seq_len": args.seq_len, "examples_per_step": args.examples, "grad_accum": model["grad_accum"],
+              "mean_example_tokens": mean_example_length(config), "matmul": rate, "datasheet_flops_per_s": peak_flops(device),
+              "rows": [], "model_dir": model["model_dir"], "model_built_here": model["model_built_here"],
+              # what this process still holds on the GPU while the sides train (0 once release_gpu worked)
+              "parent_reserved_gib": torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else None}
+    print(f"{args.shape}-shaped model ({shape['num_hidden_layers']} layers) with random weights on {device or 'CPU'}; "
+          f"{matmul_params(shape):.3g} matmul weights; bf16 matmul measured {rate['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+    for side in args.sides:
+        record["rows"].append(measure_side(side, config, raw, args, shape, record))
+        args.json.write_text(json.dumps(record, indent=2))  # as it goes: a later failure, or a kill, loses nothing
+        print(f"\n{side_line(record['rows'][-1])}", flush=True)  # a line of its own, after any progress bar
+    print_table(record)
+    args.json.write_text(json.dumps(record, indent=2))
     return 0 if all("error" not in r for r in record["rows"]) else 1
 
 

@@ -106,6 +106,9 @@ class StepWindow:
             if torch.cuda.is_available():
                 self.result |= {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+            # in the log at once: the side's speed and peak survive a kill during its evaluation (`make gpu-check`);
+            # on a line of its own (a progress bar's carriage returns may precede it)
+            print(f"\ntrained: {json.dumps(self.result)}", flush=True)
 
 
 def batch_shape(inputs: dict) -> dict[str, int]:
@@ -148,7 +151,7 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
     from multitune.training.lm import MultitaskTrainer
     from multitune.config import load_config
     from multitune.data.formatting import Formatter
-    from multitune.modeling.load import load_for_inference, load_tokenizer
+    from multitune.modeling.load import load_tokenizer
     from multitune.data.prepared import prepare
     from multitune.rundir import RunDir
 
@@ -174,10 +177,11 @@ def run_ours(cfg_path: Path, steps: int, overrides: dict[str, Any], window: Step
     state = json.loads((run.root / "trainer_state.json").read_text())
     formatter = Formatter(load_tokenizer(cfg.model, None, source=str(run.final)), cfg.model.max_length)
     data = prepare(cfg, formatter, run.splits).data
-    model = load_for_inference(cfg, run.final)
+    # the trained model in memory, scored as the TRL sides' are: what `multitune train` saved in final/ (its adapter
+    # on the same base), without loading the base a second time (16 GB at 8B: ~15-20 s of section a's time)
+    model = window.trainer.model
     adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) if cfg.peft.method != "full" else None
-    trained = window.trainer.model
-    liger = getattr(getattr(trained, "get_base_model", lambda: trained)(), "_multitune_liger", False)  # applied, not asked
+    liger = getattr(getattr(model, "get_base_model", lambda: model)(), "_multitune_liger", False)  # applied, not asked
     return {"train_loss_last": _last_loss(state["log_history"]), "val_answer_loss": _val_loss(model, formatter, data, eval_rows),
             "adapter_params": adapter, "batch_size": cfg.train.batch_size, "liger": liger,
             "memory_shape": memory_shape(window, cfg.train.loss_positions)}
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     result["tokens_per_s"] = result["tokens"] / result["train_s"]
     args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nresult: {json.dumps({k: v for k, v in result.items() if k != 'memory_shape'})}", flush=True)
     return 0
 
 

@@ -9,7 +9,10 @@ machine's platform and the assets (generated data, a tiny model). Here the bundl
 installed with `pip --no-index --no-deps` into a private folder, then each section runs under its own
 timeout and writes `section-X.json` under the output folder ($OUT when set) as it goes, and every
 child's output streams to `logs/` there as it runs: a late failure, a timeout, or the whole call killed
-at the lease's limit loses nothing that was printed. A short table is printed last.
+at the lease's limit loses nothing that was printed. The 8B benchmark's rows go to `gpu-X.json` there as each
+side ends. A short table is printed last. Back on the CPU machine the calls' output folders become one record:
+
+    python3 scripts/gpu_record.py RUN1_OUT RUN2_OUT   # -> benchmarks/results/<date>-<gpu>-gpu-check.json
 
 a. the 8B-shaped benchmark (benchmarks/gpu.py): TRL defaults vs TRL expert vs multitune (LoRA bf16): tokens/s,
    MFU, peak memory beside the memory model's prediction (`plan_gib`) at each side's recorded shape;
@@ -40,12 +43,19 @@ from processes import kill_tree  # this folder is sys.path[0] when the script ru
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {1: ("a", "b"), 2: ("c", "d", "e")}  # b loads the 8B model a built: the same call
-# Seconds, sized from the H100 run of 2026-11-27 (a's TRL-defaults side took 52 s, its 8B build ~30 s; b 68 s
-# with its own build, which it no longer does; c's first two sides 68 s after a 10 s build; d's train + resume
-# + likelihood eval 64 s, its generation eval, now on 8 rows, was cut at 40 rows; e 68 s; b's auto-fit run loads
-# the 8B model again, ~20 s, and trains 2 steps; c has four 2-layer sides; every side scores 8 rows a task, not 50).
-# The sums, 330 + 315 s (10.75 minutes) and ~10 s of installs, leave about 4 minutes of a 15-minute lease for the machine's start (1-2) and the transfers.
-TIMEOUTS = {"a": 200, "b": 130, "c": 130, "d": 110, "e": 75}
+# Seconds, sized from the H100 run of 2026-11-27, where a's TRL-defaults side took 52 s of wall time (process start,
+# the 16 GB load, 12 steps, the validation loss) and the 8B build ~30 s; the other two 8B sides died within seconds,
+# so a's old 200 s was not measured with all three training. Now, by those figures:
+#   a = build 30 + the parent's setup 15 (matmul rate, data) + multitune 55 (its validation loss on the trained model:
+#       no second 16 GB load, which cost ~15-20 s) + TRL expert 50 + TRL defaults 55 = ~205 s -> 215 (TRL defaults,
+#       last, is the one cut if it runs long: the issue asks multitune against the TRL expert first);
+#   b = QLoRA 65 (start, the 8B load quantised to 4 bits, 12 slower steps, scoring) + auto-fit's `multitune train`
+#       45 (the 8B load again, the probe, 2 steps, 8 rows a task scored) = ~110 s -> 115;
+#   c, d, e unchanged at 130, 110, 75: c's first two 2-layer sides took 68 s after a 10 s build (four may not fit: its
+#       last side, Liger, is the one cut), d's resume and 40-row likelihood eval 37 + 27 s, e 68 s.
+# Calls: run 1 = a + b = 330 s, run 2 = c + d + e = 315 s, each well under a command's 600 s; 645 s and ~10 s of
+# installs make ~11 minutes, leaving ~4 minutes of the 15-minute lease for the machine's start (1-2) and the transfers.
+TIMEOUTS = {"a": 215, "b": 115, "c": 130, "d": 110, "e": 75}
 # 2 micro-batches per step on every side: 3 examples each, or 2 packed rows of 256 (rounded to an even count)
 GPU_ARGS = ["--eval-rows", "8"]  # a side's validation loss and multitune's end-of-run evaluation: time, not a figure
 TINY_GPU_ARGS = ["--shape", "tiny", "--seq-len", "256", "--steps", "3", "--warmup", "1", "--examples", "6", "--eval-rows", "8",
@@ -121,7 +131,10 @@ def _tail(*texts, n: int = 1500) -> str:
 
 
 def _gpu_bench(s: Section, work: Path, bench_cfg: Path, extra: list[str]) -> dict:
-    rows = work / f"gpu-{s.name}.json"
+    # the benchmark rewrites its rows after every side, here in the output folder: if the whole call is killed at the
+    # lease's limit (no `finally` runs), the sides that finished are in gpu-X.json (scripts/gpu_record.py merges them)
+    rows = s.path.parent / f"gpu-{s.name}.json"
+    s.note(rows_file=rows.name)
     try:
         s.run("benchmarks.gpu", [sys.executable, "-m", "benchmarks.gpu", "--config", str(bench_cfg), "--workdir", str(work / s.name),
                                  "--models", str(work / "models"), "--logs", str(s.logs / f"{s.name}-sides"),
@@ -150,8 +163,8 @@ def section_b(s: Section, ctx: dict) -> bool:
     auto-fit's choice and its probe on that model and this card."""
     sides = _gpu_bench(s, ctx["work"], ctx["bench_cfg"], [*ctx["gpu_args"], "--sides", "qlora"])
     fitted = _auto_fit(s, ctx)
-    a = ctx["out"] / "section-a.json"
-    lora = next((r for r in json.loads(a.read_text()).get("results", {}).get("rows", []) if r["side"] == "multitune"), None) \
+    a = ctx["out"] / "gpu-a.json"  # a's rows, as its benchmark wrote them
+    lora = next((r for r in json.loads(a.read_text())["rows"] if r["side"] == "multitune" and "error" not in r), None) \
         if a.exists() else None
     if "qlora" in sides:
         ratio = _ratio(sides["qlora"], lora, "peak_allocated_gib")
@@ -312,7 +325,8 @@ def environment(env: dict) -> dict:
             "v = {p: m.version(p) for p in ('torch', 'transformers', 'trl', 'peft', 'accelerate', 'datasets', 'liger-kernel', 'bitsandbytes')"
             " if __import__('importlib').util.find_spec(p.replace('-', '_')) is not None}\n"
             "print(json.dumps({'versions': v, 'cuda': torch.cuda.is_available(),"
-            " 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}))")
+            " 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu',"
+            " 'memory_mib': torch.cuda.get_device_properties(0).total_memory // 2**20 if torch.cuda.is_available() else None}))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-1000:]}
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,13 +64,81 @@ def test_data_prep_is_cold_then_cached(assets, tmp_path):
     assert runs[0]["tasks"] == runs[1]["tasks"] and runs[0]["train_rows"] == runs[1]["train_rows"] > 0
 
 
-def test_gpu_check_writes_every_section_at_a_tiny_shape(assets, tmp_path):
-    """`make gpu-check`'s script, every section (a-e) at a tiny shape on this CPU: each writes its JSON."""
+def _check_assets(assets, tmp_path: Path) -> Path:
+    """The session's tiny assets in the layout of a gpu bundle's assets/ (data/TASK, tiny-model)."""
     given = tmp_path / "assets"
     (given / "data").mkdir(parents=True)
     for task in ("claims", "banking77", "commonsense_qa", "chat"):
         (given / "data" / task).symlink_to(assets[task])
     (given / "tiny-model").symlink_to(assets["model"])
+    return given
+
+
+def test_gpu_check_killed_after_the_first_side_keeps_that_sides_row(assets, tmp_path):
+    """The device call killed at its limit (the whole tree, so no `finally` runs) once section a's second side has
+    started: the first side's row is already in the output folder, which is what comes back, and its log says its
+    speed; scripts/gpu_record.py puts the row into the record."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_record
+    from processes import kill_tree
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "scripts/gpu_check.py", "--tiny", "--sections", "a", "--assets", str(_check_assets(assets, tmp_path)),
+                             "--out", str(out), "--work", str(tmp_path / "work")], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    second = out / "logs" / "a-sides" / "side-trl-expert.log"  # opened once the first side has ended
+    try:
+        for _ in range(1200):  # a bound, not a timing: the first side takes well under 10 minutes
+            if second.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert second.exists(), "section a never reached its second side"
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    assert "results" not in json.loads((out / "section-a.json").read_text())  # killed before the section noted its rows
+    rows = json.loads((out / "gpu-a.json").read_text())["rows"]
+    assert [r["side"] for r in rows] == ["multitune"]
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["memory_shape"]["steps"] and rows[0]["plan_gib"] > 0
+    side_log = (out / "logs" / "a-sides" / "side-multitune.log").read_text()
+    trained = json.loads(next(line for line in side_log.splitlines() if line.startswith("trained: ")).removeprefix("trained: "))
+    assert trained["tokens"] == rows[0]["tokens"] and "result: " in side_log
+    bench_log = next((out / "logs").glob("a-*benchmarks-gpu.log")).read_text()
+    assert any(line.startswith("side multitune: ") and "tokens/s" in line for line in bench_log.splitlines())
+    record = gpu_record.assemble([out])
+    assert record["sections"]["a"]["results_from"] == "gpu-a.json"
+    assert [r["side"] for r in record["sections"]["a"]["results"]["rows"]] == ["multitune"]
+
+
+def test_the_head_share_comparison_gives_every_side_its_ratios(assets, tmp_path, capsys):
+    """`make bench`'s second comparison (a model with a given head share) at a tiny width, 2 steps: every side gets both
+    ratios, the honest ratio's sides run twice as in the main comparison, and the head share printed is the shape's."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.__main__ import head_share_lines, head_share_training
+
+    raw = tiny_config(assets, tmp_path / "run", logging_steps=1, eval_rows_during_training=0, save_steps=1000)
+    raw["tasks"] = raw["tasks"][:3]
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    d, i, layers, kv = 32, 64, 2, 16  # 2 heads of 16, 1 key/value head
+    shape = {"hidden_size": d, "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1}
+    vocab = len(AutoTokenizer.from_pretrained(assets["model"]))
+    by_hand = d * vocab / (layers * (2 * d * d + 2 * d * kv + 3 * d * i) + d * vocab)
+    result = head_share_training(config, tmp_path, steps=2, shape=shape)
+    printed = capsys.readouterr().out
+    assert abs(result["head_share"] - by_hand) < 1e-9 and f"({by_hand:.1%} of the matmul weights" in printed
+    by = {r["side"]: r for r in result["rows"]}
+    assert list(by) == ["trl-defaults", "trl-expert", "multitune"]
+    assert {s: len(r["runs_tokens_per_s"]) for s, r in by.items()} == {"trl-defaults": 1, "trl-expert": 2, "multitune": 2}
+    assert all(r["vs_trl-defaults"] > 0 and r["vs_trl-expert"] > 0 for r in by.values())
+    lines = head_share_lines({"training_8b_head_share": result})
+    assert len(lines) == 2 and all(f"head share ({by_hand:.1%})" in line for line in lines)
+
+
+def test_gpu_check_writes_every_section_at_a_tiny_shape(assets, tmp_path):
+    """`make gpu-check`'s script, every section (a-e) at a tiny shape on this CPU: each writes its JSON."""
+    given = _check_assets(assets, tmp_path)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--tiny", "--assets", str(given), "--out", str(out),
                            "--work", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=900)

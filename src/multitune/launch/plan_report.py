@@ -79,7 +79,9 @@ def _launch(cfg: Config, p: Plan) -> list[str]:
     else:
         why = f"weights, gradients and optimizer sharded over the {p.layout.shards} GPUs of a node"
     global_batch = p.micro_batch * p.grad_accum * p.world
-    keys = (f"train.batch_size=auto chooses it at launch (train.global_batch_size={global_batch})" if cfg.train.batch_size == "auto"
+    # plan's choice is on a 200-row sample a task and the card's total memory; the launch's on every prepared row and the free memory
+    keys = (f"train.batch_size=auto chooses it at launch (train.global_batch_size={global_batch}) from every training row and "
+            "the card's free memory, so it can differ from this" if cfg.train.batch_size == "auto"
             else f"train.batch_size={p.micro_batch} train.grad_accum={p.grad_accum}")
     batch = f"batch: global {global_batch} = micro-batch {p.micro_batch} x {p.grad_accum} accumulation x {p.world} GPU(s)  ->  {keys}"
     return [f"\nlaunch: configs/accelerate/{p.layout.accelerate_config} ({why})", batch]
