@@ -176,3 +176,25 @@ def test_constrained_decoding_refuses_rows_with_their_own_choices(arc_scored):
     task, examples, _, scorer = arc_scored
     with pytest.raises(UserError, match="use eval.mode likelihood or generate"):
         scorer.predict_labels(examples, task.label_names, "constrained")
+
+
+def test_a_split_an_earlier_version_made_on_all_rows_names_the_cause_and_the_way_out(monkeypatch, tmp_path):
+    """Before rows without a label were left out, a split was made on every row: its indices no longer fit the rows
+    loaded now. The relaunch says so (not "the data changed"), and a split made now records what it left out."""
+    import json
+
+    from multitune.data import load
+    from multitune.tasks import base
+
+    ds = datasets.Dataset.from_dict({"text": [t for t, _ in CLAIMS], "label": [lab for _, lab in CLAIMS]})
+    monkeypatch.setattr(base.hub, "load_rows", lambda *a, **k: ds)
+    cfg = config_from_dict({"model": {"name_or_path": "m"}, "tasks": [{"name": "claims", "dataset": "org/claims",
+                                                                       "type": "classification"}]})
+    (tmp_path / "claims.json").write_text(json.dumps({"n_rows": 10, "train": [0, 1, 2, 3, 4, 6, 7], "val": [5, 8, 9]}))
+    with pytest.raises(UserError) as err:
+        load.load_tasks(cfg, tmp_path, create=False)
+    message = str(err.value)
+    assert "all 10 rows" in message and "2 of them without a label" in message and "--no-resume" in message
+    assert "the data changed" not in message
+    made = load.load_tasks(cfg, None, create=True)[0].split
+    assert made["n_rows"] == 8 and made["unlabelled_left_out"] == 2

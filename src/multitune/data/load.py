@@ -115,6 +115,13 @@ def check_split(name: str, split: dict, n_rows: int) -> None:
 
 def _check_recorded(task: Task, split: dict, examples: list[Example], ds: datasets.Dataset) -> None:
     name = task.name
+    if split["n_rows"] != len(examples) and "unlabelled_left_out" not in split and split["n_rows"] == len(examples) + task.left_out:
+        raise UserError(
+            f"task {name}: this run's split was made by an earlier multitune on all {split['n_rows']} rows, "
+            f"{task.left_out} of them without a {task.ANSWER}, which this version leaves out (no {task.ANSWER} is no "
+            "class), so its recorded row indices no longer fit; start the run over with --no-resume, or train and "
+            "evaluate it with the multitune version that started it"
+        )
     if split["n_rows"] != len(examples):
         raise UserError(
             f"task {name}: the dataset now has {len(examples)} rows but the recorded split was made on "
@@ -146,7 +153,8 @@ def load_tasks(cfg: Config, split_dir: Path | None, *, create: bool) -> list[Tas
             _check_recorded(task, split, examples, ds)
         elif create:
             split = make_split(task, examples, cfg.data.val_fraction, cfg.data.split_seed, task.cfg.max_rows)
-            split |= {"task_state": task.state(), "fingerprint": fingerprint(task, ds), "revision": task.cfg.revision}
+            split |= {"task_state": task.state(), "fingerprint": fingerprint(task, ds), "revision": task.cfg.revision,
+                      "unlabelled_left_out": task.left_out}
         else:
             raise UserError(f"no recorded split for task {task.name} in {split_dir}")
         out.append(TaskData(task, [examples[i] for i in split["train"]], [examples[i] for i in split["val"]], split))

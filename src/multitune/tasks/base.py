@@ -59,6 +59,8 @@ class Task:
         self.bind(ds)
         return self._labelled(ds, drop_unlabelled)
 
+    left_out = 0  # rows the last load left out for want of a label (answer)
+
     def has_answer(self, row: dict[str, Any]) -> bool:
         """Whether a row has its label (answer)."""
         return True
@@ -67,6 +69,7 @@ class Task:
         """The rows that have a label: an unlabelled row is no class and no training target. The same rows at every
         load, so a recorded split keeps pointing at the same ones."""
         missing = [i for i, row in enumerate(ds.select_columns(self.columns())) if not self.has_answer(row)]
+        self.left_out = len(missing)  # recorded with the split: a split made on every row no longer fits (data.load)
         if not missing:
             return ds
         if not drop:
