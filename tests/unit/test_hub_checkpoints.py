@@ -184,8 +184,8 @@ def _hub_steps(hub) -> set[int]:
 
 
 def _fetch(tmp_path, run, cfg=None, **launch):
-    return hub_checkpoints.fetch_newest_checkpoint(cfg or _cfg(tmp_path), run, SimpleNamespace(is_local_main_process=True),
-                                                   **launch)
+    state = SimpleNamespace(is_local_main_process=True, is_main_process=True)
+    return hub_checkpoints.fetch_newest_checkpoint(cfg or _cfg(tmp_path), run, state, **launch)
 
 
 def _save(cb: HubCheckpoints, run: RunDir, step: int) -> None:
@@ -329,6 +329,21 @@ def test_a_run_started_over_leaves_none_of_the_earlier_runs_checkpoints_on_the_h
     for step in (6, 8):  # both damaged: a fresh pod of the new run has nothing to resume, never the old run's 5
         optimizer = hub.repo("me/tuned-checkpoints") / f"myrun/checkpoints/checkpoint-{step}/optimizer.pt"
         optimizer.write_bytes(optimizer.read_bytes()[:-7])
+    pod = RunDir(tmp_path / "pod" / "myrun")
+    assert _fetch(tmp_path / "pod", pod, new_cfg) is None and not pod.checkpoints.exists()
+
+
+@pytest.mark.parametrize("flag", ["--no-resume", "--overwrite"])
+def test_a_run_started_over_and_killed_before_its_first_upload_never_resumes_the_earlier_runs(tmp_path, monkeypatch, flag):
+    """The earlier run's checkpoints go when the launch starts over, not at its first upload: killed before that
+    upload, a relaunch (or a fresh pod) would otherwise resume the earlier run's newest step as this run's."""
+    hub = install(monkeypatch, FakeHub(tmp_path / "hub"))
+    _upload_all(_cfg(tmp_path), fake_run(tmp_path / "old", steps=(4, 5), manifest=True))
+    new_cfg = _cfg(tmp_path) if flag == "--no-resume" else _cfg(tmp_path, learning_rate=1e-5)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    new = fake_run(tmp_path / "new", steps=(), cfg=new_cfg, manifest=True)
+    assert _fetch(tmp_path / "new", new, new_cfg, resume=False, overwrite=flag == "--overwrite") is None
+    assert _hub_steps(hub) == set()  # killed here, before any checkpoint of the new run
     pod = RunDir(tmp_path / "pod" / "myrun")
     assert _fetch(tmp_path / "pod", pod, new_cfg) is None and not pod.checkpoints.exists()
 

@@ -266,9 +266,9 @@ def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = T
     storage each need a copy); then every rank joins one all_gather of the outcome
     (:func:`multitune.distributed.checked`), so a failure on one node, a missing token included, is one
     clear error on every rank, never a rank left waiting. Returns the checkpoint to resume from on this
-    process (None elsewhere, or when there is none). A launch that starts the run over (``resume`` False)
-    downloads nothing; without ``overwrite`` it refuses, the same way, a Hub folder holding a run of
-    another config, whose checkpoints its first upload would delete.
+    process (None elsewhere, or when there is none). A launch that starts the run over (``resume`` False, or
+    ``overwrite``) downloads nothing; without ``overwrite`` it refuses, the same way, a Hub folder holding a
+    run of another config; allowed, it deletes the folder's checkpoints (the earlier run's) before training.
     """
     if not cfg.train.hub_checkpoints:
         return None
@@ -279,11 +279,14 @@ def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = T
         if not get_token():
             raise UserError("train.hub_checkpoints needs a Hugging Face token with write access: export HF_TOKEN=... "
                             "or run `hf auth login` (nothing was written)")
-        if overwrite or not state.is_local_main_process or (resume and run.is_finished()):
+        if not state.is_local_main_process or (resume and not overwrite and run.is_finished()):
             return None
         try:
-            if not resume:
-                _refuse_another_run(cfg, run)
+            if overwrite or not resume:  # started over: the earlier run's checkpoints go now, not at the first upload
+                if not overwrite:  # (a relaunch before that upload would resume the earlier run's newest as this run's)
+                    _refuse_another_run(cfg, run)
+                if state.is_main_process:
+                    _remove_checkpoints(cfg, run)
                 return None
             return _sync(cfg, run)
         except UserError:
@@ -304,6 +307,18 @@ def _refuse_another_run(cfg: Config, run: RunDir) -> None:
     differ = foreign_to(cfg, repo, run)
     if differ:
         raise UserError(foreign_message(repo, prefix, differ))
+
+
+def _remove_checkpoints(cfg: Config, run: RunDir) -> None:
+    """A run started over: every checkpoint in the Hub folder is the earlier run's; one commit deletes them."""
+    from huggingface_hub import CommitOperationDelete
+
+    api, repo, prefix = make_api(), checkpoint_repo(cfg), run.root.name
+    steps = remote_steps(api, repo, prefix)
+    if steps:
+        ops = [CommitOperationDelete(path_in_repo=f"{prefix}/checkpoints/checkpoint-{s}/", is_folder=True) for s in steps]
+        api.create_commit(repo, operations=ops, commit_message=f"{prefix}: started over, the earlier run's checkpoints removed")
+        print(f"started over: removed the earlier run's checkpoints {steps} from {repo} ({prefix}/)", flush=True)
 
 
 def _sync(cfg: Config, run: RunDir) -> Path | None:
