@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from multitune.files import atomic_write
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     # Llama 3 / 3.1 8B
@@ -347,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{matmul_params(shape):.3g} matmul weights; bf16 matmul measured {rate['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     for side in args.sides:
         record["rows"].append(measure_side(side, config, raw, args, shape, record))
-        args.json.write_text(json.dumps(record, indent=2))  # as it goes: a later failure, or a kill, loses nothing
+        atomic_write(args.json, json.dumps(record, indent=2))  # as it goes (whole): a later failure, or a kill, loses nothing
         print(f"\n{side_line(record['rows'][-1])}", flush=True)  # a line of its own, after any progress bar
     print_table(record)
-    args.json.write_text(json.dumps(record, indent=2))
+    atomic_write(args.json, json.dumps(record, indent=2))
     return 0 if all("error" not in r for r in record["rows"]) else 1
 
 

@@ -76,7 +76,9 @@ class Section:
 
     def save(self) -> None:
         self.record["seconds"] = round(time.monotonic() - self.t0, 1)
-        self.path.write_text(json.dumps(self.record, indent=2))
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # whole: a kill mid-write leaves the last one
+        tmp.write_text(json.dumps(self.record, indent=2))
+        os.replace(tmp, self.path)
 
     def note(self, **facts) -> None:
         self.record.update(facts)

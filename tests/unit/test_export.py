@@ -205,10 +205,13 @@ def test_published_config_names_no_local_path(finished_run, monkeypatch, capsys,
     assert cfg.model.name_or_path == Path(assets["model"]).name and cfg.tasks[0].dataset == Path(assets["claims"]).name
 
 
-@pytest.mark.parametrize("command", [["export", "OUT"], ["export", "OUT", "--merged"], ["push", "--dry-run", "OUT"]])
+@pytest.mark.parametrize("command", [["export", "OUT"], ["export", "OUT", "--merged"], ["push", "--dry-run", "OUT"],
+                                     ["push", "--repo-id", "me/tuned"]])
 def test_final_weights_holding_nan_are_never_exported_or_pushed(finished_run, monkeypatch, capsys, tmp_path, command):
     """A run finished by a version that kept NaN weights (issue 16, item 2): export refuses as push does, one line,
-    exit 2, nothing at the destination."""
+    exit 2, nothing at the destination; the weights are named before a missing token is."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token file either
     from safetensors.torch import load_file, save_file
 
     weights = finished_run.final / "adapter_model.safetensors"

@@ -244,11 +244,11 @@ def push(run: RunDir, cfg: Config, results: dict[str, Any] | None = None, *, mer
     from huggingface_hub import CommitOperationDelete, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    if not get_token():
-        raise UserError("no Hugging Face token: export HF_TOKEN=hf_... (write access) or run `hf auth login`; nothing was uploaded")
     private = cfg.hub.private if private is None else private
     with tempfile.TemporaryDirectory(prefix="multitune-push-") as tmp:
-        folder = build_folder(run, cfg, Path(tmp) / "repo", repo_id=repo_id, merged=merged)
+        folder = build_folder(run, cfg, Path(tmp) / "repo", repo_id=repo_id, merged=merged)  # refuses bad weights first
+        if not get_token():
+            raise UserError("no Hugging Face token: export HF_TOKEN=hf_... (write access) or run `hf auth login`; nothing was uploaded")
         api = HfApi()
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
