@@ -221,3 +221,38 @@ def test_the_probe_supervises_as_many_tokens_as_the_memory_model_charges(assets,
     expected = math.ceil(8 * 128 * 9 / 100) if packing else 8 * 9
     assert int((batch["labels"] != -100).sum()) == expected
     assert tuple(batch["input_ids"].shape) == ((1, 8 * 128) if packing else (8, 128))
+
+
+@pytest.mark.parametrize("head", ["lm", "classifier"])
+def test_the_trainers_load_the_kernels_every_rank_agreed(monkeypatch, tmp_path, head):
+    """What the agreement decided is what each trainer loads: kernels that every rank has (flash-attn here, which
+    this CPU lacks) reach the model loader through the launch's Setup, for the LM and the classifier trainer alike."""
+    from multitune.config import config_from_dict
+    from multitune.rundir import RunDir
+    from multitune.training import classifier, lm
+    from multitune.training.stages import Setup
+
+    raw = {"model": {"name_or_path": "m"}, "tasks": [{"name": "claims", "dataset": "d"}],
+           "train": {"packing": head == "lm", "liger": "auto"}, "head": head}
+    cfg = config_from_dict(raw)
+    agreed = load.Kernels(cuda=True, flash=True, liger=True)
+    expected = load.for_kernels(cfg, agreed).model.attn_implementation  # packed rows on every rank's GPU: flash-attn
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def loader(c, *a, **k):
+        seen.append((c.model.attn_implementation, c.train.liger))
+        raise Loaded
+
+    monkeypatch.setattr(lm, "load_model", loader)
+    monkeypatch.setattr(classifier, "build_model", loader)
+    setup = Setup(tokenizer=None, formatter=None, prepared=SimpleNamespace(data=[]), kernels=agreed)
+    with pytest.raises(Loaded):
+        if head == "lm":
+            lm.build_trainer(cfg, RunDir(tmp_path), SimpleNamespace(), setup)
+        else:
+            classifier.build_trainer(cfg, SimpleNamespace(), setup, [], heads=None)
+    assert seen == [(expected, True)] and cfg.model.attn_implementation == "auto"
+    assert head == "classifier" or expected == "flash_attention_2"
