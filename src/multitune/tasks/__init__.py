@@ -9,7 +9,8 @@ from __future__ import annotations
 from multitune.config import Config, TaskConfig
 from multitune.errors import UserError
 from multitune.tasks import banking77, chat, claims, commonsense_qa
-from multitune.tasks.base import ChatTask, ClassificationTask, Example, MultipleChoiceTask, Task
+from multitune.tasks.base import Example, Task
+from multitune.tasks.kinds import ChatTask, ClassificationTask, MultipleChoiceTask
 
 BUILTIN: dict[str, dict] = {
     "claims": claims.DEFAULTS,
