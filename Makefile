@@ -53,7 +53,7 @@ gpu-check:
 
 # Back here, the two calls' output folders become one record, benchmarks/results/<date>-<gpu>-gpu-check.json (the
 # layout tests/unit/test_memory.py evaluates the memory model at): make gpu-record OUTS="RUN1_OUT RUN2_OUT"
-gpu-record:
+gpu-record: setup
 	$(PY) scripts/gpu_record.py $(OUTS)
 
 clean:

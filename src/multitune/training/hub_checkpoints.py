@@ -8,8 +8,8 @@ holds one folder per run, named after the run directory::
 Each upload is one Hub commit (atomic: a checkpoint is there whole or not at all) that adds the newest
 checkpoint and deletes those beyond ``train.save_total_limit``; a Hub checkpoint newer than the one
 uploaded is kept (it is this run's own, e.g. one the launch could not load). A run started over
-(--no-resume, --overwrite) deletes, with its first upload, every checkpoint of the folder it did not upload
-(the earlier run's: a later resume must never pick one). The folder's ``config.yaml`` is the run's identity,
+(--no-resume, --overwrite) deletes the folder's checkpoints when it starts, and its first upload any that
+appeared since (the earlier run's: a later resume must never pick one). The folder's ``config.yaml`` is the run's identity,
 compared as the run recorded it (the user's config, not auto-fit's choices; a key added since at its
 default): a run whose training config differs from it neither resumes from, nor starts over in, nor
 uploads into that folder, unless --overwrite replaces it. It runs in a background thread, so training
@@ -178,7 +178,8 @@ class HubCheckpoints(TrainerCallback):
     """After each complete checkpoint, upload it in the background (main process only). Put it after CompleteMarker.
 
     ``started_over``: the flag that started this launch's run over ("--no-resume", "--overwrite"; "" when it
-    resumed): the Hub's checkpoints of that name are the earlier run's, and the first upload deletes them. A
+    resumed): the Hub's checkpoints of that name are the earlier run's (the launch deleted them), and the first
+    upload deletes any that appeared since. A
     folder holding a run of another config is replaced only with --overwrite (:func:`fetch_newest_checkpoint`
     refused it at launch; checked again here, the Hub may have changed since).
     """
@@ -282,11 +283,8 @@ def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = T
         if not state.is_local_main_process or (resume and not overwrite and run.is_finished()):
             return None
         try:
-            if overwrite or not resume:  # started over: the earlier run's checkpoints go now, not at the first upload
-                if not overwrite:  # (a relaunch before that upload would resume the earlier run's newest as this run's)
-                    _refuse_another_run(cfg, run)
-                if state.is_main_process:
-                    _remove_checkpoints(cfg, run)
+            if overwrite or not resume:
+                _start_over(cfg, run, overwrite=overwrite, main=state.is_main_process)
                 return None
             return _sync(cfg, run)
         except UserError:
@@ -298,24 +296,20 @@ def fetch_newest_checkpoint(cfg: Config, run: RunDir, state, *, resume: bool = T
     return checked(fetch)
 
 
-def _refuse_another_run(cfg: Config, run: RunDir) -> None:
-    """--no-resume: the run's first upload will delete the Hub folder's checkpoints; refused when they are another
-    run's (another config under the same run_dir name); the folder may be empty or hold this config's."""
-    repo, prefix = checkpoint_repo(cfg), run.root.name
-    if not remote_steps(make_api(), repo, prefix):
-        return
-    differ = foreign_to(cfg, repo, run)
-    if differ:
-        raise UserError(foreign_message(repo, prefix, differ))
-
-
-def _remove_checkpoints(cfg: Config, run: RunDir) -> None:
-    """A run started over: every checkpoint in the Hub folder is the earlier run's; one commit deletes them."""
+def _start_over(cfg: Config, run: RunDir, *, overwrite: bool, main: bool) -> None:
+    """A launch that starts the run over (--no-resume, --overwrite): the Hub folder's checkpoints are the earlier
+    run's. Without --overwrite they are refused when that run had another config (the same run_dir name); allowed,
+    the main process deletes them now, before training, not at the first upload: a relaunch before that upload
+    would resume the earlier run's newest as this run's."""
     from huggingface_hub import CommitOperationDelete
 
     api, repo, prefix = make_api(), checkpoint_repo(cfg), run.root.name
     steps = remote_steps(api, repo, prefix)
-    if steps:
+    if not steps:
+        return
+    if not overwrite and (differ := foreign_to(cfg, repo, run)):
+        raise UserError(foreign_message(repo, prefix, differ))
+    if main:
         ops = [CommitOperationDelete(path_in_repo=f"{prefix}/checkpoints/checkpoint-{s}/", is_folder=True) for s in steps]
         api.create_commit(repo, operations=ops, commit_message=f"{prefix}: started over, the earlier run's checkpoints removed")
         print(f"started over: removed the earlier run's checkpoints {steps} from {repo} ({prefix}/)", flush=True)
