@@ -416,3 +416,20 @@ def test_auto_fits_choices_are_not_another_run(assets, tmp_path, monkeypatch, ca
     _save(HubCheckpoints(resolved, pod), pod, 4)
     assert _hub_steps(hub) == {2, 4}
     assert "another run" not in capsys.readouterr().out
+
+
+def test_starting_over_a_finished_run_is_refused_before_the_hub_is_touched(tmp_path, monkeypatch):
+    """--no-resume on a finished run: the run directory refuses (pass --overwrite), and the Hub folder's checkpoints
+    are still there: the launch deletes them only once its own refusals have passed."""
+    from multitune.launch import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "fetch_newest_checkpoint", lambda *a, **k: calls.append(k))
+    cfg = _cfg(tmp_path)
+    run = RunDir(tmp_path / "myrun")
+    run.prepare(cfg, resuming=False)
+    run.mark_done()
+    args = SimpleNamespace(world_size=1, should_save=True, gradient_accumulation_steps=1)
+    with pytest.raises(UserError, match="holds a finished run.*--overwrite"):
+        runner.run_stages(SimpleNamespace(), cfg, run, args, resume=False, overwrite=False)
+    assert calls == []

@@ -82,11 +82,14 @@ def run_stages(kind: LmParts | HeadParts, cfg: Config, run: RunDir, args, *, res
                kernels: Kernels | None = None) -> dict[str, Any]:
     """Agree, prepare, train each unfinished part, evaluate, report; {} when a signal stopped it (relaunch to continue).
     ``kernels``: what every rank can run; the trainers load, and auto-fit models, ``auto`` resolved for them."""
-    # a fresh pod: its newest Hub checkpoint; starting over: the Hub folder must hold this run's (or --overwrite)
-    fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume, overwrite=overwrite)
+    starting_over = overwrite or not resume  # the flags alone: every rank alike
+    if not starting_over:  # a fresh pod: its newest Hub checkpoint, before the resume is planned
+        fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume, overwrite=overwrite)
     launches = [plan_launch(cfg, part, args, resume=resume, overwrite=overwrite) for part in parts(cfg, run)]
     if launches[0].mode == "finished":  # every part reads the same config and DONE: they agree
         return already_finished(run)
+    if starting_over:  # once the run directory's own refusals passed: the Hub folder's earlier checkpoints go
+        fetch_newest_checkpoint(cfg, run, PartialState(), resume=resume, overwrite=overwrite)
     kind.before_prepare(cfg)
     setup = kind.prepared(prepare_run(cfg, run, resuming=launches[0].mode == "resume", writer=args.should_save,
                                       kernels=kernels))
