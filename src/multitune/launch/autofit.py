@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from multitune.config import Config
-from multitune.distributed import checked, main_print, max_over_ranks
+from multitune.distributed import any_rank, checked, main_print, max_over_ranks
 from multitune.errors import UserError
 from multitune.launch.plan import (
     STATIC_PARTS, DataStats, GiB, Gpu, Layout, count, fit_advice, fit_on, memory, step_for, total_with_overhead,
@@ -140,7 +140,7 @@ def agreed(fit: AutoFit) -> AutoFit:
     checkpointing only lowers the peak, so the common one fits every rank; different choices would run different
     accumulation counts, so different numbers of collectives (gradient all-reduces, agreements): a hang."""
     micro = -max_over_ranks(-fit.micro_batch)
-    checkpointing = bool(max_over_ranks(int(fit.checkpointing)))
+    checkpointing = any_rank(fit.checkpointing)
     if (micro, checkpointing) == (fit.micro_batch, fit.checkpointing):
         return fit
     main_print(f"train.batch_size=auto agreed across ranks: micro-batch {micro} x {fit.per_rank // micro} accumulation, "

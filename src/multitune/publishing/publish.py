@@ -197,6 +197,13 @@ def published_config(cfg: Config, run: RunDir) -> Config:
                                   "model": cfg.model.model_copy(update={"name_or_path": _shown(cfg.model.name_or_path)})})
 
 
+def refuse_nonfinite(run: RunDir) -> None:
+    bad = nonfinite_tensor(run.final)
+    if bad:
+        raise UserError(f"{run.final} holds non-finite weights ({bad} has NaN or inf): nothing was written or uploaded; "
+                        "train the run again with a lower train.learning_rate")
+
+
 def build_folder(run: RunDir, cfg: Config, out: Path, *, repo_id: str, merged: bool = False) -> Path:
     """Write exactly what `push` uploads into ``out`` (which must not exist, or be empty)."""
     from multitune.publishing.weights import write_weights
@@ -205,10 +212,7 @@ def build_folder(run: RunDir, cfg: Config, out: Path, *, repo_id: str, merged: b
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new directory (nothing was written)")
-    bad = nonfinite_tensor(run.final)  # push and export both come here, merged or not: the adapter decides
-    if bad:
-        raise UserError(f"{run.final} holds non-finite weights ({bad} has NaN or inf): nothing was written or uploaded; "
-                        "train the run again with a lower train.learning_rate")
+    refuse_nonfinite(run)  # push and export both come here, merged or not: the adapter decides
     out.mkdir(parents=True, exist_ok=True)
     try:
         write_weights(run, cfg, out, merged=merged)
@@ -244,11 +248,12 @@ def push(run: RunDir, cfg: Config, results: dict[str, Any] | None = None, *, mer
     from huggingface_hub import CommitOperationDelete, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
+    refuse_nonfinite(run)  # named before a missing token, and before a merged model is built for nothing
+    if not get_token():
+        raise UserError("no Hugging Face token: export HF_TOKEN=hf_... (write access) or run `hf auth login`; nothing was uploaded")
     private = cfg.hub.private if private is None else private
     with tempfile.TemporaryDirectory(prefix="multitune-push-") as tmp:
-        folder = build_folder(run, cfg, Path(tmp) / "repo", repo_id=repo_id, merged=merged)  # refuses bad weights first
-        if not get_token():
-            raise UserError("no Hugging Face token: export HF_TOKEN=hf_... (write access) or run `hf auth login`; nothing was uploaded")
+        folder = build_folder(run, cfg, Path(tmp) / "repo", repo_id=repo_id, merged=merged)
         api = HfApi()
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
