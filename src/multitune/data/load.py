@@ -115,14 +115,14 @@ def check_split(name: str, split: dict, n_rows: int) -> None:
 
 def _check_recorded(task: Task, split: dict, examples: list[Example], ds: datasets.Dataset) -> None:
     name = task.name
-    if split["n_rows"] != len(examples) and "unlabelled_left_out" not in split and split["n_rows"] == len(examples) + task.left_out:
-        raise UserError(
-            f"task {name}: this run's split was made by an earlier multitune on all {split['n_rows']} rows, "
-            f"{task.left_out} of them without a {task.ANSWER}, which this version leaves out (no {task.ANSWER} is no "
-            "class), so its recorded row indices no longer fit; start the run over with --no-resume, or train and "
-            "evaluate it with the multitune version that started it"
-        )
     if split["n_rows"] != len(examples):
+        if "unlabelled_left_out" not in split and split["n_rows"] == len(examples) + task.left_out:
+            raise UserError(
+                f"task {name}: this run's split was made by an earlier multitune on all {split['n_rows']} rows, "
+                f"{task.left_out} of them without a {task.ANSWER}, which this version leaves out (no {task.ANSWER} is "
+                "no class), so its recorded row indices no longer fit; start the run over with --no-resume, or train "
+                "and evaluate it with the multitune version that started it"
+            )
         raise UserError(
             f"task {name}: the dataset now has {len(examples)} rows but the recorded split was made on "
             f"{split['n_rows']}; the data changed since this run started"
